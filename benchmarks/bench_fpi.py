@@ -1,0 +1,176 @@
+"""Speed and memory of the fixed-point solver (issue targets), each against a peer run here.
+
+1. K=100, D=3072 diagonal solve to convergence (target <= 2 s), against a dense update that
+   materialises K x K x D tensors as the released code does (time and memory per iteration).
+2. K=1000, D=3072 without running out of memory (target: peak < 2 GB above the torch import).
+3. Iterations at large lambda: Anderson mixing against plain damped iteration (target >= 5x).
+4. Time for the FPI to reach the best objective gradient descent attains (over its lr
+   policies) against the time gradient descent needs (target >= 10x).
+
+    python benchmarks/bench_fpi.py [--threads 2] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+
+from nfpi import fpi, gd
+from nfpi.fpi import ClassStats
+
+
+def latent_stats(k: int, d: int, n: int = 20, sep: float = 0.3, seed: int = 0) -> ClassStats:
+    """Class statistics shaped like flow latents: unit-ish noise, nearby class means."""
+    g = torch.Generator().manual_seed(seed)
+    scale = (0.5 + torch.rand(d, generator=g, dtype=torch.float64))
+    means = sep * torch.randn(k, d, generator=g, dtype=torch.float64)
+    count = torch.full((k,), float(n), dtype=torch.float64)
+    var = scale ** 2 * (0.5 + torch.rand(k, d, generator=g, dtype=torch.float64))
+    return ClassStats(count, means * n, (var + means ** 2) * n)
+
+
+def dense_update(m, v, mu, s, c, alpha):
+    """Peer: Eqs. 5-7 (pairwise pi) with K x K x D broadcasting, as in the released code."""
+    d = mu[:, None, :] - mu[None, :, :]                                   # (K, K, D)
+    ratio = s[:, None, :] / s[None, :, :]
+    kl = 0.5 * (ratio + d ** 2 / s[None, :, :] - 1 - ratio.log()).sum(2)
+    kl.fill_diagonal_(1.0)
+    kmat = torch.exp(torch.tensor(-1 / alpha)) / (kl * alpha)
+    kmat.fill_diagonal_(0.0)
+    push = (kmat[:, :, None] / s[None, :, :] + kmat.T[:, :, None] / s[:, None, :]) * d
+    mu_new = m + c * s * push.sum(1)
+    tau = c * (kmat.sum(1) - kmat.sum(0))[:, None]
+    a = (1 + tau) / s + c / s ** 2 * (kmat.T[:, :, None] * (d ** 2 + s[None, :, :])).sum(1)
+    b = v + (m - mu) ** 2 + c * s ** 2 * (kmat[:, :, None] / s[None, :, :]).sum(1)
+    return mu_new, (b / a).sqrt()
+
+
+def quiet(fn, *args, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fpi.FPIWarning)
+        return fn(*args, **kw)
+
+
+def bench_solve(k: int, d: int, lam: float) -> dict:
+    stats = latent_stats(k, d)
+    res = quiet(fpi.solve, stats, lam)            # warm-up (allocator, threads)
+    t0 = time.perf_counter()
+    res = quiet(fpi.solve, stats, lam)
+    total = time.perf_counter() - t0
+    per_iter = total / res.iterations
+    m, v = stats.mean(), stats.var()
+    c = lam / (k * (k - 1))
+    dense_update(m, v, m, v, c, 10.0)
+    t0 = time.perf_counter()
+    reps = 3
+    for _ in range(reps):
+        dense_update(m, v, m, v, c, 10.0)
+    dense = (time.perf_counter() - t0) / reps
+    resid = fpi.gradient_residual(stats, res.means, res.variances, lam)
+    print(f"[1] K={k} D={d} lambda={lam:g}: solve to convergence {total:.3f} s "
+          f"({res.iterations} iterations, converged={res.converged}, residual {resid:.1e}); target <= 2 s")
+    print(f"    per iteration: ours {per_iter * 1e3:.1f} ms (incl. objective and Anderson) vs dense "
+          f"K x K x D update alone {dense * 1e3:.1f} ms -> ratio {dense / per_iter:.1f}x")
+    return {"seconds": total, "iterations": res.iterations, "dense_ratio": dense / per_iter}
+
+
+PEAK_SNIPPET = """
+import resource, sys, torch, warnings
+sys.path.insert(0, {root!r})
+from benchmarks.bench_fpi import latent_stats, dense_update
+from nfpi import fpi
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+k, d, mode = {k}, {d}, {mode!r}
+stats = latent_stats(k, d)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    if mode == "ours":
+        res = fpi.solve(stats, {lam}, max_iter={iters}, tol=0.0)
+    else:
+        m, v = stats.mean(), stats.var()
+        dense_update(m, v, m, v, {lam} / (k * (k - 1)), 10.0)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) / 1024)
+"""
+
+
+def peak_mb(k: int, d: int, mode: str, lam: float, iters: int) -> float | None:
+    """Peak RSS increase (MB) of one solve in a fresh process (None if it was killed)."""
+    from pathlib import Path
+    root = str(Path(__file__).resolve().parents[1])
+    code = PEAK_SNIPPET.format(root=root, k=k, d=d, mode=mode, lam=lam, iters=iters)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+
+
+def bench_memory(quick: bool) -> dict:
+    ours = peak_mb(1000, 3072, "ours", 1e3, 3 if quick else 10)
+    dense = peak_mb(100, 3072, "dense", 1e3, 1)
+    ours100 = peak_mb(100, 3072, "ours", 1e3, 10)
+    print(f"[2] K=1000 D=3072: peak memory above the torch import {ours:.0f} MB; target < 2048 MB")
+    print(f"    K=100 D=3072 one dense K x K x D update {dense:.0f} MB vs our whole solve {ours100:.0f} MB "
+          f"-> ratio {dense / max(ours100, 1):.1f}x (the dense update at K=1000 would need ~100x more)")
+    return {"peak_mb_k1000": ours, "dense_mb_k100": dense, "ours_mb_k100": ours100}
+
+
+def bench_acceleration(k: int, d: int, lam: float) -> dict:
+    stats = latent_stats(k, d, sep=0.05)
+    acc = quiet(fpi.solve, stats, lam, learn="means", max_iter=20000)
+    plain = {eta: quiet(fpi.solve, stats, lam, learn="means", accel="none", damping=eta, max_iter=20000)
+             for eta in (1.0, 0.5)}
+    print(f"[3] K={k} D={d} means-only lambda={lam:g}: Anderson {acc.iterations} iterations "
+          f"(converged={acc.converged})")
+    for eta, r in plain.items():
+        print(f"    plain damped eta={eta}: {r.iterations} iterations (converged={r.converged}) -> "
+              f"ratio {r.iterations / acc.iterations:.1f}x; target >= 5x")
+    return {"anderson": acc.iterations, **{f"plain_{eta}": r.iterations for eta, r in plain.items()}}
+
+
+def bench_vs_gd(k: int, d: int, lam: float, steps: int) -> dict:
+    stats = latent_stats(k, d, sep=0.3)
+    t0 = time.perf_counter()
+    ours = quiet(fpi.solve, stats, lam)
+    runs = {p: gd.solve(stats, lam, policy=p, steps=steps, lr=0.05) for p in gd.POLICIES}
+    best_gd = min(min(r.history["objective"]) for r in runs.values())
+    # time at which each method first reaches GD's best objective (within 1e-9 relative)
+    target = best_gd + 1e-9 * abs(best_gd)
+
+    def reach(h):
+        return next((t for t, o in zip(h["time"], h["objective"]) if o <= target), float("inf"))
+
+    t_fpi = reach(ours.history)
+    t_gd = min(reach(r.history) for r in runs.values())
+    best_policy = min(runs, key=lambda p: min(runs[p].history["objective"]))
+    print(f"[4] K={k} D={d} lambda={lam:g}: GD best objective {best_gd:.6f} ({best_policy}, {steps} steps); "
+          f"FPI optimum {ours.objective:.6f}")
+    print(f"    time to reach it: FPI {t_fpi:.3f} s, GD {t_gd:.3f} s -> ratio {t_gd / t_fpi:.1f}x; target >= 10x")
+    return {"t_fpi": t_fpi, "t_gd": t_gd, "ratio": t_gd / t_fpi, "total": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="smaller GD budget and memory run")
+    ap.add_argument("--json", help="also write the numbers to this file")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, float64")
+    out = {
+        "solve": bench_solve(100, 3072, 300.0),
+        "memory": bench_memory(args.quick),
+        "acceleration": bench_acceleration(100, 3072, 1e4),
+        "gd": bench_vs_gd(100, 3072, 300.0, 300 if args.quick else 1000),
+    }
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""Datasets, quantisation, dequantisation and bits/dim (SPEC §4 "Dequantisation", §9; §4 step 4 split).
+
+Storage (SPEC §9): one compressed ``{name}_{split}.npz`` per dataset split with ``x`` uint8
+(N, H, W, C), ``y`` int64 (N,) and ``classes`` (K,) strings, in the directory given by
+:func:`data_dir` (env var ``NFPI_DATA``, default ``data/`` relative to the working directory).
+In memory images are channel-first uint8 tensors (:class:`ImageArrays`).
+
+Datasets (:data:`DATASETS`):
+
+- ``digits``: scikit-learn ``load_digits`` (1,797 8x8 images, values 0..16, shipped with
+  scikit-learn, never downloaded). Values become uint8 by ``round(v * 255 / 16)`` (half up).
+  Train/test is a deterministic stratified 80/20 split (:func:`stratified_split` with
+  ``seed=DIGITS_SPLIT_SEED``): 1,438 train / 359 test images.
+- ``mnist``, ``cifar10``, ``cifar100``: read from the npz files. With ``download=True`` a
+  missing file is fetched through ``torchvision.datasets`` (raw archives kept in
+  ``<data_dir>/raw``) and converted to the npz format (written atomically).
+
+Preprocessing (SPEC §4): ``b``-bit data ``x_q in {0 .. 2^b - 1}`` maps to ``[-1, 1]`` by
+``2 (x_q + u) / 2^b - 1``; ``u ~ U[0, 1)`` while training (uniform dequantisation) and
+``u = 0.5`` for evaluation, so that likelihoods and NF accuracy are deterministic.
+:func:`bits_per_dim` uses the exact constant of this map.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "DATASETS",
+    "DIGITS_SPLIT_SEED",
+    "DatasetFormatError",
+    "DatasetInfo",
+    "FlowDataset",
+    "ImageArrays",
+    "bits_per_dim",
+    "class_balanced_indices",
+    "data_dir",
+    "dequantize",
+    "load",
+    "make_loader",
+    "quantize",
+    "stratified_split",
+    "to_uint8",
+    "tsne_embedding",
+]
+
+ENV_VAR = "NFPI_DATA"
+DIGITS_SPLIT_SEED = 0
+DIGITS_TRAIN_FRACTION = 0.8
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static description of a supported dataset: image ``shape`` (C, H, W), ``num_classes`` K.
+
+    ``flip`` is the default of horizontal-flip augmentation while training (Glow / the
+    paper use it for natural images). It is off for digits, whose identity a mirror changes.
+    ``torchvision_name`` is the ``torchvision.datasets`` class used by ``download=True``
+    (``None``: the data ships with a package).
+    """
+
+    shape: tuple[int, int, int]
+    num_classes: int
+    flip: bool
+    torchvision_name: str | None
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo((1, 8, 8), 10, flip=False, torchvision_name=None),
+    "mnist": DatasetInfo((1, 28, 28), 10, flip=False, torchvision_name="MNIST"),
+    "cifar10": DatasetInfo((3, 32, 32), 10, flip=True, torchvision_name="CIFAR10"),
+    "cifar100": DatasetInfo((3, 32, 32), 100, flip=True, torchvision_name="CIFAR100"),
+}
+
+
+class DatasetFormatError(ValueError):
+    """A dataset file exists but is not a valid SPEC §9 npz for the requested dataset."""
+
+
+@dataclass(frozen=True)
+class ImageArrays:
+    """A labelled image set held in memory.
+
+    x: uint8 (N, C, H, W); y: int64 (N,) with values in [0, K); classes: K names;
+    name: dataset name (selects augmentation defaults, see :class:`DatasetInfo`).
+    The constructor validates dtypes, shapes and label range.
+    """
+
+    x: Tensor
+    y: Tensor
+    classes: tuple[str, ...]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != torch.uint8 or self.x.dim() != 4:
+            raise ValueError(
+                f"x must be a uint8 tensor of shape (N, C, H, W); got {self.x.dtype} "
+                f"{tuple(self.x.shape)}")
+        if self.y.dtype != torch.int64 or self.y.shape != self.x.shape[:1]:
+            raise ValueError(
+                f"y must be an int64 tensor of shape ({self.x.shape[0]},); got {self.y.dtype} "
+                f"{tuple(self.y.shape)}")
+        if not self.classes:
+            raise ValueError("classes must name at least one class")
+        if self.y.numel():
+            lo, hi = (int(v) for v in torch.aminmax(self.y))
+            if lo < 0 or hi >= len(self.classes):
+                raise ValueError(
+                    f"labels must lie in [0, {len(self.classes)}) (one per class name); "
+                    f"found values in [{lo}, {hi}]")
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes K."""
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Image shape (C, H, W)."""
+        c, h, w = self.x.shape[1:]
+        return (c, h, w)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def subset(self, indices: Tensor | Sequence[int] | np.ndarray) -> ImageArrays:
+        """The images at integer ``indices`` (M,), in that order; classes and name are kept."""
+        idx = torch.as_tensor(indices)
+        if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
+            raise TypeError(
+                f"subset needs integer indices, got dtype {idx.dtype}; for a boolean mask "
+                "pass mask.nonzero().squeeze(1)")
+        idx = idx.long()
+        return ImageArrays(self.x[idx], self.y[idx], self.classes, self.name)
+
+
+def data_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """The dataset directory: ``path`` if given, else ``$NFPI_DATA``, else ``./data``."""
+    if path is not None:
+        return Path(path)
+    return Path(os.environ.get(ENV_VAR) or "data")
+
+
+_data_dir = data_dir  # load() has a parameter named data_dir that shadows the function
+
+
+def _info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
+
+
+def load(name: str, split: str = "train", data_dir: str | os.PathLike[str] | None = None,
+         download: bool = False) -> ImageArrays:
+    """Load split ``"train"`` or ``"test"`` of dataset ``name`` as x uint8 (N, C, H, W), y (N,).
+
+    ``digits`` needs no file. Other datasets are read from ``<data_dir>/{name}_{split}.npz``
+    (``data_dir`` defaults to :func:`data_dir`); a missing file is fetched with torchvision
+    when ``download=True``, otherwise FileNotFoundError says where it is expected.
+    Raises DatasetFormatError when the file is unreadable or has the wrong layout.
+    """
+    info = _info(name)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
+    if info.torchvision_name is None:
+        return _load_digits(split)
+    root = _data_dir(data_dir)
+    path = root / f"{name}_{split}.npz"
+    if not path.is_file():
+        if not download:
+            raise FileNotFoundError(
+                f"dataset file {path.name} not found: expected it at {path.resolve()}. Put the "
+                f"SPEC §9 npz files in one directory and point the environment variable "
+                f"{ENV_VAR} (or data_dir=...) at it, or call load({name!r}, {split!r}, "
+                f"download=True) on a machine with internet access to fetch it via "
+                f"torchvision.datasets.{info.torchvision_name} and convert it.")
+        _download(name, split, root)
+    return _read_npz(path, name, info)
+
+
+def _load_digits(split: str) -> ImageArrays:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    pixels = np.floor(bunch.images * (255.0 / 16.0) + 0.5).astype(np.uint8)
+    x = torch.from_numpy(pixels).unsqueeze(1)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    train, test = stratified_split(y, DIGITS_TRAIN_FRACTION, DIGITS_SPLIT_SEED)
+    full = ImageArrays(x, y, tuple(str(c) for c in bunch.target_names), "digits")
+    return full.subset(train if split == "train" else test)
+
+
+def _read_npz(path: Path, name: str, info: DatasetInfo) -> ImageArrays:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in ("x", "y", "classes") if key in npz.files}
+    # Corrupt or truncated archives surface as any of these, depending on where they break.
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DatasetFormatError(
+            f"{path} is not a readable npz archive ({type(err).__name__}: {err}); delete it and "
+            f"re-create it (load({name!r}, ..., download=True) on an online machine)") from err
+    missing = {"x", "y", "classes"} - arrays.keys()
+    if missing:
+        raise DatasetFormatError(
+            f"{path} lacks array(s) {sorted(missing)}; a SPEC §9 file holds x, y and classes")
+    x, y, classes = arrays["x"], arrays["y"], arrays["classes"]
+    c, h, w = info.shape
+    if x.dtype != np.uint8 or x.shape[1:] != (h, w, c):
+        raise DatasetFormatError(
+            f"{path}: x must be uint8 of shape (N, {h}, {w}, {c}) for {name}; got {x.dtype} {x.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DatasetFormatError(f"{path}: y must hold integer labels; got {y.dtype}")
+    if classes.dtype.kind not in "US" or classes.shape != (info.num_classes,):
+        raise DatasetFormatError(
+            f"{path}: classes must be {info.num_classes} strings for {name}; got {classes.dtype} "
+            f"{classes.shape}")
+    try:
+        return ImageArrays(
+            torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+            torch.from_numpy(y.astype(np.int64)),
+            tuple(str(s) for s in classes), name)
+    except ValueError as err:
+        raise DatasetFormatError(f"{path}: {err}") from err
+
+
+def _download(name: str, split: str, root: Path) -> None:
+    import torchvision.datasets
+
+    info = DATASETS[name]
+    root.mkdir(parents=True, exist_ok=True)
+    source = getattr(torchvision.datasets, info.torchvision_name)(
+        root=str(root / "raw"), train=split == "train", download=True)
+    x = np.asarray(source.data, dtype=np.uint8)
+    if x.ndim == 3:
+        x = x[..., None]
+    # torchvision names MNIST classes "0 - zero"; the SPEC §9 files use "0".
+    classes = np.array([c.split(" - ")[0] for c in source.classes])
+    y = np.asarray(source.targets, dtype=np.int64)
+    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}_{split}.", suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, x=x, y=y, classes=classes)
+        os.replace(tmp, root / f"{name}_{split}.npz")
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 1..8 (e.g. 5 or 8); got {bits!r}")
+    return int(bits)
+
+
+def quantize(x: Tensor, bits: int) -> Tensor:
+    """Reduce 8-bit pixels x uint8 (any shape) to ``bits`` bits: uint8 in [0, 2^bits), same shape.
+
+    Keeps the top ``bits`` bits (floor(x / 2^(8 - bits))), as Glow does.
+    """
+    bits = _check_bits(bits)
+    if x.dtype != torch.uint8:
+        raise TypeError(f"quantize expects uint8 pixels in 0..255; got {x.dtype} "
+                        "(convert floats in [-1, 1] with to_uint8 first)")
+    return x >> (8 - bits)
+
+
+def dequantize(xq: Tensor, bits: int, noise: bool,
+               generator: torch.Generator | None = None) -> Tensor:
+    """Map b-bit integers xq (B, C, H, W) (any shape) to float32 in [-1, 1], same shape.
+
+    ``2 (xq + u) / 2^bits - 1`` with ``u ~ U[0, 1)`` drawn from ``generator`` when ``noise``
+    (training), else ``u = 0.5`` (evaluation: the bin centre, deterministic).
+    """
+    bits = _check_bits(bits)
+    if xq.is_floating_point() or xq.is_complex() or xq.dtype == torch.bool:
+        raise TypeError(f"dequantize expects integer levels from quantize(); got {xq.dtype}")
+    levels = 1 << bits
+    if xq.numel():
+        lo, hi = (int(v) for v in torch.aminmax(xq))
+        if lo < 0 or hi >= levels:
+            raise ValueError(
+                f"{bits}-bit levels must lie in [0, {levels}); found [{lo}, {hi}] — pass "
+                f"quantize(x, {bits}) rather than raw pixels")
+    return _dequantize_unchecked(xq, levels, noise, generator)
+
+
+def _dequantize_unchecked(xq: Tensor, levels: int, noise: bool,
+                          generator: torch.Generator | None) -> Tensor:
+    # Per-item hot path of FlowDataset: no validation, in-place arithmetic on one buffer.
+    if noise:
+        u = torch.rand(xq.shape, generator=generator, device=xq.device).add_(xq)
+    else:
+        u = xq.float().add_(0.5)
+    return u.mul_(2.0 / levels).sub_(1.0)
+
+
+def to_uint8(x: Tensor, bits: int) -> Tensor:
+    """Map floats x (B, C, H, W) (any shape) in [-1, 1] back to 8-bit pixels: uint8, same shape.
+
+    Returns the lower edge of x's ``bits``-bit bin in 8-bit units, ``q * 2^(8 - bits)`` with
+    ``q = floor((x + 1) 2^bits / 2)`` clamped to [0, 2^bits); hence
+    ``quantize(to_uint8(dequantize(q, b, ...), b), b) == q``, and for 8 bits ``to_uint8`` inverts
+    :func:`dequantize`. Out-of-range values (e.g. generated images) are clamped.
+    """
+    bits = _check_bits(bits)
+    if torch.isnan(x).any():
+        raise ValueError("to_uint8 got NaN values; the images to convert must be finite numbers")
+    levels = 1 << bits
+    q = torch.floor((x.float() + 1.0) * (levels / 2.0)).clamp_(0, levels - 1)
+    return (q.to(torch.uint8) << (8 - bits))
+
+
+def bits_per_dim(nll_nats: Tensor, dim: int, bits: int) -> Tensor:
+    """Bits per dimension of b-bit data from flow NLLs in nats, nll_nats (B,) -> (B,).
+
+    The flow density p is over x in [-1, 1]^D, where each b-bit bin has width 2 / 2^b; a bin's
+    probability is therefore ``p(x) (2 / 2^b)^D``, giving ``-log P = NLL + D log(2^b) - D log 2``
+    nats, i.e. ``bpd = (NLL + D b ln 2 - D ln 2) / (D ln 2) = NLL / (D ln 2) + b - 1``.
+    With noise dequantisation this is the usual upper bound on the discrete codelength.
+    """
+    bits = _check_bits(bits)
+    if dim < 1:
+        raise ValueError(f"dim is the number of dimensions D per example (C*H*W); got {dim}")
+    return (nll_nats + dim * (bits - 1) * math.log(2.0)) / (dim * math.log(2.0))
+
+
+def _check_labels(y: Tensor) -> Tensor:
+    y = torch.as_tensor(y)
+    if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool or not y.numel():
+        raise ValueError(f"y must be a non-empty 1-D integer label tensor; got {y.dtype} "
+                         f"{tuple(y.shape)}")
+    if int(y.min()) < 0:
+        raise ValueError("labels must be non-negative class indices")
+    return y.long()
+
+
+def class_balanced_indices(y: Tensor, per_class: int, seed: int) -> Tensor:
+    """Indices (K * per_class,), sorted, of ``per_class`` random examples of each class in y (N,).
+
+    The classes are 0 .. max(y); each must have at least ``per_class`` examples. The draw is
+    nested in ``per_class``: for a fixed seed a smaller subset is contained in a larger one.
+    """
+    y = _check_labels(y)
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1; got {per_class}")
+    gen = torch.Generator().manual_seed(seed)
+    chosen = []
+    for k in range(int(y.max()) + 1):
+        members = (y == k).nonzero().squeeze(1)
+        if members.numel() < per_class:
+            raise ValueError(
+                f"class {k} has {members.numel()} examples, fewer than per_class={per_class}; "
+                "lower per_class")
+        chosen.append(members[torch.randperm(members.numel(), generator=gen)[:per_class]])
+    return torch.cat(chosen).sort().values
+
+
+def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Split indices of labels y (N,) into (idx_a, idx_b), both sorted, disjoint, covering 0..N-1.
+
+    Each class contributes round(fraction * N_k) (half up) random examples to idx_a and the
+    rest to idx_b, so both parts keep the class proportions (e.g. the paper's D_NF / D_G
+    split with fraction 0.9).
+    """
+    y = _check_labels(y)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must lie strictly between 0 and 1; got {fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    part_a, part_b = [], []
+    for k in torch.unique(y).tolist():
+        members = (y == k).nonzero().squeeze(1)
+        members = members[torch.randperm(members.numel(), generator=gen)]
+        n_a = math.floor(fraction * members.numel() + 0.5)
+        part_a.append(members[:n_a])
+        part_b.append(members[n_a:])
+    return torch.cat(part_a).sort().values, torch.cat(part_b).sort().values
+
+
+def tsne_embedding(arrays: ImageArrays, per_class: int | None = None, seed: int = 0,
+                   pca_dims: int = 50) -> tuple[Tensor, Tensor]:
+    """A standardised 2-D t-SNE embedding of images, for the toy FPI demo (paper Fig. 1a).
+
+    Pixels (optionally ``per_class`` images of each class) are reduced to ``pca_dims`` by PCA,
+    then embedded by scikit-learn's t-SNE. Returns z float64 (N, 2) with zero mean and unit
+    variance overall, and the labels y (N,).
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    if per_class is not None:
+        arrays = arrays.subset(class_balanced_indices(arrays.y, per_class, seed))
+    x = arrays.x.flatten(1).double().numpy() / 255.0
+    x = PCA(n_components=min(pca_dims, *x.shape), random_state=seed).fit_transform(x)
+    z = torch.from_numpy(TSNE(n_components=2, init="pca", random_state=seed).fit_transform(x)).double()
+    return (z - z.mean(0)) / z.std(), arrays.y.clone()
+
+
+class FlowDataset(Dataset):
+    """Dequantised images for flow training/evaluation: item i -> (x float32 (C, H, W), y int).
+
+    Images are quantised to ``bits`` once at construction; each item is dequantised with noise
+    when ``train`` and with the fixed +0.5 offset otherwise. ``augment`` (random horizontal
+    flip, p = 1/2) defaults to ``train and DATASETS[name].flip``: on for CIFAR training, never
+    for digits/mnist (requesting it there is an error) and off for unregistered names.
+    Randomness comes from ``generator`` (None: torch's global RNG); inside DataLoader workers
+    the generator is reseeded from the worker's seed so workers do not repeat each other.
+    """
+
+    def __init__(self, arrays: ImageArrays, bits: int = 8, train: bool = True,
+                 augment: bool | None = None, generator: torch.Generator | None = None) -> None:
+        info = DATASETS.get(arrays.name)
+        if augment is None:
+            augment = train and info is not None and info.flip
+        elif augment and info is not None and not info.flip:
+            raise ValueError(
+                f"horizontal flips change the class of {arrays.name} images (mirrored digits); "
+                "use augment=False or None for this dataset")
+        self.xq = quantize(arrays.x, bits)
+        self.y = arrays.y
+        self.bits = int(bits)
+        self._levels = 1 << self.bits
+        self.train = train
+        self.augment = augment
+        self.generator = generator
+        self._worker_id: int | None = None
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def _rng(self) -> torch.Generator | None:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and self.generator is not None and self._worker_id != worker.id:
+            # Every worker starts from a copy of the same generator state.
+            self.generator.manual_seed(worker.seed)
+            self._worker_id = worker.id
+        return self.generator
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        rng = self._rng()
+        x = _dequantize_unchecked(self.xq[i], self._levels, self.train, rng)
+        if self.augment and torch.rand((), generator=rng) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.y[i])
+
+
+def make_loader(arrays: ImageArrays, bits: int, train: bool, batch_size: int,
+                augment: bool | None = None, seed: int = 0, num_workers: int = 0) -> DataLoader:
+    """DataLoader over :class:`FlowDataset` yielding x float32 (B, C, H, W), y int64 (B,).
+
+    Shuffles when ``train``; one generator seeded with ``seed`` drives the order, the
+    dequantisation noise and the flips, so a loader is reproducible for a given seed.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    dataset = FlowDataset(arrays, bits, train=train, augment=augment, generator=gen)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=gen,
+                      num_workers=num_workers)

@@ -1,0 +1,101 @@
+"""Baseline 2 of the NFPI paper: the class Gaussians by gradient descent on the same objective
+(SPEC §5; paper Sec. 4 "NFGD", GLEM supplementary).
+
+Adam on the means and on a latent theta with variances s = c + a * sigmoid(b * theta), which
+keeps them in (c, a + c) and positive. The paper names learning-rate policies (sublinear,
+linear, superlinear) without formulas; here they are lr_t = lr0 * (1 - t/T)^p:
+
+    constant p=0, sublinear_v1 p=0.5, sublinear_v2 p=0.75, linear p=1,
+    superlinear_v1 p=1.5, superlinear_v2 p=2
+
+("sub"/"super" refer to the exponent of the decay). It minimises the potential of
+:func:`nfpi.fpi.objective`, so its history compares directly with the FPI's.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from .fpi import ClassStats, FPIResult, Learn, Pi, _potential, pairwise_kl
+
+__all__ = ["POLICIES", "solve"]
+
+POLICIES: dict[str, float] = {
+    "constant": 0.0, "sublinear_v1": 0.5, "sublinear_v2": 0.75, "linear": 1.0,
+    "superlinear_v1": 1.5, "superlinear_v2": 2.0,
+}
+
+
+def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise",
+          learn: Learn = "both", init: tuple[Tensor, Tensor] | None = None,
+          policy: str = "linear", steps: int = 1000, lr: float = 0.05,
+          a: float | None = None, b: float = 1.0, c: float | None = None, rho: float = 10.0,
+          tol: float = 0.0, seconds: float = math.inf) -> FPIResult:
+    """Minimise J by Adam with a learning-rate policy; diagonal Gaussians.
+
+    Args:
+        stats, lam, alpha, pi, learn, init: as in :func:`nfpi.fpi.solve`.
+        policy: a key of :data:`POLICIES`; steps: T; lr: lr0 (means are optimised in units of
+            the class data std, so lr is scale free).
+        a, b, c: sigmoid reparametrisation s = c + a sigmoid(b theta). The released defaults
+            are a=1, b=1, c=0.25 (absolute units); with a=c=None the range is set per entry to
+            [v/rho, v*rho] around the data variance v, which fits latents of any scale.
+        tol: stop early when the RMS parameter change of a step is below tol.
+        seconds: stop after this wall time (for equal-time comparisons).
+    Returns:
+        FPIResult; ``history`` has the potential, change, and time of every step.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown lr policy {policy!r}; choose one of {sorted(POLICIES)}")
+    if (a is None) != (c is None):
+        raise ValueError("give both a and c (absolute sigmoid range) or neither (data-relative range)")
+    start = time.perf_counter()
+    k = stats.num_classes
+    cc = lam / (k * (k - 1))
+    m, v = stats.mean(), stats.var().clamp_min(1e-8 * stats.var().mean())
+    std = v.sqrt()
+    lo = v / rho if c is None else torch.full_like(v, c)
+    width = v * rho - lo if a is None else torch.full_like(v, a)
+    mu0, s0 = (m, v) if init is None else (init[0].to(m), init[1].to(m))
+    # Start where the sigmoid reproduces s0 (clipped strictly inside the open range).
+    frac = ((s0 - lo) / width).clamp(1e-6, 1 - 1e-6)
+    u = ((mu0 - m) / std).clone().requires_grad_(learn != "variances")
+    theta = (torch.logit(frac) / b).clone().requires_grad_(learn != "means")
+    params = [p for p in (u, theta) if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    power = POLICIES[policy]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1 - t / steps) ** power)
+
+    def current() -> tuple[Tensor, Tensor]:
+        return m + u * std, lo + width * torch.sigmoid(b * theta)
+
+    result = FPIResult(means=m, variances=v, iterations=0, converged=False, lam=lam, lam_normalised=cc)
+    for step in range(1, steps + 1):
+        before = [p.detach().clone() for p in params]
+        mu, s = current()
+        loss = _potential(m, v, mu, s, pairwise_kl(mu, s) if cc else None, cc, alpha, pi)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"gradient descent hit a non-finite objective at step {step}; lower lr")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        change = math.sqrt(sum(float((p.detach() - q).pow(2).mean()) for p, q in zip(params, before)))
+        h = result.history
+        h["objective"].append(float(loss.detach()))
+        h["change"].append(change)
+        h["active_bounds"].append(0)
+        h["time"].append(time.perf_counter() - start)
+        result.iterations = step
+        if change < tol:
+            result.converged = True
+            break
+        if h["time"][-1] > seconds:
+            break
+    with torch.no_grad():
+        result.means, result.variances = (t.detach() for t in current())
+    return result
