@@ -1,0 +1,523 @@
+"""Invertible flow layers and the multi-scale Glow encoder f of NFPI.
+
+Implements SPEC §4 ("Flow"): the Glow skeleton (Kingma & Dhariwal 2018) used by
+the NFPI paper -- per level a squeeze, K steps of ActNorm -> invertible 1x1
+convolution -> coupling, then a split of half the channels after every level
+but the last -- with the two 1x1 convolutions named there:
+
+* ``"lu"``:     W = P L (U + diag(sign * exp(log_s))),  log|det| = H W sum(log_s)
+* ``"matexp"``: W = expm(M) (Matrix Exponential Flow, Xiao & Liu 2020, the
+  paper's backbone, Sec. 5), log|det| = H W trace(M).
+
+Every layer maps x to ``(y, log|det dy/dx|)`` so that the change-of-variables
+term of the paper's Eqs. (1)-(2), log p(x|y) = log p_Z(f(x)|y) + log|det J_f(x)|,
+is the sum of the per-layer terms. The split-off halves get no prior of their
+own: SPEC §1/§4 put one diagonal Gaussian per class over all D = C*H*W latent
+dimensions, so :class:`Glow` reassembles every factored-out part and the final
+output into one flat latent z of shape (B, D), ordered as
+[level-1 split-off part, ..., level-(L-1) split-off part, final output], each
+part flattened in (C, H, W) order.
+
+Conventions: layers take (B, C, H, W) tensors and return a log-determinant of
+shape (B,) in the input's dtype and device; ``inverse(y)`` returns x only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "FlowLayer",
+    "FlowSequence",
+    "Squeeze",
+    "ActNorm",
+    "InvConv1x1LU",
+    "InvConv1x1MatExp",
+    "AffineCoupling",
+    "AdditiveCoupling",
+    "CouplingNet",
+    "FlowStep",
+    "Glow",
+    "CONVS",
+    "COUPLINGS",
+]
+
+
+class FlowLayer(nn.Module):
+    """Base class of invertible layers: ``forward(x) -> (y, logdet)``, ``inverse(y) -> x``.
+
+    ``channels`` is the channel count the layer accepts (``None``: any).
+    """
+
+    channels: int | None = None
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """Inverse map y -> x, same shapes as the corresponding forward."""
+        raise NotImplementedError
+
+    def _check_input(self, x: Tensor) -> None:
+        """Raise a ValueError naming the expected shape instead of a deep torch error."""
+        if x.dim() != 4 or (self.channels is not None and x.shape[1] != self.channels):
+            channels = "C" if self.channels is None else self.channels
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (B, {channels}, H, W); "
+                f"got {tuple(x.shape)}. Reshape the input or build the layer for "
+                f"{x.shape[1] if x.dim() == 4 else '?'} channels."
+            )
+
+
+class FlowSequence(FlowLayer):
+    """Composition of flow layers; log-determinants add, inverse runs in reverse order."""
+
+    def __init__(self, layers: Sequence[FlowLayer]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, C, H, W) -> (y of the last layer's shape, logdet (B,))."""
+        logdet = x.new_zeros(x.shape[0])
+        for layer in self.layers:
+            x, layer_logdet = layer(x)
+            logdet = logdet + layer_logdet
+        return x, logdet
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """Inverse of :meth:`forward`: y -> x."""
+        for layer in reversed(self.layers):
+            y = layer.inverse(y)
+        return y
+
+
+class Squeeze(FlowLayer):
+    """Space-to-depth 2x2: (B, C, H, W) -> (B, 4C, H/2, W/2); volume preserving.
+
+    Output channel ``4c + 2i + j`` holds pixel (i, j) of each 2x2 block of input channel c.
+    """
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, C, H, W) with H, W even -> (y (B, 4C, H/2, W/2), zeros (B,))."""
+        self._check_input(x)
+        if x.shape[2] % 2 or x.shape[3] % 2:
+            raise ValueError(
+                f"Squeeze needs even height and width; got input of shape {tuple(x.shape)}. "
+                "Use image sizes divisible by 2**levels."
+            )
+        return F.pixel_unshuffle(x, 2), x.new_zeros(x.shape[0])
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """y: (B, 4C, H/2, W/2) -> x (B, C, H, W)."""
+        self._check_input(y)
+        if y.shape[1] % 4:
+            raise ValueError(
+                f"Squeeze.inverse needs a channel count divisible by 4; got shape {tuple(y.shape)}."
+            )
+        return F.pixel_shuffle(y, 2)
+
+
+class ActNorm(FlowLayer):
+    """Per-channel affine y = x * exp(log_scale) + bias with data-dependent init (Glow).
+
+    The first forward call sets the parameters so that the output of that batch
+    has zero mean and unit variance per channel. ``initialized`` is a buffer, so
+    a model restored with ``load_state_dict`` keeps its trained parameters.
+    Calling :meth:`inverse` before any forward uses the identity parameters.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.channels = channels
+        self.eps = eps
+        self.log_scale = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.register_buffer("initialized", torch.tensor(False))
+        # Python mirror of the buffer: reading a CUDA bool in every forward would
+        # force a host-device sync per layer; reset whenever a state dict is loaded.
+        self._initialized_cache = False
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized_cache = False
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        mean = x.mean(dim=(0, 2, 3), keepdim=True)
+        std = x.std(dim=(0, 2, 3), keepdim=True, unbiased=False)
+        log_scale = -torch.log(std + self.eps)
+        self.log_scale.copy_(log_scale)
+        self.bias.copy_(-mean * log_scale.exp())
+        self.initialized.fill_(True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, C, H, W) -> (y (B, C, H, W), logdet (B,))."""
+        self._check_input(x)
+        if not self._initialized_cache:
+            if not bool(self.initialized):
+                self._initialize(x)
+            self._initialized_cache = True
+        y = torch.addcmul(self.bias, x, self.log_scale.exp())
+        logdet = (self.log_scale.sum() * (x.shape[2] * x.shape[3])).repeat(x.shape[0])
+        return y, logdet
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """y: (B, C, H, W) -> x (B, C, H, W)."""
+        self._check_input(y)
+        return (y - self.bias) * torch.exp(-self.log_scale)
+
+
+class InvConv1x1LU(FlowLayer):
+    """Invertible 1x1 convolution with W = P L (U + diag(sign * exp(log_s))) (Glow, LU form).
+
+    Initialised from a random orthogonal matrix, so it starts as a volume-preserving
+    channel mixing (log|det| = 0). P and sign are fixed buffers.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        q, _ = torch.linalg.qr(torch.randn(channels, channels, dtype=torch.float64))
+        p, lower, upper = torch.linalg.lu(q)
+        diag = torch.diagonal(upper)
+        # Row permutation as indices (P A == A[perm]): no C x C matmul per forward.
+        self.register_buffer("perm", p.argmax(dim=1))
+        self.register_buffer("sign", torch.sign(diag).float())
+        self.lower = nn.Parameter(torch.tril(lower, -1).float())
+        self.upper = nn.Parameter(torch.triu(upper, 1).float())
+        self.log_s = nn.Parameter(torch.log(diag.abs()).float())
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        eye = torch.eye(self.channels, dtype=self.lower.dtype, device=self.lower.device)
+        lower = torch.tril(self.lower, -1) + eye
+        upper = torch.triu(self.upper, 1) + torch.diag(self.sign * self.log_s.exp())
+        return lower, upper
+
+    def weight(self) -> Tensor:
+        """W, shape (C, C)."""
+        lower, upper = self._factors()
+        return (lower @ upper)[self.perm]
+
+    def inverse_weight(self) -> Tensor:
+        """W^-1 = U^-1 L^-1 P^T by triangular solves (better conditioned than inv(W)), (C, C)."""
+        lower, upper = self._factors()
+        eye = torch.eye(self.channels, dtype=lower.dtype, device=lower.device)
+        inv_lower = torch.linalg.solve_triangular(lower, eye, upper=False, unitriangular=True)
+        inv_lu = torch.linalg.solve_triangular(upper, inv_lower, upper=True)
+        # (A P^T)[:, k] = A[:, perm[k]].
+        return inv_lu[:, self.perm]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, C, H, W) -> (y (B, C, H, W), logdet (B,))."""
+        self._check_input(x)
+        c = self.channels
+        y = F.conv2d(x, self.weight().view(c, c, 1, 1))
+        logdet = (self.log_s.sum() * (x.shape[2] * x.shape[3])).repeat(x.shape[0])
+        return y, logdet
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """y: (B, C, H, W) -> x (B, C, H, W)."""
+        self._check_input(y)
+        c = self.channels
+        return F.conv2d(y, self.inverse_weight().view(c, c, 1, 1))
+
+
+class InvConv1x1MatExp(FlowLayer):
+    """Invertible 1x1 convolution W = expm(M) (Matrix Exponential Flow; SPEC §4).
+
+    log|det W| = trace(M) for any M, and W^-1 = expm(-M), so the layer is
+    invertible without constraints on M. M is initialised skew-symmetric with
+    small entries (std 1/sqrt(C)): expm of a skew-symmetric matrix is a rotation,
+    so the layer starts as a well-conditioned volume-preserving channel mixing,
+    the role Glow's random orthogonal init plays (M = 0 would make every coupling
+    of a level transform the same channel half until M is learned).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        a = torch.randn(channels, channels) / math.sqrt(2 * channels)
+        self.M = nn.Parameter(a - a.T)
+
+    def weight(self) -> Tensor:
+        """W = expm(M), shape (C, C)."""
+        return torch.linalg.matrix_exp(self.M)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, C, H, W) -> (y (B, C, H, W), logdet (B,))."""
+        self._check_input(x)
+        c = self.channels
+        y = F.conv2d(x, self.weight().view(c, c, 1, 1))
+        logdet = (torch.trace(self.M) * (x.shape[2] * x.shape[3])).repeat(x.shape[0])
+        return y, logdet
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """y: (B, C, H, W) -> x (B, C, H, W)."""
+        self._check_input(y)
+        c = self.channels
+        return F.conv2d(y, torch.linalg.matrix_exp(-self.M).view(c, c, 1, 1))
+
+
+class _ResidualBlock(nn.Module):
+    """h + conv1x1(relu(conv3x3(relu(h)))), width preserved."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.conv3 = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.conv1 = nn.Conv2d(hidden, hidden, 1)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """h: (B, hidden, H, W) -> (B, hidden, H, W)."""
+        return h + self.conv1(F.relu(self.conv3(F.relu(h))))
+
+
+class CouplingNet(nn.Module):
+    """Residual conv net of a coupling (SPEC §4): conv3x3 -> residual blocks -> zero conv3x3.
+
+    The zero-initialised output conv makes every coupling start as the identity.
+    Shapes: (B, in_channels, H, W) -> (B, out_channels, H, W).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int, blocks: int) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.blocks = nn.Sequential(*(_ResidualBlock(hidden) for _ in range(blocks)))
+        self.conv_out = nn.Conv2d(hidden, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, in_channels, H, W) -> (B, out_channels, H, W)."""
+        return self.conv_out(F.relu(self.blocks(self.conv_in(x))))
+
+
+class _Coupling(FlowLayer):
+    """Shared coupling skeleton: x = (x1, x2) -> (x1, g(x2; net(x1))), x1 = first C//2 channels.
+
+    Subclasses define the elementwise map g through ``_params_per_channel``,
+    ``_transform`` and ``_untransform``.
+    """
+
+    _params_per_channel: int
+
+    def __init__(self, channels: int, hidden: int = 128, blocks: int = 1) -> None:
+        super().__init__()
+        if channels < 2:
+            raise ValueError(f"A coupling needs at least 2 channels to split; got {channels}.")
+        self.channels = channels
+        self.split = channels // 2
+        out = self._params_per_channel * (channels - self.split)
+        self.net = CouplingNet(self.split, out, hidden, blocks)
+
+    def _transform(self, x2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _untransform(self, y2: Tensor, h: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, C, H, W) -> (y (B, C, H, W), logdet (B,))."""
+        self._check_input(x)
+        x1, x2 = x[:, : self.split], x[:, self.split :]
+        y2, logdet = self._transform(x2, self.net(x1))
+        return torch.cat((x1, y2), dim=1), logdet
+
+    def inverse(self, y: Tensor) -> Tensor:
+        """y: (B, C, H, W) -> x (B, C, H, W)."""
+        self._check_input(y)
+        y1, y2 = y[:, : self.split], y[:, self.split :]
+        return torch.cat((y1, self._untransform(y2, self.net(y1))), dim=1)
+
+
+class AffineCoupling(_Coupling):
+    """Affine coupling x2 <- x2 * exp(log_s(x1)) + t(x1) (paper Sec. 3, Glow).
+
+    log_s = b * tanh(raw / b) (a soft clamp, b = ``scale_bound``) instead of
+    Glow's sigmoid(raw + 2): it is exactly the identity at the zero init (the
+    sigmoid form starts at scale 0.88), it bounds the per-layer scale to
+    (e^-b, e^b) in both directions so neither f nor f^-1 can blow up or divide
+    by a vanishing scale, and the log-determinant is log_s itself with no log of
+    a saturating sigmoid.
+    """
+
+    _params_per_channel = 2
+
+    def __init__(
+        self, channels: int, hidden: int = 128, blocks: int = 1, scale_bound: float = 2.0
+    ) -> None:
+        super().__init__(channels, hidden, blocks)
+        if not scale_bound > 0:
+            raise ValueError(f"scale_bound must be positive; got {scale_bound}.")
+        self.scale_bound = scale_bound
+
+    def _log_scale_shift(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        raw, shift = h.chunk(2, dim=1)
+        return self.scale_bound * torch.tanh(raw / self.scale_bound), shift
+
+    def _transform(self, x2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        log_s, shift = self._log_scale_shift(h)
+        return torch.addcmul(shift, x2, log_s.exp()), log_s.flatten(1).sum(1)
+
+    def _untransform(self, y2: Tensor, h: Tensor) -> Tensor:
+        log_s, shift = self._log_scale_shift(h)
+        return (y2 - shift) * torch.exp(-log_s)
+
+
+class AdditiveCoupling(_Coupling):
+    """Additive (volume-preserving) coupling x2 <- x2 + t(x1); log|det| = 0."""
+
+    _params_per_channel = 1
+
+    def _transform(self, x2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        return x2 + h, x2.new_zeros(x2.shape[0])
+
+    def _untransform(self, y2: Tensor, h: Tensor) -> Tensor:
+        return y2 - h
+
+
+CONVS: dict[str, type[FlowLayer]] = {"lu": InvConv1x1LU, "matexp": InvConv1x1MatExp}
+COUPLINGS: dict[str, type[_Coupling]] = {"affine": AffineCoupling, "additive": AdditiveCoupling}
+
+
+def _lookup(table: dict[str, type], name: str, what: str) -> type:
+    if name not in table:
+        raise ValueError(f"Unknown {what} {name!r}; choose one of {sorted(table)}.")
+    return table[name]
+
+
+class FlowStep(FlowSequence):
+    """One Glow step of flow (SPEC §4): ActNorm -> invertible 1x1 conv -> coupling.
+
+    ``conv`` is ``"lu"`` or ``"matexp"``; ``coupling`` is ``"affine"`` or ``"additive"``.
+    Shapes: (B, channels, H, W) -> (B, channels, H, W).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden: int = 128,
+        conv: str = "lu",
+        coupling: str = "affine",
+        blocks: int = 1,
+    ) -> None:
+        conv_cls = _lookup(CONVS, conv, "conv")
+        coupling_cls = _lookup(COUPLINGS, coupling, "coupling")
+        super().__init__(
+            [ActNorm(channels), conv_cls(channels), coupling_cls(channels, hidden, blocks)]
+        )
+        self.channels = channels
+
+
+class Glow(nn.Module):
+    """Multi-scale Glow mapping images (B, C, H, W) to one flat latent (B, C*H*W) (SPEC §4).
+
+    Level l (1..L): squeeze, ``steps`` FlowSteps, then (for l < L) half of the
+    channels are factored out. All factored-out parts and the final output are
+    concatenated into z (see the module docstring for the order), because the
+    class Gaussians of NFPI cover every latent dimension.
+
+    Args:
+        in_shape: (C, H, W) of the images; H and W must be divisible by 2**levels.
+        levels: number of levels L (paper: 3).
+        steps: flow steps per level K (paper: 8).
+        hidden: hidden channels of the coupling nets (paper: 128).
+        conv: ``"lu"`` (Glow) or ``"matexp"`` (Matrix Exponential Flow).
+        coupling: ``"affine"`` or ``"additive"``.
+        blocks: residual blocks per coupling net.
+
+    Attributes: ``in_shape``, ``latent_dim`` (D), ``part_shapes`` (the (C, H, W)
+    of each block of z, in order), ``config`` (the constructor arguments:
+    ``Glow(**model.config)`` rebuilds the architecture for ``load_state_dict``).
+    """
+
+    def __init__(
+        self,
+        in_shape: Sequence[int],
+        levels: int = 3,
+        steps: int = 8,
+        hidden: int = 128,
+        conv: str = "lu",
+        coupling: str = "affine",
+        blocks: int = 1,
+    ) -> None:
+        super().__init__()
+        in_shape = tuple(int(s) for s in in_shape)
+        if len(in_shape) != 3 or min(in_shape) < 1:
+            raise ValueError(f"in_shape must be (C, H, W) with positive sizes; got {in_shape}.")
+        for name, value, low in (("levels", levels, 1), ("steps", steps, 1),
+                                 ("hidden", hidden, 1), ("blocks", blocks, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}.")
+        _lookup(CONVS, conv, "conv")
+        _lookup(COUPLINGS, coupling, "coupling")
+        c, h, w = in_shape
+        if h % 2**levels or w % 2**levels:
+            raise ValueError(
+                f"Image size {h}x{w} is not divisible by 2**levels = {2**levels}; "
+                f"use fewer levels or pad/crop the images."
+            )
+        self.in_shape = in_shape
+        self.latent_dim = c * h * w
+        # Constructor arguments, so a checkpoint can store how to rebuild the model.
+        self.config = dict(in_shape=in_shape, levels=levels, steps=steps, hidden=hidden,
+                           conv=conv, coupling=coupling, blocks=blocks)
+
+        levels_list = []
+        #: (C, H, W) of each factored-out part, then of the final output, in latent order.
+        self.part_shapes: list[tuple[int, int, int]] = []
+        for level in range(levels):
+            c, h, w = 4 * c, h // 2, w // 2
+            levels_list.append(
+                FlowSequence(
+                    [Squeeze()]
+                    + [FlowStep(c, hidden, conv, coupling, blocks) for _ in range(steps)]
+                )
+            )
+            if level < levels - 1:
+                self.part_shapes.append((c - c // 2, h, w))
+                c = c // 2
+        self.part_shapes.append((c, h, w))
+        self.level_flows = nn.ModuleList(levels_list)
+        self._part_sizes = [math.prod(s) for s in self.part_shapes]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, C, H, W) -> (z (B, D), logdet (B,)), D = C*H*W."""
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.in_shape:
+            raise ValueError(
+                f"Glow(in_shape={self.in_shape}) expects input of shape (B, "
+                f"{', '.join(map(str, self.in_shape))}); got {tuple(x.shape)}."
+            )
+        parts = []
+        logdet = x.new_zeros(x.shape[0])
+        last = len(self.level_flows) - 1
+        for index, level in enumerate(self.level_flows):
+            x, level_logdet = level(x)
+            logdet = logdet + level_logdet
+            if index < last:
+                keep = x.shape[1] // 2
+                parts.append(x[:, keep:].flatten(1))
+                x = x[:, :keep]
+        parts.append(x.flatten(1))
+        return torch.cat(parts, dim=1), logdet
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """z: (B, D) -> x (B, C, H, W)."""
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(
+                f"Glow.inverse expects latents of shape (B, {self.latent_dim}); "
+                f"got {tuple(z.shape)}."
+            )
+        batch = z.shape[0]
+        parts = [
+            p.reshape(batch, *shape)
+            for p, shape in zip(z.split(self._part_sizes, dim=1), self.part_shapes)
+        ]
+        x = parts[-1]
+        last = len(self.level_flows) - 1
+        for index in reversed(range(last + 1)):
+            if index < last:
+                x = torch.cat((x, parts[index]), dim=1)
+            x = self.level_flows[index].inverse(x)
+        return x
