@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 # Real datasets: ../shared/data on the project machines and CI, else ./data (see data/README.md).
 export NFPI_DATA ?= $(if $(wildcard ../shared/data/*.npz),$(abspath ../shared/data),$(abspath data))
 export HF_HUB_OFFLINE := 1
-export MPLBACKEND := Agg
 export PYTHONHASHSEED := 0
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 EXECUTED := $(NOTEBOOKS:.py=.ipynb)

@@ -418,7 +418,7 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         if mu0.shape != m.shape or s0.shape != v.shape:
             raise ValueError(f"init must have shapes {tuple(m.shape)} and {tuple(v.shape)}, "
                              f"got {tuple(mu0.shape)} and {tuple(s0.shape)}")
-    if learn != "means" and pi == "pairwise" and lam > unbounded_threshold(k, alpha):
+    if learn != "means" and pi == "pairwise" and rule == "paper" and lam > unbounded_threshold(k, alpha):
         warnings.warn(
             f"lambda={lam:g} exceeds {unbounded_threshold(k, alpha):.4g}, above which J is unbounded "
             f"below for pi='pairwise' with learned variances (K={k}, alpha={alpha}); variances "
@@ -475,10 +475,9 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         else:
             mu_n, s_n = _diag_update(m, v, mu, s, kl, c, alpha, pi, learn, rule, isotropic_mean_step)
         value = float(_potential(m, v, mu, s, kl if c else None, c, alpha, pi))
-        if not full:
-            s_n = torch.minimum(torch.maximum(s_n, log_lo.exp()), log_hi.exp())
-        else:
-            s_n = _clamp_spd(s_n, vdiag, rho)
+        if upd_s:  # only learned variances are bounded: fixed ones (e.g. identity) stay as given
+            s_n = torch.minimum(torch.maximum(s_n, log_lo.exp()), log_hi.exp()) if not full \
+                else _clamp_spd(s_n, vdiag, rho)
         return pack(mu_n, s_n), value, (mu_n, s_n)
 
     result = FPIResult(means=m, variances=v, iterations=0, converged=False, lam=lam, lam_normalised=c)

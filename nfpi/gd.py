@@ -71,7 +71,9 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1 - t / steps) ** power)
 
     def current() -> tuple[Tensor, Tensor]:
-        return m + u * std, lo + width * torch.sigmoid(b * theta)
+        # fixed variances (means-only runs) stay exactly at init, even outside the sigmoid range
+        s = lo + width * torch.sigmoid(b * theta) if theta.requires_grad else s0
+        return m + u * std, s
 
     result = FPIResult(means=m, variances=v, iterations=0, converged=False, lam=lam, lam_normalised=cc)
     for step in range(1, steps + 1):

@@ -304,3 +304,27 @@ def test_gradient_descent_policies_and_errors():
         gd.solve(stats, 1.0, policy="cosine")
     released = gd.solve(stats, 1.0, a=1.0, c=0.25, steps=50)
     assert ((released.variances > 0.25) & (released.variances < 1.25)).all()
+
+
+def test_fixed_blocks_are_not_touched_by_the_bounds():
+    """Means-only with identity variances far outside [v/rho, v*rho] keeps them exactly 1 (FPI and GD)."""
+    stats = make_stats(k=4, d=3, sep=0.5)
+    stats = ClassStats(stats.count, stats.total * 10, stats.total_sq * 100)     # variances ~ 100x
+    ones = torch.ones(4, 3)
+    res = fpi.solve(stats, 50.0, learn="means", init=(stats.mean(), ones), rho=2.0)
+    assert torch.equal(res.variances, ones) and res.bounds_active == 0
+    assert stationarity(stats, res, 50.0, 10.0, "pairwise", "means") <= 1e-6
+    res_gd = gd.solve(stats, 50.0, learn="means", init=(stats.mean(), ones), steps=20)
+    assert torch.equal(res_gd.variances, ones)
+
+
+def test_released_rule_does_not_warn_about_the_paper_rules_bound():
+    stats = make_stats(k=10, d=8, sep=0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FPIWarning)
+        with pytest.raises(FPIWarning, match="unbounded below"):
+            fpi.solve(stats, 1e3, rule="paper", max_iter=3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fpi.solve(stats, 1e3, rule="released")
+    assert not any("unbounded below" in str(r.message) for r in record)

@@ -1,0 +1,491 @@
+"""NF augmentation (NFA): same-class mixup inside the principal subspace of a class (SPEC §6;
+paper Sec. 5 "Extra Comparison (Image Augmentation)", Tables 5-6, Fig. 2; GLEM supplementary
+§1.1).
+
+For a training image x of class y the flow gives z = f(x). A second latent z' of the same
+class (the *partner*) is drawn, and z moves towards z' only inside the span of the top-k
+principal axes P_y (D, k) of class y's training latents:
+
+    z_new = z + P_y P_y^T (beta (z' - z)),        x_new = clamp(f^-1(z_new), -1, 1).
+
+The component of z orthogonal to span(P_y) is kept exactly, so the image changes only along
+the modes with the largest within-class variance ("more visually diverse and realistic images
+than simply adding noise in the latent space", paper Sec. 5). beta is drawn per image from a
+mixing law (:class:`AugmentConfig`).
+
+The paper leaves k, the mixing law and the partner source open (SPEC §6: "design choices:
+document and expose them"). Defaults and their reasons are on :class:`AugmentConfig`; the
+partner is a random latent of the same class from a bank of training latents, or, without a
+bank (e.g. when the training latents are too large to keep), a sample of the class Gaussian
+N(mu_y, T^2 s_y) of the prior.
+
+Uses: :meth:`NFAugmenter.augment` on batches, :class:`NFADataset` on the fly (probability p),
+and :func:`generate_dataset` offline (the paper's protocol: the training set is enlarged with
+augmented copies), which writes a SPEC §9 npz resumably.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from . import data
+from .flows import ActNorm
+from .priors import ClassGaussians
+
+__all__ = ["AugmentConfig", "ClassPCA", "NFADataset", "NFAugmenter", "generate_dataset",
+           "generation_fingerprint", "load_generated", "mix", "sample_beta"]
+
+LAWS = ("uniform", "beta")
+
+
+@dataclass
+class AugmentConfig:
+    """Design choices of NFA (SPEC §6), with the defaults used in this project.
+
+    k: principal axes per class spanning the mixing subspace. Default 8: the paper mixes
+        "along the principal variation modes", i.e. a few leading axes; k must stay well below
+        the number of training images per class (PCA of n latents has at most n - 1 axes) and
+        a small k keeps the variants close to the class manifold (larger k approaches plain
+        same-class latent mixup, whose decoded images degrade).
+    law: "uniform" draws beta ~ U[0, beta_max]; "beta" draws beta = beta_max * Beta(a, a)
+        with a = ``beta_a`` (mixup's law, Zhang et al. 2018; a < 1 favours the ends 0 and
+        beta_max).
+    beta_a: shape a of the "beta" law (mixup's usual 0.2-1; default 0.4).
+    beta_max: largest mixing weight. Default 0.5: the variant is never closer to the partner
+        than to its source, so it remains "an augmented variant" of the original image (paper
+        Fig. 2); 1.0 allows a full swap of the principal components.
+    copies: augmented copies per training image for offline generation. Default 2: the
+        original plus two copies triples the data, as in the paper's EVA02 protocol (GLEM
+        supplementary: "the dataset is duplicated 3 times with augmented images").
+    temperature: scale T of the prior's standard deviations when partners are sampled from
+        the class Gaussians (no bank of training latents); 1 samples the Gaussian itself.
+    """
+
+    k: int = 8
+    law: str = "uniform"
+    beta_a: float = 0.4
+    beta_max: float = 0.5
+    copies: int = 2
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k (principal axes per class) must be an integer >= 1; got {self.k!r}")
+        if self.law not in LAWS:
+            raise ValueError(f"law must be one of {list(LAWS)}; got {self.law!r}")
+        if not self.beta_a > 0:
+            raise ValueError(f"beta_a (shape of the Beta law) must be > 0; got {self.beta_a}")
+        if not 0 < self.beta_max <= 1:
+            raise ValueError(f"beta_max must lie in (0, 1] (1 = move fully to the partner); got {self.beta_max}")
+        if isinstance(self.copies, bool) or not isinstance(self.copies, int) or self.copies < 1:
+            raise ValueError(f"copies must be an integer >= 1; got {self.copies!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {self.temperature}")
+
+
+def _check_labels(y: Tensor, n: int, num_classes: int, what: str = "labels") -> Tensor:
+    """y as int64 (n,), or a ValueError that names the valid range."""
+    if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != n:
+        shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"{what} must be a 1-D tensor of {n} class indices; got {shape}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"{what} must be integer class indices; got dtype {y.dtype}")
+    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{what} must lie in [0, {num_classes}) for {num_classes} classes; got values in "
+                         f"[{int(y.min())}, {int(y.max())}]")
+    return y.long()
+
+
+# ------------------------------------------------------------------------------------ PCA
+@dataclass(frozen=True)
+class ClassPCA:
+    """Class-wise PCA of latents: ``means`` (K, D), orthonormal ``axes`` (K, k, D) ordered by
+    decreasing ``variances`` (K, k) (population variance of the class latents along each axis),
+    and ``total_variances`` (K,) (summed over all D dimensions). Float64. Build with :meth:`fit`."""
+
+    means: Tensor
+    axes: Tensor
+    variances: Tensor
+    total_variances: Tensor
+
+    @property
+    def explained(self) -> Tensor:
+        """Fraction of each class's latent variance inside its top-k subspace, (K,)."""
+        return self.variances.sum(1) / self.total_variances
+
+    @property
+    def num_classes(self) -> int:
+        return self.axes.shape[0]
+
+    @property
+    def k(self) -> int:
+        return self.axes.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.axes.shape[2]
+
+    @classmethod
+    def fit(cls, z: Tensor, y: Tensor, num_classes: int, k: int) -> "ClassPCA":
+        """Top-k principal axes of the latents z (N, D) of each class y (N,) in [0, K).
+
+        Computed in float64 by a thin SVD of each class's centred latents (N_y, D). Every
+        class needs more than k latents (n centred latents span at most n - 1 directions) and
+        k may not exceed D.
+        """
+        if not isinstance(z, Tensor) or z.dim() != 2 or not z.is_floating_point():
+            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"z must be a float tensor of latents (N, D); got {shape}")
+        y = _check_labels(y, z.shape[0], num_classes)
+        dim = z.shape[1]
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dim:
+            raise ValueError(f"k must be an integer in [1, D={dim}] (the latent dimension); got {k!r}")
+        z = z.detach().to(torch.float64)
+        means, axes, variances, totals = [], [], [], []
+        for c in range(num_classes):
+            zc = z[(y == c).to(z.device)]
+            if zc.shape[0] <= k:
+                raise ValueError(f"class {c} has {zc.shape[0]} latents: a PCA with k={k} axes needs at least "
+                                 f"k + 1 = {k + 1} per class; lower k or give more training images")
+            mean = zc.mean(0)
+            _, s, vh = torch.linalg.svd(zc - mean, full_matrices=False)
+            means.append(mean)
+            axes.append(vh[:k])
+            variances.append(s[:k] ** 2 / zc.shape[0])
+            totals.append((s ** 2).sum() / zc.shape[0])
+        return cls(torch.stack(means), torch.stack(axes), torch.stack(variances), torch.stack(totals))
+
+    def to(self, device: torch.device | str) -> "ClassPCA":
+        """The same PCA with tensors on ``device`` (still float64)."""
+        return ClassPCA(*(t.to(device) for t in (self.means, self.axes, self.variances, self.total_variances)))
+
+    def project(self, v: Tensor, y: Tensor) -> Tensor:
+        """P_y P_y^T v for vectors v (B, D) of classes y (B,); (B, D) in v's dtype."""
+        basis = self.axes.to(device=v.device, dtype=v.dtype)[y.to(v.device)]  # (B, k, D)
+        return torch.einsum("bkd,bk->bd", basis, torch.einsum("bkd,bd->bk", basis, v))
+
+
+def mix(z: Tensor, y: Tensor, z_partner: Tensor, pca: ClassPCA, beta: Tensor | float) -> Tensor:
+    """z + P_y P_y^T (beta (z_partner - z)) for latents z, z_partner (B, D) of classes y (B,).
+
+    ``beta``: a float or a tensor (B,) of mixing weights. The part of z orthogonal to class
+    y's principal subspace is unchanged; beta = 0 returns z, beta = 1 gives z's in-span
+    coordinates to the partner. Computed in z's dtype.
+    """
+    if z.dim() != 2 or z_partner.shape != z.shape:
+        raise ValueError(f"z and z_partner must both be (B, D); got {tuple(z.shape)} and {tuple(z_partner.shape)}")
+    if z.shape[1] != pca.dim:
+        raise ValueError(f"latents have D={z.shape[1]} but the PCA was fitted on D={pca.dim}; "
+                         "fit ClassPCA on latents of the same flow")
+    y = _check_labels(y, z.shape[0], pca.num_classes)
+    beta = torch.as_tensor(beta, dtype=z.dtype, device=z.device)
+    if beta.dim() > 1 or (beta.dim() == 1 and beta.shape[0] != z.shape[0]):
+        raise ValueError(f"beta must be a scalar or one weight per latent ({z.shape[0]},); got {tuple(beta.shape)}")
+    weight = beta[:, None] if beta.dim() == 1 else beta
+    return z + pca.project(weight * (z_partner - z), y)
+
+
+def sample_beta(cfg: AugmentConfig, n: int, generator: torch.Generator | None = None) -> Tensor:
+    """n mixing weights (n,) float64 on the CPU drawn from ``cfg.law`` (see :class:`AugmentConfig`)."""
+    if cfg.law == "uniform":
+        return cfg.beta_max * torch.rand(n, generator=generator, dtype=torch.float64)
+    # torch's Beta sampler takes no generator; numpy's does, seeded from the torch generator
+    # so that a given generator state always yields the same weights.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    return cfg.beta_max * torch.from_numpy(np.random.default_rng(seed).beta(cfg.beta_a, cfg.beta_a, n))
+
+
+# ------------------------------------------------------------------------------ augmenter
+def _flow_device_dtype(flow: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(flow.parameters(), None)
+    if param is None:
+        raise ValueError("the flow has no parameters; pass a trained nfpi.flows.Glow")
+    return param.device, param.dtype
+
+
+class NFAugmenter:
+    """NFA with a trained flow: ``augment(x, y, generator)`` maps images to same-class variants.
+
+    Args:
+        flow: the trained flow (:class:`nfpi.flows.Glow`: ``forward(x) -> (z, logdet)``,
+            ``inverse(z) -> x``, attribute ``in_shape``), used in eval mode without gradients
+            on its own device and dtype.
+        prior: the class Gaussians; needed only when ``bank`` is None (partners are then
+            sampled from N(mu_y, T^2 s_y)).
+        pca: :class:`ClassPCA` of the training latents (same D and K).
+        cfg: :class:`AugmentConfig`.
+        bank: (z (N, D), y (N,)) training latents to draw same-class partners from.
+    """
+
+    def __init__(self, flow: nn.Module, prior: ClassGaussians | None, pca: ClassPCA,
+                 cfg: AugmentConfig | None = None, bank: tuple[Tensor, Tensor] | None = None) -> None:
+        self.cfg = cfg or AugmentConfig()
+        self.flow = flow
+        self.device, self.dtype = _flow_device_dtype(flow)
+        self.in_shape = tuple(int(s) for s in flow.in_shape)
+        dim = math.prod(self.in_shape)
+        if any(isinstance(m, ActNorm) and not bool(m.initialized) for m in flow.modules()):
+            raise ValueError("the flow has uninitialised ActNorm layers (an untrained flow would initialise them "
+                             "on the first batch it augments); load a trained checkpoint or run one forward "
+                             "pass on training images first")
+        if pca.dim != dim:
+            raise ValueError(f"the PCA has D={pca.dim} but the flow's latents have D={dim} for images "
+                             f"{self.in_shape}; fit ClassPCA on this flow's latents")
+        self.num_classes = pca.num_classes
+        self.pca = pca.to(self.device)
+        self.prior = prior
+        if bank is None:
+            if prior is None:
+                raise ValueError("NFA needs partners: pass bank=(z, y) of training latents or the prior "
+                                 "(class Gaussians) to sample partners from")
+            if (prior.num_classes, prior.dim) != (self.num_classes, dim):
+                raise ValueError(f"the prior has K={prior.num_classes}, D={prior.dim} but the PCA has "
+                                 f"K={self.num_classes}, D={dim}")
+            self._bank = None
+        else:
+            self._bank = self._sorted_bank(*bank, dim)
+
+    def _sorted_bank(self, z: Tensor, y: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Bank latents sorted by class with per-class offsets and counts, so that a partner is
+        one index ``offset[y] + floor(u * count[y])`` without a Python loop per sample."""
+        if z.dim() != 2 or z.shape[1] != dim:
+            raise ValueError(f"bank latents must be (N, {dim}); got {tuple(z.shape)}")
+        y = _check_labels(y, z.shape[0], self.num_classes, "bank labels")
+        counts = torch.bincount(y, minlength=self.num_classes)
+        if (counts == 0).any():
+            missing = (counts == 0).nonzero().flatten().tolist()
+            raise ValueError(f"the bank has no latents of class(es) {missing}; every class needs partners")
+        order = torch.argsort(y, stable=True)
+        offsets = torch.cumsum(counts, 0) - counts
+        return z[order].to(self.device, self.dtype), offsets, counts
+
+    @classmethod
+    def from_arrays(cls, flow: nn.Module, arrays: data.ImageArrays, bits: int, cfg: AugmentConfig | None = None,
+                    prior: ClassGaussians | None = None, batch_size: int = 500) -> "NFAugmenter":
+        """Encode the training images ``arrays`` (+0.5 dequantisation at ``bits``), fit the
+        class-wise PCA on their latents and keep them as the partner bank."""
+        from .train import encode  # nfpi.train imports the training stack; only needed here
+
+        cfg = cfg or AugmentConfig()
+        if tuple(arrays.shape) != tuple(flow.in_shape):
+            raise ValueError(f"images have shape {arrays.shape} but the flow expects {tuple(flow.in_shape)}; "
+                             "pad/crop them as in the flow's training config (TrainConfig.pad)")
+        z, _ = encode(flow, arrays, bits, batch_size)
+        pca = ClassPCA.fit(z, arrays.y, arrays.num_classes, cfg.k)
+        return cls(flow, prior, pca, cfg, bank=(z, arrays.y))
+
+    def sample_partners(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One same-class partner latent per label y (B,) (CPU int64): a random bank latent of
+        class y_i, or a sample of N(mu_y, T^2 s_y) without a bank; (B, D) on the flow's device."""
+        y = _check_labels(y.cpu() if isinstance(y, Tensor) else y, len(y), self.num_classes)
+        if self._bank is None:
+            means, variances = self.prior.means.double().cpu()[y], self.prior.variances.double().cpu()[y]
+            eps = torch.randn(y.shape[0], means.shape[1], generator=generator, dtype=torch.float64)
+            return (means + self.cfg.temperature * variances.sqrt() * eps).to(self.device, self.dtype)
+        z, offsets, counts = self._bank
+        u = torch.rand(y.shape[0], generator=generator, dtype=torch.float64)
+        pick = offsets[y] + (u * counts[y]).long().clamp_max(counts[y] - 1)
+        return z[pick.to(self.device)]
+
+    @torch.no_grad()
+    def augment(self, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Same-class variants of images x (B, C, H, W) in [-1, 1] with labels y (B,).
+
+        Returns images of x's shape, dtype and device, clamped to [-1, 1]. Random draws
+        (partners, beta) come from the CPU ``generator`` (None: torch's global RNG), so a
+        seeded generator gives the same variants on any device. A variant whose inverse is
+        not finite is replaced by its original image, with a warning.
+        """
+        if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != self.in_shape:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"images must be (B, {', '.join(map(str, self.in_shape))}) to match the flow; got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"images must be floats in [-1, 1] (nfpi.data.dequantize); got dtype {x.dtype}")
+        y = _check_labels(y.cpu() if isinstance(y, Tensor) else y, x.shape[0], self.num_classes)
+        was_training = self.flow.training
+        self.flow.eval()
+        try:
+            xin = x.to(self.device, self.dtype)
+            z = self.flow(xin)[0]
+            partners = self.sample_partners(y, generator)
+            beta = sample_beta(self.cfg, y.shape[0], generator).to(self.device, self.dtype)
+            out = self.flow.inverse(mix(z, y.to(self.device), partners, self.pca, beta))
+        finally:
+            self.flow.train(was_training)
+        bad = ~torch.isfinite(out.flatten(1)).all(1)
+        if bad.any():
+            warnings.warn(f"NFA: {int(bad.sum())} of {len(bad)} variants were not finite after f^-1 and were "
+                          "replaced by their originals", RuntimeWarning, stacklevel=2)
+            out[bad] = xin[bad]
+        return out.clamp_(-1.0, 1.0).to(x.device, x.dtype)
+
+
+# -------------------------------------------------------------------------- on the fly
+class NFADataset(Dataset):
+    """Wrap a dataset of (x (C, H, W) in [-1, 1], y) items: item i is NFA-augmented with
+    probability ``p``, else returned as is. Randomness comes from a generator seeded with
+    ``seed`` (reseeded per DataLoader worker from the worker's seed)."""
+
+    def __init__(self, base: Dataset, augmenter: NFAugmenter, p: float = 0.5, seed: int = 0) -> None:
+        if not 0 <= p <= 1:
+            raise ValueError(f"p (probability of augmenting an item) must lie in [0, 1]; got {p}")
+        self.base, self.augmenter, self.p = base, augmenter, p
+        self.generator = torch.Generator().manual_seed(seed)
+        self._worker_id: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and self._worker_id != worker.id:
+            # Workers start from copies of one generator state and would repeat each other.
+            self.generator.manual_seed(worker.seed)
+            self._worker_id = worker.id
+        x, y = self.base[i]
+        if float(torch.rand((), generator=self.generator)) < self.p:
+            x = self.augmenter.augment(x[None], torch.tensor([int(y)]), self.generator)[0]
+        return x, int(y)
+
+
+# ---------------------------------------------------------------------------- offline
+def _chunk_seed(seed: int, chunk: int) -> int:
+    """Independent seed per chunk, so a chunk's content does not depend on which chunks ran before."""
+    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def generation_fingerprint(augmenter: NFAugmenter, arrays: data.ImageArrays, copies: int, bits: int,
+                           batch_size: int, seed: int) -> str:
+    """SHA-256 (hex) of everything that determines :func:`generate_dataset`'s output: flow
+    weights, PCA, partner source, config, images, labels, copies, bits, batch size, seed."""
+    h = hashlib.sha256()
+
+    def add(t: Tensor) -> None:
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+    for name, value in augmenter.flow.state_dict().items():
+        h.update(name.encode())
+        add(value)
+    for t in (augmenter.pca.axes, arrays.x, arrays.y):
+        add(t)
+    source = augmenter._bank if augmenter._bank is not None else (augmenter.prior.means, augmenter.prior.variances)
+    for t in source:
+        add(t)
+    h.update(json.dumps({"cfg": dataclasses.asdict(augmenter.cfg), "copies": copies, "bits": bits,
+                         "batch_size": batch_size, "seed": seed, "classes": list(arrays.classes)}).encode())
+    return h.hexdigest()
+
+
+def _atomic_save(path: Path, write) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, then rename it to ``path``: an
+    interrupted write never leaves a partial file under the final name."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _read_fingerprint(path: Path) -> str | None:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return str(npz["fingerprint"]) if "fingerprint" in npz.files else None
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+def generate_dataset(augmenter: NFAugmenter, arrays: data.ImageArrays, copies: int | None,
+                     out_path: str | os.PathLike[str], bits: int, batch_size: int = 256, progress: bool = True,
+                     seed: int = 0) -> Path:
+    """Write ``copies`` NFA variants of every image of ``arrays`` to ``out_path`` (SPEC §9 npz).
+
+    The file holds ``x`` uint8 (copies * N, H, W, C) (variants quantised to ``bits``, stored
+    as 8-bit pixels like the source files), ``y`` (copies * N,), ``classes``, ``source`` (index
+    of each variant's original in ``arrays``) and ``fingerprint``; copy j of image i is row
+    j * N + i. Inputs are the images quantised to ``bits`` with the +0.5 dequantisation.
+
+    Resumable: work is split into chunks of ``batch_size`` images of one copy; each chunk is
+    written atomically to ``<out_path>.parts/`` and skipped when it exists, and every chunk
+    draws from its own seeded generator, so an interrupted run, rerun, gives the same file as
+    an uninterrupted one. The final file is written atomically, then the chunks are removed;
+    if it already exists with the same fingerprint it is returned at once. ``copies=None``
+    uses ``augmenter.cfg.copies``. Returns the path.
+    """
+    copies = augmenter.cfg.copies if copies is None else copies
+    if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"copies must be an integer >= 1; got {copies!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if tuple(arrays.shape) != augmenter.in_shape:
+        raise ValueError(f"images have shape {arrays.shape} but the flow expects {augmenter.in_shape}; "
+                         "pad/crop them as in the flow's training config (TrainConfig.pad)")
+    if arrays.num_classes != augmenter.num_classes:
+        raise ValueError(f"the images have {arrays.num_classes} classes but the augmenter {augmenter.num_classes}")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fingerprint = generation_fingerprint(augmenter, arrays, copies, bits, batch_size, seed)
+    if out_path.exists():
+        if _read_fingerprint(out_path) == fingerprint:
+            return out_path
+        raise FileExistsError(f"{out_path} exists but was generated from other inputs (flow, images or settings); "
+                              "delete it or choose another out_path")
+    parts = out_path.with_name(out_path.name + ".parts")
+    parts.mkdir(exist_ok=True)
+    manifest = parts / "fingerprint.txt"
+    if manifest.exists() and manifest.read_text() != fingerprint:
+        raise FileExistsError(f"{parts} holds chunks of a different generation (other inputs or settings); "
+                              "delete that directory to start over")
+    _atomic_save(manifest, lambda f: f.write(fingerprint.encode()))
+
+    n = len(arrays)
+    starts = list(range(0, n, batch_size))
+    chunks = [s for _ in range(copies) for s in starts]  # chunk c covers copy c // len(starts)
+    files = [parts / f"chunk_{c:06d}.npy" for c in range(len(chunks))]
+    done = sum(f.exists() for f in files)
+    bar = tqdm(total=len(chunks), initial=done, desc=f"NFA x{copies}", unit="chunk", disable=not progress)
+    for c, (s, file) in enumerate(zip(chunks, files)):
+        if file.exists():
+            continue
+        xq = data.quantize(arrays.x[s:s + batch_size], bits)
+        x = data.dequantize(xq, bits, noise=False)
+        gen = torch.Generator().manual_seed(_chunk_seed(seed, c))
+        pixels = data.to_uint8(augmenter.augment(x, arrays.y[s:s + batch_size], gen), bits).numpy()
+        _atomic_save(file, lambda f, a=pixels: np.save(f, a))
+        bar.update(1)
+    bar.close()
+
+    x = np.concatenate([np.load(f) for f in files]).transpose(0, 2, 3, 1)
+    source = np.tile(np.arange(n, dtype=np.int64), copies)
+    y = arrays.y.numpy()[source]
+    _atomic_save(out_path, lambda f: np.savez_compressed(
+        f, x=np.ascontiguousarray(x), y=y, classes=np.array(arrays.classes), source=source,
+        fingerprint=np.array(fingerprint)))
+    shutil.rmtree(parts)
+    return out_path
+
+
+def load_generated(path: str | os.PathLike[str], name: str = "") -> data.ImageArrays:
+    """The images of a :func:`generate_dataset` file as :class:`nfpi.data.ImageArrays`."""
+    with np.load(path, allow_pickle=False) as npz:
+        x, y, classes = npz["x"], npz["y"], npz["classes"]
+    return data.ImageArrays(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+                            torch.from_numpy(y.astype(np.int64)), tuple(str(c) for c in classes), name)

@@ -1,0 +1,348 @@
+"""Figures of NFPI: the 2-D toy of paper Fig. 1 and solver convergence (SPEC §3, §5), and
+figures of a trained class-conditional flow (SPEC §6; paper Figs. 1-3, GLEM supplementary
+Fig. 32): training curves, t-SNE of latents, class-conditional samples
+z = m_s mu_y + T sqrt(s_y) eps, temperature sweeps and rescaled interpolations.
+
+Every function returns the matplotlib Figure and, given ``path``, also saves it there (PNG,
+parent directories created). Images are float tensors (N, C, H, W) in [-1, 1], shown after
+:func:`nfpi.data.to_uint8` at the model's bit depth.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from . import data
+from .fpi import FPIResult
+from .priors import ClassGaussians, interpolate
+
+__all__ = ["class_samples", "image_grid", "interpolations", "latent_tsne", "solver_curves",
+           "temperature_sweep", "toy_panels", "training_curves"]
+
+PathLike = str | os.PathLike[str] | None
+
+
+def _finish(fig: Figure, path: PathLike) -> Figure:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    return fig
+
+
+def _ellipse(ax, mean: np.ndarray, cov: np.ndarray, colour, n_std: float = 2.0) -> None:
+    """The n_std contour of a 2-D Gaussian (full (2, 2) or diagonal (2,) covariance)."""
+    cov = np.diag(cov) if cov.ndim == 1 else cov
+    w, v = np.linalg.eigh(cov)
+    t = np.linspace(0, 2 * np.pi, 100)
+    pts = mean[:, None] + v @ (n_std * np.sqrt(np.clip(w, 0, None))[:, None] * np.stack([np.cos(t), np.sin(t)]))
+    ax.plot(pts[0], pts[1], color=colour, lw=1.5)
+    ax.plot(*mean, marker="x", color=colour, ms=6)
+
+
+def toy_panels(z: Tensor, y: Tensor, fits: Mapping[str, FPIResult], seed: int = 0,
+               path: PathLike = None) -> Figure:
+    """Paper Fig. 1 in 2-D: the points z (N, 2) coloured by class y (N,), then one panel per
+    fit with its class Gaussians drawn as 2-sigma ellipses over the points. ``seed`` fixes
+    the (random) drawing order of the points."""
+    order = np.random.default_rng(seed).permutation(len(z))
+    zn, yn = z.double().numpy()[order], y.numpy()[order]
+    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 1 + len(fits), figsize=(4.2 * (1 + len(fits)), 4.2), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        ax.scatter(zn[:, 0], zn[:, 1], s=3, c=[cmap(int(k) % 10) for k in yn], alpha=0.35 if i else 0.8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_title("(a) data")
+    for j, (ax, (label, res)) in enumerate(zip(axes[0, 1:], fits.items())):
+        for k in range(res.means.shape[0]):
+            _ellipse(ax, res.means[k].double().numpy(), res.variances[k].double().numpy(), cmap(k % 10))
+        ax.set_title(f"({chr(ord('b') + j)}) {label}")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def solver_curves(runs: Mapping[str, FPIResult], x: str = "iteration", y: str = "change",
+                  relative_to: float | None = None, path: PathLike = None) -> Figure:
+    """Solver histories on a log scale: ``y`` ("change" or "objective", minus ``relative_to``
+    when given) against ``x`` ("iteration" or "time" in seconds)."""
+    if x not in ("iteration", "time") or y not in ("change", "objective"):
+        raise ValueError("x must be 'iteration' or 'time' and y 'change' or 'objective'")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, res in runs.items():
+        values = np.asarray(res.history[y], dtype=float)
+        if relative_to is not None:
+            values = values - relative_to
+        xs = np.asarray(res.history["time"]) if x == "time" else np.arange(1, len(values) + 1)
+        ax.plot(xs, values, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("wall time (s)" if x == "time" else "iteration")
+    ax.set_ylabel(y if relative_to is None else f"{y} above reference")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def training_curves(tables: Mapping[str, pd.DataFrame], path: PathLike = None) -> Figure:
+    """Train/test bits/dim and NF accuracy per epoch for several runs.
+
+    ``tables``: run label -> the run's ``metrics.csv`` as a DataFrame. Epochs after which
+    the Gaussians were fitted are marked with a dot on the accuracy curve.
+    """
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for i, (label, t) in enumerate(tables.items()):
+        colour = f"C{i}"
+        axes[0].plot(t["epoch"], t["train_bpd"], color=colour, label=label)
+        axes[1].plot(t["epoch"], t["test_bpd"], color=colour, label=label)
+        axes[2].plot(t["epoch"], t["acc_top1"], color=colour, label=label)
+        solved = t["solved"].notna()
+        axes[2].scatter(t["epoch"][solved], t["acc_top1"][solved], color=colour, zorder=3)
+    for ax, title in zip(axes, ("train bits/dim (noisy dequantisation)", "test bits/dim (EMA)",
+                                "NF accuracy top-1 % (EMA; dot = Gaussians fitted)")):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def latent_tsne(latents: Mapping[str, tuple[Tensor, Tensor]], classes: Sequence[str],
+                path: PathLike = None, perplexity: float = 30.0, seed: int = 0) -> Figure:
+    """One t-SNE panel per entry of ``latents``: label -> (z (N, D), y (N,)), coloured by class."""
+    from sklearn.manifold import TSNE
+
+    fig, axes = plt.subplots(1, len(latents), figsize=(5.2 * len(latents), 5), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for ax, (label, (z, y)) in zip(axes[0], latents.items()):
+        emb = TSNE(n_components=2, perplexity=min(perplexity, (len(z) - 1) / 3), init="pca",
+                   random_state=seed).fit_transform(z.double().numpy())
+        y = y.numpy()
+        for k, name in enumerate(classes):
+            pts = emb[y == k]
+            ax.scatter(pts[:, 0], pts[:, 1], s=6, color=cmap(k % cmap.N), label=name)
+        ax.set_title(label)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if len(classes) <= 20:
+        axes[0, -1].legend(markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def image_grid(images: Tensor, bits: int, ncols: int, row_labels: Sequence[str] | None = None,
+               col_labels: Sequence[str] | None = None, title: str | None = None,
+               path: PathLike = None) -> Figure:
+    """Images (N, C, H, W) in [-1, 1], row-major in a grid of ``ncols`` columns."""
+    pixels = data.to_uint8(images.detach().cpu(), bits).permute(0, 2, 3, 1).numpy()
+    n, h, w, c = pixels.shape
+    nrows = -(-n // ncols)
+    canvas = np.full((nrows * (h + 1) - 1, ncols * (w + 1) - 1, c), 255, dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncols)
+        canvas[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = pixels[i]
+    cell = 0.6  # inches per image whatever its pixel size: small images are upscaled (nearest)
+    fig, ax = plt.subplots(figsize=(ncols * cell + 1.0, nrows * cell + 0.7))
+    ax.imshow(canvas.squeeze(-1) if c == 1 else canvas, cmap="gray" if c == 1 else None,
+              interpolation="nearest", vmin=0, vmax=255)
+    ax.set_xticks([(w + 1) * q + w / 2 for q in range(ncols)] if col_labels else [])
+    ax.set_xticklabels(col_labels or [], fontsize=8)
+    ax.set_yticks([(h + 1) * r + h / 2 for r in range(nrows)] if row_labels else [])
+    ax.set_yticklabels(row_labels or [], fontsize=8)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+@torch.no_grad()
+def _decode(model: nn.Module, z: Tensor) -> Tensor:
+    device = next(model.parameters()).device
+    return model.inverse(z.to(device)).cpu()
+
+
+def class_samples(model: nn.Module, prior: ClassGaussians, bits: int, classes: Sequence[str],
+                  per_class: int = 10, temperature: float = 0.7, mean_scale: float = 1.0, seed: int = 0,
+                  path: PathLike = None) -> Figure:
+    """A row of ``per_class`` samples x = f^-1(m_s mu_y + T sqrt(s_y) eps) for every class y."""
+    k = prior.num_classes
+    y = torch.arange(k, device=prior.means.device).repeat_interleave(per_class)
+    gen = torch.Generator(device=prior.means.device).manual_seed(seed)
+    z = prior.sample(y, temperature=temperature, mean_scale=mean_scale, generator=gen)
+    return image_grid(_decode(model, z), bits, per_class, row_labels=list(classes),
+                      title=f"class-conditional samples, T = {temperature:g}, mean scale {mean_scale:g}",
+                      path=path)
+
+
+def temperature_sweep(model: nn.Module, prior: ClassGaussians, bits: int, classes: Sequence[str],
+                      temperatures: Sequence[float] = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1),
+                      mean_scale: float = 1.0, seed: int = 0, path: PathLike = None) -> Figure:
+    """One row per class, one column per temperature; the same noise eps along each row."""
+    k = prior.num_classes
+    device = prior.means.device
+    eps = torch.randn(k, prior.dim, generator=torch.Generator(device=device).manual_seed(seed), device=device)
+    z = torch.stack([mean_scale * prior.means + t * prior.variances.sqrt() * eps for t in temperatures], 1)
+    images = _decode(model, z.flatten(0, 1))
+    return image_grid(images, bits, len(temperatures), row_labels=list(classes),
+                      col_labels=[f"T={t:g}" for t in temperatures],
+                      title="temperature sweep (same eps along a row)", path=path)
+
+
+def interpolations(model: nn.Module, prior: ClassGaussians, arrays: data.ImageArrays, bits: int,
+                   pairs: Sequence[tuple[int, int]], steps: int = 8, centred: bool = True,
+                   path: PathLike = None) -> Figure:
+    """Rescaled interpolations (SPEC §6) between the latents of two test images per row.
+
+    ``pairs``: (class a, class b); a == b interpolates between the first two images of the
+    class, a != b between the first image of each. ``centred``: the rescaled formula
+    z(t) = (t z1 + (1-t) z2) / sqrt(t^2 + (1-t)^2) preserves the norm of zero-mean Gaussian
+    latents, so it is applied to the deviations from the class means, which themselves move
+    linearly (mu(t) = t mu_a + (1-t) mu_b); ``centred=False`` applies it to the raw latents.
+    """
+    device = next(model.parameters()).device
+    rows, labels = [], []
+    for a, b in pairs:
+        ia = (arrays.y == a).nonzero().flatten()
+        ib = (arrays.y == b).nonzero().flatten()
+        first, second = (int(ia[0]), int(ia[1])) if a == b else (int(ia[0]), int(ib[0]))
+        xq = data.quantize(arrays.x[[first, second]], bits)
+        x = data.dequantize(xq, bits, noise=False).to(device)
+        with torch.no_grad():
+            z = model(x)[0].float()
+        mu_a, mu_b = prior.means[a].to(device), prior.means[b].to(device)
+        if centred:
+            t = torch.linspace(0, 1, steps, device=device)[:, None]
+            path_z = t * mu_a + (1 - t) * mu_b + interpolate(z[0] - mu_a, z[1] - mu_b, steps)
+        else:
+            path_z = interpolate(z[0], z[1], steps)
+        # interpolate() runs from its second argument (t = 0) to its first: flip to go a -> b.
+        rows.append(torch.cat([x[0:1].cpu(), _decode(model, path_z.flip(0)), x[1:2].cpu()]))
+        labels.append(f"{arrays.classes[a]} → {arrays.classes[b]}")
+    return image_grid(torch.cat(rows), bits, steps + 2, row_labels=labels,
+                      col_labels=["image"] + [""] * steps + ["image"],
+                      title="rescaled interpolation between two test images (ends: the images)", path=path)
+
+
+from .augment import NFAugmenter  # noqa: E402  (appended section: NF augmentation figures)
+
+
+def nfa_grid(augmenter: NFAugmenter, arrays: data.ImageArrays, bits: int, classes: Sequence[int] | None = None,
+             per_class: int = 1, variants: int = 3, seed: int = 0, path: PathLike = None) -> Figure:
+    """Paper Fig. 2 / GLEM supplementary Figs. 6-12: per row an original image (left) and
+    ``variants`` NFA variants of it (right), for the first ``per_class`` images of each class
+    in ``classes`` (default: all). Images are shown at ``bits`` bits; ``seed`` fixes the variants."""
+    classes = list(range(arrays.num_classes)) if classes is None else list(classes)
+    rows, labels = [], []
+    gen = torch.Generator().manual_seed(seed)
+    for c in classes:
+        members = (arrays.y == c).nonzero().flatten()[:per_class]
+        if len(members) < per_class:
+            raise ValueError(f"class {c} has {len(members)} images, fewer than per_class={per_class}")
+        x = data.dequantize(data.quantize(arrays.x[members], bits), bits, noise=False)
+        y = arrays.y[members]
+        outs = [augmenter.augment(x, y, gen).cpu() for _ in range(variants)]
+        for i in range(len(members)):
+            rows.append(torch.stack([x[i]] + [o[i] for o in outs]))
+            labels.append(arrays.classes[c])
+    return image_grid(torch.cat(rows), bits, 1 + variants, row_labels=labels,
+                      col_labels=["original"] + [f"NFA {j + 1}" for j in range(variants)],
+                      title=f"NF augmentation: same-class mix in the top-{augmenter.cfg.k} PCA subspace",
+                      path=path)
+
+
+__all__ += ["nfa_grid"]
+
+
+def augmentation_bars(results: pd.DataFrame, metrics: Sequence[str] = ("top1", "top5"),
+                      order: Sequence[str] | None = None, path: PathLike = None) -> Figure:
+    """Paper Tables 5-6 as bars: mean test accuracy per ``setting`` with +-1 std error bars over
+    the seeds and the individual seeds as dots; one panel per metric. ``results``: the tidy
+    table of :func:`nfpi.finetune.compare` (columns ``setting``, ``seed`` and the metrics)."""
+    import seaborn as sns
+
+    order = list(order) if order is not None else list(dict.fromkeys(results["setting"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        sns.barplot(data=results, x="setting", y=metric, order=order, errorbar="sd", capsize=0.15,
+                    color="C0", alpha=0.6, ax=ax)
+        sns.stripplot(data=results, x="setting", y=metric, order=order, color="black", size=4, ax=ax)
+        values = results[metric]
+        span = max(float(values.max() - values.min()), 1.0)
+        ax.set_ylim(max(0.0, float(values.min()) - span), min(100.0, float(values.max()) + 0.5 * span))
+        ax.set_ylabel(f"test {metric} accuracy (%)")
+        ax.set_xlabel("")
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(f"mean +- std over {results['seed'].nunique()} seeds", fontsize=10)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+__all__ += ["augmentation_bars"]
+
+
+def metric_grid(table: pd.DataFrame, x: str, metrics: Sequence[str], row: str | None = None,
+                hue: str | None = None, kind: str = "line", logx: bool = False,
+                names: Mapping[str, str] | None = None, path: PathLike = None) -> Figure:
+    """Result tables as seaborn panels (NFPI Tables 1-3, GLEM Tables 1-7): one column per metric
+    (each with its own y axis), one row per value of ``row`` (e.g. ours / paper), the metric
+    against ``x`` as lines (``kind="line"``, e.g. lambda or temperature) or per ``x`` as bars
+    (``kind="bar"``, e.g. the ablation setting), coloured by ``hue``.
+
+    ``table``: one row per result with columns ``x``, ``row``, ``hue`` and the metrics
+    (missing metrics and NaN values are skipped); ``names``: display names of metrics and x.
+    ``logx``: log x axis; results at x = 0 (e.g. lambda = 0, Baseline 1) cannot sit on it and
+    are drawn as dashed horizontal lines in their hue's colour.
+    """
+    import seaborn as sns
+
+    names = dict(names or {})
+    keep = [m for m in metrics if m in table.columns and table[m].notna().any()]
+    ids = list(dict.fromkeys(c for c in (x, row, hue) if c))
+    long = table.melt(id_vars=ids, value_vars=keep, var_name="metric", value_name="value").dropna(subset=["value"])
+    long["metric"] = long["metric"].map(lambda m: names.get(m, m))
+    order = [names.get(m, m) for m in keep]
+    hues = list(dict.fromkeys(long[hue])) if hue else [None]
+    palette = dict(zip(hues, sns.color_palette(n_colors=len(hues)))) if hue else None
+    at_zero = long[long[x] == 0] if logx else long.iloc[:0]
+    shown = long[long[x] > 0] if logx else long
+    common = dict(data=shown, x=x, y="value", col="metric", col_order=order, row=row, hue=hue, height=2.6,
+                  col_wrap=None if row else min(3, len(order)))
+    if kind == "line":
+        grid = sns.relplot(kind="line", marker="o", aspect=1.1, palette=palette,
+                           facet_kws={"sharey": False, "sharex": False}, **common)
+    elif kind == "bar":
+        grid = sns.catplot(kind="bar", sharey=False, sharex=False, aspect=0.9 + 0.08 * long[x].nunique(),
+                           palette=palette, **common)
+        for ax in grid.axes.flat:
+            ax.tick_params(axis="x", labelrotation=60)
+            for label in ax.get_xticklabels():
+                label.set_horizontalalignment("right")
+    else:
+        raise ValueError(f"kind must be 'line' or 'bar', got {kind!r}")
+    for key, ax in grid.axes_dict.items():
+        row_name, col_name = key if row else (None, key)
+        if logx:
+            ax.set_xscale("log")
+        here = at_zero[(at_zero["metric"] == col_name) & ((at_zero[row] == row_name) if row else True)]
+        for _, point in here.iterrows():
+            ax.axhline(point["value"], ls="--", lw=1, color=palette[point[hue]] if hue else "C0",
+                       label=f"{names.get(x, x)} = 0")
+        ax.grid(alpha=0.3)
+    grid.set_titles(row_template="{row_name}", col_template="{col_name}")
+    grid.set_ylabels("")
+    grid.set_xlabels(names.get(x, x))
+    return _finish(grid.figure, path)
+
+
+__all__ += ["metric_grid"]
