@@ -242,28 +242,31 @@ def _diag_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, c: flo
     kt = kmat.T
     col = kt.sum(1, keepdim=True)                   # sum_y' K_y'y, (K, 1)
     row = kmat.sum(1, keepdim=True)                 # sum_y' K_yy'
+    prec = s.reciprocal()
+    prec_sum = kmat @ prec                          # sum_y' K_yy'/s_y', shared by both updates
+    kt_mu = kt @ mu                                 # sum_y' K_y'y mu_y'
     mu_new, s_new = mu, s
     if learn in ("both", "means"):
-        s_m, p_m = s, s.reciprocal()
+        s_m, p_m, kp = s, prec, prec_sum
         if isotropic:  # released option: dimension-averaged variances in the mean step
             s_m = s.mean(1, keepdim=True).expand_as(s)
-            p_m = p_m.mean(1, keepdim=True).expand_as(s)
+            p_m = prec.mean(1, keepdim=True).expand_as(s)
+            kp = kmat @ p_m
         # sum_y' K_yy' d_yy'/s_y' + (1/s_y) sum_y' K_y'y d_yy', with d_yy' = mu_y - mu_y'
-        push = mu * (kmat @ p_m) - kmat @ (mu * p_m) + (mu * col - kt @ mu) / s_m
+        push = mu * kp - kmat @ (mu * p_m) + (mu * col - kt_mu) / s_m
         mu_new = m + c * s_m * push
     if learn in ("both", "variances"):
         tau = c * (row - col)
-        prec_sum = kmat @ s.reciprocal()            # sum_y' K_yy'/s_y'
         if rule == "paper":
-            d2 = mu * mu * col - 2.0 * mu * (kt @ mu) + kt @ (mu * mu)   # sum_y' K_y'y d_yy'^2
-            a = (1.0 + tau) / s + c / s ** 2 * (d2 + kt @ s)
-            b = v + (m - mu) ** 2 + c * s ** 2 * prec_sum
+            d2 = mu * (mu * col - 2.0 * kt_mu) + kt @ (mu * mu)          # sum_y' K_y'y d_yy'^2
+            a = (1.0 + tau) * prec + c * prec * prec * (d2 + kt @ s)
+            b = v + (m - mu) ** 2 + c * s * s * prec_sum
         elif rule == "released":
             # released code (SPEC §3): A multiplied by s^2, data variance instead of the
             # scatter, and q_y' = sum_l (mu_y' - mu_l)^2 in place of d_yy'^2.
             q = _spread(mu)
             a = (1.0 + tau) * s + c * (kt @ (q + s))
-            b = v + c * s ** 2 * prec_sum
+            b = v + c * s * s * prec_sum
         else:
             raise ValueError(f"rule must be 'paper' or 'released', got {rule!r}")
         # 2 dJ/ds = A - B/s^2: where A <= 0 J decreases as s grows, so send s to the upper

@@ -1,7 +1,8 @@
 """Figures of NFPI: the 2-D toy of paper Fig. 1 and solver convergence (SPEC §3, §5), and
 figures of a trained class-conditional flow (SPEC §6; paper Figs. 1-3, GLEM supplementary
 Fig. 32): training curves, t-SNE of latents, class-conditional samples
-z = m_s mu_y + T sqrt(s_y) eps, temperature sweeps and rescaled interpolations.
+z = m_s mu_y + T sqrt(s_y) eps, temperature sweeps and rescaled interpolations; NF
+augmentation (paper Fig. 2) and the augmentation comparison (paper Tables 5-6).
 
 Every function returns the matplotlib Figure and, given ``path``, also saves it there (PNG,
 parent directories created). Images are float tensors (N, C, H, W) in [-1, 1], shown after
@@ -21,11 +22,12 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from . import data
+from .augment import NFAugmenter
 from .fpi import FPIResult
 from .priors import ClassGaussians, interpolate
 
-__all__ = ["class_samples", "image_grid", "interpolations", "latent_tsne", "solver_curves",
-           "temperature_sweep", "toy_panels", "training_curves"]
+__all__ = ["augmentation_bars", "class_samples", "image_grid", "interpolations", "latent_tsne", "nfa_grid",
+           "solver_curves", "temperature_sweep", "toy_panels", "training_curves"]
 
 PathLike = str | os.PathLike[str] | None
 
@@ -234,9 +236,6 @@ def interpolations(model: nn.Module, prior: ClassGaussians, arrays: data.ImageAr
                       title="rescaled interpolation between two test images (ends: the images)", path=path)
 
 
-from .augment import NFAugmenter  # noqa: E402  (appended section: NF augmentation figures)
-
-
 def nfa_grid(augmenter: NFAugmenter, arrays: data.ImageArrays, bits: int, classes: Sequence[int] | None = None,
              per_class: int = 1, variants: int = 3, seed: int = 0, path: PathLike = None) -> Figure:
     """Paper Fig. 2 / GLEM supplementary Figs. 6-12: per row an original image (left) and
@@ -261,7 +260,6 @@ def nfa_grid(augmenter: NFAugmenter, arrays: data.ImageArrays, bits: int, classe
                       path=path)
 
 
-__all__ += ["nfa_grid"]
 
 
 def augmentation_bars(results: pd.DataFrame, metrics: Sequence[str] = ("top1", "top5"),
@@ -288,61 +286,3 @@ def augmentation_bars(results: pd.DataFrame, metrics: Sequence[str] = ("top1", "
     return _finish(fig, path)
 
 
-__all__ += ["augmentation_bars"]
-
-
-def metric_grid(table: pd.DataFrame, x: str, metrics: Sequence[str], row: str | None = None,
-                hue: str | None = None, kind: str = "line", logx: bool = False,
-                names: Mapping[str, str] | None = None, path: PathLike = None) -> Figure:
-    """Result tables as seaborn panels (NFPI Tables 1-3, GLEM Tables 1-7): one column per metric
-    (each with its own y axis), one row per value of ``row`` (e.g. ours / paper), the metric
-    against ``x`` as lines (``kind="line"``, e.g. lambda or temperature) or per ``x`` as bars
-    (``kind="bar"``, e.g. the ablation setting), coloured by ``hue``.
-
-    ``table``: one row per result with columns ``x``, ``row``, ``hue`` and the metrics
-    (missing metrics and NaN values are skipped); ``names``: display names of metrics and x.
-    ``logx``: log x axis; results at x = 0 (e.g. lambda = 0, Baseline 1) cannot sit on it and
-    are drawn as dashed horizontal lines in their hue's colour.
-    """
-    import seaborn as sns
-
-    names = dict(names or {})
-    keep = [m for m in metrics if m in table.columns and table[m].notna().any()]
-    ids = list(dict.fromkeys(c for c in (x, row, hue) if c))
-    long = table.melt(id_vars=ids, value_vars=keep, var_name="metric", value_name="value").dropna(subset=["value"])
-    long["metric"] = long["metric"].map(lambda m: names.get(m, m))
-    order = [names.get(m, m) for m in keep]
-    hues = list(dict.fromkeys(long[hue])) if hue else [None]
-    palette = dict(zip(hues, sns.color_palette(n_colors=len(hues)))) if hue else None
-    at_zero = long[long[x] == 0] if logx else long.iloc[:0]
-    shown = long[long[x] > 0] if logx else long
-    common = dict(data=shown, x=x, y="value", col="metric", col_order=order, row=row, hue=hue, height=2.6,
-                  col_wrap=None if row else min(3, len(order)))
-    if kind == "line":
-        grid = sns.relplot(kind="line", marker="o", aspect=1.1, palette=palette,
-                           facet_kws={"sharey": False, "sharex": False}, **common)
-    elif kind == "bar":
-        grid = sns.catplot(kind="bar", sharey=False, sharex=False, aspect=0.9 + 0.08 * long[x].nunique(),
-                           palette=palette, **common)
-        for ax in grid.axes.flat:
-            ax.tick_params(axis="x", labelrotation=60)
-            for label in ax.get_xticklabels():
-                label.set_horizontalalignment("right")
-    else:
-        raise ValueError(f"kind must be 'line' or 'bar', got {kind!r}")
-    for key, ax in grid.axes_dict.items():
-        row_name, col_name = key if row else (None, key)
-        if logx:
-            ax.set_xscale("log")
-        here = at_zero[(at_zero["metric"] == col_name) & ((at_zero[row] == row_name) if row else True)]
-        for _, point in here.iterrows():
-            ax.axhline(point["value"], ls="--", lw=1, color=palette[point[hue]] if hue else "C0",
-                       label=f"{names.get(x, x)} = 0")
-        ax.grid(alpha=0.3)
-    grid.set_titles(row_template="{row_name}", col_template="{col_name}")
-    grid.set_ylabels("")
-    grid.set_xlabels(names.get(x, x))
-    return _finish(grid.figure, path)
-
-
-__all__ += ["metric_grid"]
