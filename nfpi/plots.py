@@ -49,24 +49,31 @@ def _ellipse(ax, mean: np.ndarray, cov: np.ndarray, colour, n_std: float = 2.0) 
     ax.plot(*mean, marker="x", color=colour, ms=6)
 
 
-def toy_panels(z: Tensor, y: Tensor, fits: Mapping[str, FPIResult], seed: int = 0,
-               path: PathLike = None) -> Figure:
-    """Paper Fig. 1 in 2-D: the points z (N, 2) coloured by class y (N,), then one panel per
-    fit with its class Gaussians drawn as 2-sigma ellipses over the points. ``seed`` fixes
-    the (random) drawing order of the points."""
-    order = np.random.default_rng(seed).permutation(len(z))
-    zn, yn = z.double().numpy()[order], y.numpy()[order]
+def toy_panels(z: Tensor, y: Tensor, fits: Mapping[str, FPIResult], samples_per_class: int = 150,
+               seed: int = 0, path: PathLike = None) -> Figure:
+    """Paper Fig. 1 in 2-D: (a) the points z (N, 2) coloured by class y (N,), then one panel
+    per fit (title -> result with means (K, 2), covariances (K, 2, 2)) showing
+    ``samples_per_class`` samples of each class Gaussian and its 2-sigma ellipse. Panels share
+    their limits so the shrinkage and repulsion are comparable; ``seed`` fixes the samples."""
     cmap = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 1 + len(fits), figsize=(4.2 * (1 + len(fits)), 4.2), squeeze=False)
-    for i, ax in enumerate(axes[0]):
-        ax.scatter(zn[:, 0], zn[:, 1], s=3, c=[cmap(int(k) % 10) for k in yn], alpha=0.35 if i else 0.8)
+    fig, axes = plt.subplots(1, 1 + len(fits), figsize=(4.2 * (1 + len(fits)), 4.2), squeeze=False,
+                             sharex=True, sharey=True)
+    axes = axes[0]
+    axes[0].scatter(*z.double().numpy().T, s=3, c=[cmap(int(k) % 10) for k in y], alpha=0.8)
+    axes[0].set_title("(a) data")
+    gen = torch.Generator().manual_seed(seed)
+    for j, (ax, (label, res)) in enumerate(zip(axes[1:], fits.items())):
+        for k in range(res.means.shape[0]):
+            mean, cov = res.means[k].double(), res.variances[k].double()
+            eps = torch.randn(samples_per_class, 2, generator=gen, dtype=torch.float64)
+            pts = mean + eps @ torch.linalg.cholesky(cov).T
+            ax.scatter(*pts.numpy().T, s=3, color=cmap(k % 10), alpha=0.5)
+            _ellipse(ax, mean.numpy(), cov.numpy(), cmap(k % 10))
+        ax.set_title(f"({chr(ord('b') + j)}) {label}")
+    for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    axes[0, 0].set_title("(a) data")
-    for j, (ax, (label, res)) in enumerate(zip(axes[0, 1:], fits.items())):
-        for k in range(res.means.shape[0]):
-            _ellipse(ax, res.means[k].double().numpy(), res.variances[k].double().numpy(), cmap(k % 10))
-        ax.set_title(f"({chr(ord('b') + j)}) {label}")
+        ax.set_aspect("equal")
     fig.tight_layout()
     return _finish(fig, path)
 
