@@ -293,3 +293,58 @@ def augmentation_bars(results: pd.DataFrame, metrics: Sequence[str] = ("top1", "
     return _finish(fig, path)
 
 
+
+
+def metric_grid(table: pd.DataFrame, x: str, metrics: Sequence[str], row: str | None = None,
+                hue: str | None = None, kind: str = "line", logx: bool = False,
+                names: Mapping[str, str] | None = None, path: PathLike = None) -> Figure:
+    """Result tables as seaborn panels (NFPI Tables 1-3, GLEM Tables 1-7): one column per metric
+    (each with its own y axis), one row per value of ``row`` (e.g. ours / paper), the metric
+    against ``x`` as lines (``kind="line"``, e.g. lambda or temperature) or per ``x`` as bars
+    (``kind="bar"``, horizontal bars, e.g. per ablation setting), coloured by ``hue``.
+
+    ``table``: one row per result with columns ``x``, ``row``, ``hue`` and the metrics
+    (missing metrics and NaN values are skipped); ``names``: display names of metrics and x.
+    ``logx``: log x axis; results at x = 0 (e.g. lambda = 0, Baseline 1) cannot sit on it and
+    are drawn as dashed horizontal lines in their hue's colour.
+    """
+    import seaborn as sns
+
+    names = dict(names or {})
+    keep = [m for m in metrics if m in table.columns and table[m].notna().any()]
+    ids = list(dict.fromkeys(c for c in (x, row, hue) if c))
+    long = table.melt(id_vars=ids, value_vars=keep, var_name="metric", value_name="value").dropna(subset=["value"])
+    long["metric"] = long["metric"].map(lambda m: names.get(m, m))
+    order = [names.get(m, m) for m in keep]
+    hues = list(dict.fromkeys(long[hue])) if hue else [None]
+    palette = dict(zip(hues, sns.color_palette(n_colors=len(hues)))) if hue else None
+    at_zero = long[long[x] == 0] if logx else long.iloc[:0]
+    shown = long[long[x] > 0] if logx else long
+    common = dict(data=shown, x=x, y="value", col="metric", col_order=order, row=row, hue=hue, height=2.6,
+                  col_wrap=None if row or kind == "bar" else min(3, len(order)))
+    if kind == "line":
+        grid = sns.relplot(kind="line", marker="o", aspect=1.1, palette=palette,
+                           facet_kws={"sharey": False, "sharex": False}, **common)
+    elif kind == "bar":
+        # Horizontal bars: long setting names stay readable; one category axis for all panels.
+        common.update(x="value", y=x, height=0.25 * long[x].nunique() + 1.0)
+        grid = sns.catplot(kind="bar", sharex=False, sharey=True, aspect=3.0 / (0.25 * long[x].nunique() + 1.0),
+                           palette=palette, **common)
+    else:
+        raise ValueError(f"kind must be 'line' or 'bar', got {kind!r}")
+    for key, ax in grid.axes_dict.items():
+        row_name, col_name = key if row else (None, key)
+        if logx:
+            ax.set_xscale("log")
+        here = at_zero[(at_zero["metric"] == col_name) & ((at_zero[row] == row_name) if row else True)]
+        for _, point in here.iterrows():
+            ax.axhline(point["value"], ls="--", lw=1, color=palette[point[hue]] if hue else "C0",
+                       label=f"{names.get(x, x)} = 0")
+        ax.grid(alpha=0.3)
+    grid.set_titles(row_template="{row_name}", col_template="{col_name}")
+    grid.set_ylabels("")
+    grid.set_xlabels("" if kind == "bar" else names.get(x, x))
+    return _finish(grid.figure, path)
+
+
+__all__ += ["metric_grid"]

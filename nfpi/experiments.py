@@ -1,0 +1,491 @@
+"""Result rows of trained flows: the numbers of NFPI Tables 1-3 and GLEM Tables 1-7
+(SPEC §6-§8; GLEM §5, supplementary §3.3).
+
+:func:`evaluate_run` turns one checkpoint of :func:`nfpi.train.train` into ONE tidy row
+(a flat dict) holding the run's config (dotted keys: ``gaussians.lam``, ...), the evaluation
+settings (``eval.*``) and the metrics:
+
+* ``nf_top1`` / ``nf_top5``, ``bpd``: NF accuracy and test bits/dim (SPEC §6; EMA weights,
+  deterministic dequantisation), through :func:`nfpi.train.evaluate`;
+* ``lam`` / ``lam_normalised``: the un-normalised lambda of the last solve and
+  lambda / (K (K - 1)) (SPEC §2: the paper quotes the first, the solver uses the second);
+  ``solves``, ``solve_iterations``, ``solve_converged``, ``solve_bounds_active``: how many
+  times the Gaussians were fitted, and the last solver's report (SPEC §3);
+* ``cnn_top1`` / ``cnn_top5``: CNN-Acc (SPEC §7), a ResNet-18 trained only on
+  ``samples_per_class`` images per class sampled at ``temperature`` and ``mean_scale``
+  (z = m_s mu_y + T sqrt(s_y) eps), tested on the real test set;
+* ``fid``, ``precision``, ``recall``, ``density``, ``coverage``, ``label_reliability``: the
+  GLEM proxy metrics on the oracle's 512-d (8 x width) features (SPEC §7, GLEM supplementary
+  §3.3; not comparable with Inception FIDs), generated images against the real test set;
+  precision, recall, coverage and label reliability in percent, as GLEM reports them;
+* GLEM options (:mod:`nfpi.glem`): ``covariance="rfcm"`` re-estimates full class covariances
+  of the training latents and uses them to classify and sample (GLEM Table 5); a checkpoint
+  trained with class codes (CE / CEGLEM) is sampled with its codes cropped off, the label of
+  an unconditional CE sample is decoded from its code, and ``code_agreement`` is the percent
+  of CEGLEM samples whose code names their conditioning class.
+
+Generated images are quantised to the flow's bit depth (bin centres), like the real images
+the oracle and the CNN see. Samples whose decoding is not finite are dropped and counted
+(``nonfinite``). Metrics that a setting cannot produce are NaN (e.g. NF accuracy of the
+monomodal CE flow).
+
+:func:`append_row` keeps a CSV with one row per (``run``, ``eval``) key, rewritten atomically;
+a row with the same key replaces the old one. :func:`run_grid` trains (through
+:func:`nfpi.train.train`, which resumes and reuses finished runs) and evaluates only the
+(run, evaluation) pairs whose row is missing or was computed from another configuration
+(``config_hash``). :func:`paper_table` holds the papers' numbers for side-by-side tables.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from . import data
+from .classifiers import ClassifierConfig, load_or_train_oracle
+from .glem import ClassCodes, FullGaussians
+from .metrics import cnn_accuracy, generated_metrics
+from .priors import ClassGaussians
+from .train import RESUME_FREE, TrainConfig, _atomic_write, encode, evaluate, load_checkpoint, load_data, train
+
+__all__ = ["KEY", "EvalConfig", "Oracle", "append_row", "check_compatible", "config_hash", "evaluate_run",
+           "generate", "load_oracle", "paper_table", "read_rows", "rfcm", "run_grid"]
+
+KEY = ("run", "eval")
+# Config keys that do not change what a run computes (``epochs`` does: a longer run is another result).
+_NOT_HASHED = tuple(k for k in RESUME_FREE if k != "epochs")
+_EVAL_NOT_HASHED = ("batch_size", "threads")
+Prior = ClassGaussians | FullGaussians
+
+
+# ----------------------------------------------------------------------------------- settings
+@dataclass
+class EvalConfig:
+    """What :func:`evaluate_run` measures and how.
+
+    ``samples_per_class``: generated images per class for CNN-Acc and the proxy metrics;
+    ``temperature`` T and ``mean_scale`` m_s of the sampler; ``covariance``: "diag" (the
+    trained Gaussians) or "rfcm" (re-estimated full covariances, ``rfcm_rank`` None = exact,
+    r = low rank + diagonal); ``cnn`` / ``generated``: compute CNN-Acc / FID, PRDC and Label
+    Reliability (both need an oracle); ``k``: neighbours of PRDC; ``classifier``: the CNN-Acc
+    recipe (default: GLEM §5.1, 30 epochs, width 64; its ``seed`` fixes the CNN's
+    initialisation and batches); ``seed``: of the samples;
+    ``threads``: CPU threads while evaluating (None: torch's default; results are bit-repeatable
+    for a fixed count).
+    """
+
+    samples_per_class: int = 100
+    temperature: float = 1.0
+    mean_scale: float = 1.0
+    covariance: str = "diag"
+    rfcm_rank: int | None = None
+    cnn: bool = True
+    generated: bool = True
+    k: int = 5
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    seed: int = 0
+    batch_size: int = 500
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if self.covariance not in ("diag", "rfcm"):
+            raise ValueError(f"covariance must be 'diag' or 'rfcm', got {self.covariance!r}")
+        if self.samples_per_class < 1:
+            raise ValueError(f"samples_per_class must be >= 1, got {self.samples_per_class}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.k < 1:
+            raise ValueError(f"k (nearest neighbours) must be >= 1, got {self.k}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
+
+    @classmethod
+    def paper(cls, dataset: str, **overrides: Any) -> "EvalConfig":
+        """The papers' protocol: as many samples as real training images (GLEM Table 4 "1x":
+        5,000 per class on CIFAR-10, 500 on CIFAR-100), CNN-Acc ResNet-18 of GLEM §5.1 with
+        30 (CIFAR-10) / 50 (CIFAR-100) epochs, flips only for natural images."""
+        per_class = {"cifar10": 5000, "cifar100": 500, "mnist": 6000, "digits": 144}[dataset]
+        epochs = 50 if dataset == "cifar100" else 30
+        clf = ClassifierConfig(epochs=epochs, flip=data.DATASETS[dataset].flip)
+        return cls(**{"samples_per_class": per_class, "classifier": clf, "threads": None, **overrides})
+
+    def replace(self, **overrides: Any) -> "EvalConfig":
+        return dataclasses.replace(self, **overrides)
+
+    def tag(self) -> str:
+        """The ``eval`` part of a row's key: the sampling settings ("nf" without samples)."""
+        if not (self.cnn or self.generated):
+            return "nf" if self.covariance == "diag" else f"nf,{self._cov()}"
+        parts = [f"n={self.samples_per_class}", f"T={self.temperature:g}", f"ms={self.mean_scale:g}", self._cov()]
+        parts += (["cnn"] if self.cnn else []) + (["gen"] if self.generated else [])
+        if (self.seed, self.classifier.seed) != (0, 0):
+            parts.append(f"seed={self.seed}/{self.classifier.seed}")
+        return ",".join(parts)
+
+    def _cov(self) -> str:
+        return "diag" if self.covariance == "diag" else f"rfcm{'' if self.rfcm_rank is None else self.rfcm_rank}"
+
+    def flat(self) -> dict[str, Any]:
+        """``eval.<field>`` columns, the classifier as ``eval.classifier.<field>``."""
+        out = {f"eval.{k}": v for k, v in dataclasses.asdict(self).items() if k != "classifier"}
+        out.update({f"eval.classifier.{k}": v for k, v in dataclasses.asdict(self.classifier).items()})
+        return out
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> flat dict with dotted keys (``gaussians.lam``)."""
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_hash(cfg: TrainConfig, ev: EvalConfig) -> str:
+    """Digest of everything that changes a row's numbers (not devices, threads, batch sizes)."""
+    train_part = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_HASHED}
+    eval_part = {k: v for k, v in ev.flat().items()
+                 if k.removeprefix("eval.") not in _EVAL_NOT_HASHED and k != "eval.classifier.device"}
+    text = json.dumps({"train": train_part, "eval": eval_part}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------- oracle
+@dataclass
+class Oracle:
+    """The oracle ResNet-18 of SPEC §7 with the real test images it judges against.
+
+    ``test_x`` (N, C, H, W) are the real test images at ``bits`` bits (bin centres, padded
+    like the flow's), ``test_y`` (N,) their labels; the CNN-Acc test set as well.
+    """
+
+    model: nn.Module
+    dataset: str
+    bits: int
+    pad: int
+    classes: tuple[str, ...]
+    test_x: Tensor
+    test_y: Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        c, h, w = self.test_x.shape[1:]
+        return (c, h, w)
+
+
+def _at_bits(x: Tensor, bits: int) -> Tensor:
+    """uint8 pixels (N, C, H, W) -> floats in [-1, 1] at the centres of their ``bits``-bit bins."""
+    return data.dequantize(data.quantize(x, bits), bits, noise=False)
+
+
+def load_oracle(cfg: TrainConfig, classifier: ClassifierConfig, path: str | os.PathLike[str],
+                progress: bool = False, threads: int | None = 1) -> Oracle:
+    """The oracle for the real data of ``cfg`` (dataset, bits, pad, class-balanced subsets),
+    trained on its training images once and cached at ``path``
+    (:func:`nfpi.classifiers.load_or_train_oracle`; a cache made for other data is an error).
+    Class codes of ``cfg`` are ignored: the oracle sees real images only."""
+    real = cfg.replace(**{"codes.rows": 0})
+    train_set, test_set = load_data(real)
+    meta = {"dataset": cfg.dataset, "bits": cfg.bits, "pad": cfg.pad, "per_class": cfg.per_class,
+            "test_per_class": cfg.test_per_class, "subset_seed": cfg.seed}
+    with _threads(threads):
+        model = load_or_train_oracle(_at_bits(train_set.x, cfg.bits), train_set.y, train_set.num_classes,
+                                     classifier, path, meta, progress=progress)
+    return Oracle(model, cfg.dataset, cfg.bits, cfg.pad, test_set.classes, _at_bits(test_set.x, cfg.bits),
+                  test_set.y)
+
+
+def check_compatible(cfg: TrainConfig, oracle: Oracle) -> None:
+    """Raise ValueError unless a flow of ``cfg`` generates what ``oracle`` can judge."""
+    c, h, w = data.DATASETS[cfg.dataset].shape
+    flow = {"dataset": cfg.dataset, "number of classes": data.DATASETS[cfg.dataset].num_classes,
+            "bits": cfg.bits, "image shape": (c, h + 2 * cfg.pad, w + 2 * cfg.pad)}
+    judge = {"dataset": oracle.dataset, "number of classes": oracle.num_classes, "bits": oracle.bits,
+             "image shape": oracle.shape}
+    diff = [f"{k}: flow {flow[k]!r}, oracle/test set {judge[k]!r}" for k in flow if flow[k] != judge[k]]
+    if diff:
+        raise ValueError("the checkpoint and the oracle/test set do not match (" + "; ".join(diff) + "). "
+                         "Build the oracle with load_oracle(<the run's TrainConfig>, ...) and its own cache path.")
+
+
+def _check_counts(ev: EvalConfig, num_classes: int, oracle: Oracle) -> None:
+    """Fail before sampling when FID / Coverage cannot be computed from the sample sizes."""
+    if not ev.generated:
+        return
+    n_gen, n_real = ev.samples_per_class * num_classes, oracle.test_x.shape[0]
+    need = max(2, ev.k + 1)
+    if n_gen < need or n_real < need:
+        raise ValueError(f"too few samples for FID / Coverage with k={ev.k}: {n_gen} generated "
+                         f"({ev.samples_per_class} per class x {num_classes} classes) and {n_real} real test "
+                         f"images; both need at least {need}. Raise samples_per_class or lower k.")
+
+
+# ----------------------------------------------------------------------------------- sampling
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``n`` for the block (None: unchanged), then restored."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prior: Prior, y: Tensor, bits: int, temperature: float = 1.0,
+             mean_scale: float = 1.0, seed: int = 0, batch_size: int = 500) -> tuple[Tensor, Tensor, int]:
+    """Images x = f^-1(z), z ~ the class-y Gaussian at temperature and mean scale, for labels y (N,).
+
+    Returns the images (M, C, H, W) at ``bits`` bits (bin centres), their labels (M,) and the
+    number N - M of samples dropped because their decoding was not finite.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=prior.means.device).manual_seed(seed)
+    images, labels, dropped = [], [], 0
+    for chunk in y.split(batch_size):
+        z = prior.sample(chunk.to(prior.means.device), temperature, mean_scale, generator=gen)
+        x = model.inverse(z.to(device)).float().cpu()
+        finite = torch.isfinite(x).flatten(1).all(1)
+        dropped += int((~finite).sum())
+        images.append(_at_bits(data.to_uint8(x[finite], bits), bits))
+        labels.append(chunk[finite].cpu())
+    return torch.cat(images), torch.cat(labels), dropped
+
+
+def rfcm(model: nn.Module, arrays: data.ImageArrays, bits: int, rank: int | None = None,
+         batch_size: int = 500, noise: int | None = 0) -> FullGaussians:
+    """GLEM's RFCM: means and full covariances re-estimated from the latents of ``arrays``
+    (one class at a time; ``noise``: seed of the training dequantisation noise, so that pixels
+    constant within a class do not give zero-variance directions)."""
+    return FullGaussians.fit(
+        encode(model, arrays.subset((arrays.y == c).nonzero().flatten()), bits, batch_size, noise=noise)[0]
+        for c in range(arrays.num_classes))
+
+
+def _solve_info(run_dir: Path) -> dict[str, Any]:
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    solves = summary.get("solves") or []
+    last = solves[-1] if solves else {}
+    # Counts as floats (NaN without a solve): a CSV column then reads back as float whatever
+    # rows it holds, so printed tables do not depend on which rows exist yet.
+    return {"lam": float(last.get("lam", 0.0)) if last.get("kind") in ("fpi", "gd") else 0.0,
+            "lam_normalised": float(last.get("lam_normalised", 0.0)), "solves": len(solves),
+            "solve_iterations": float(last.get("iterations", math.nan)), "solve_converged": last.get("converged"),
+            "solve_bounds_active": float(last.get("bounds_active", math.nan))}
+
+
+# ----------------------------------------------------------------------------------- one row
+def evaluate_run(run_dir: str | os.PathLike[str], ev: EvalConfig | None = None, oracle: Oracle | None = None,
+                 name: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """One result row for the finished run in ``run_dir`` (see the module docstring).
+
+    ``name``: the ``run`` key (default: the directory name). An ``oracle`` is needed for
+    CNN-Acc and the proxy metrics; a checkpoint of another dataset, class count, bit depth
+    or image shape than the oracle, or too few samples for FID / Coverage, is a ValueError
+    raised before any sampling.
+    """
+    ev = ev or EvalConfig()
+    run_dir = Path(run_dir)
+    start = time.perf_counter()
+    model, prior, cfg = load_checkpoint(run_dir, device=_device())
+    k = prior.num_classes
+    if (ev.cnn or ev.generated) and oracle is None:
+        raise ValueError("CNN-Acc and FID / Coverage / Label Reliability need an oracle (load_oracle(cfg, ...)); "
+                         "or set cnn=False, generated=False for NF accuracy and bits/dim only")
+    if oracle is not None:
+        check_compatible(cfg, oracle)
+        _check_counts(ev, k, oracle)
+    standard = cfg.gaussians.prior == "standard"
+    row: dict[str, Any] = {"run": name or run_dir.name, "eval": ev.tag(), "config_hash": config_hash(cfg, ev),
+                           **_flatten(cfg.to_dict()), **ev.flat(), **_solve_info(run_dir)}
+    with _threads(ev.threads):
+        train_set, test_set = load_data(cfg)
+        if ev.covariance == "rfcm":
+            prior = rfcm(model, train_set, cfg.bits, ev.rfcm_rank, ev.batch_size).to(_device())
+        nf = evaluate(model, prior, test_set, cfg.bits, ev.batch_size)
+        row.update(nf_top1=math.nan if standard else nf["acc_top1"],
+                   nf_top5=math.nan if standard else nf["acc_top5"], bpd=nf["test_bpd"])
+        if ev.cnn or ev.generated:
+            row.update(_generated_row(model, prior, cfg, ev, oracle, progress))
+    epochs = pd.read_csv(run_dir / "metrics.csv")
+    row.update(train_seconds=float(epochs["time"].sum()), eval_seconds=time.perf_counter() - start)
+    return row
+
+
+def _generated_row(model: nn.Module, prior: Prior, cfg: TrainConfig, ev: EvalConfig, oracle: Oracle,
+                   progress: bool) -> dict[str, Any]:
+    k = prior.num_classes
+    wanted = torch.arange(k).repeat_interleave(ev.samples_per_class)
+    x, y, dropped = generate(model, prior, wanted, cfg.bits, ev.temperature, ev.mean_scale, ev.seed, ev.batch_size)
+    out: dict[str, Any] = {"n_generated": len(y), "nonfinite": dropped, "code_agreement": math.nan}
+    if cfg.codes.rows:
+        codes = ClassCodes.for_config(cfg.codes, k, x.shape[1], x.shape[3])
+        decoded = codes.decode(x)
+        x = codes.split(x)[0]
+        if cfg.gaussians.prior == "standard":  # CE: unconditional samples, labelled by their code
+            y = decoded
+        else:
+            out["code_agreement"] = 100.0 * float((decoded == y).double().mean())
+    if ev.cnn:
+        acc = cnn_accuracy(x, y, oracle.test_x, oracle.test_y, k, ev.classifier, progress=progress)
+        out.update(cnn_top1=acc["top1"], cnn_top5=acc["top5"])
+    if ev.generated:
+        scores = generated_metrics(oracle.model, oracle.test_x, x, y, ev.k, ev.batch_size, progress=progress)
+        # Percent, as GLEM reports Coverage; density is a ratio without a percent scale.
+        out.update({m: 100.0 * v if m in ("precision", "recall", "coverage") else v for m, v in scores.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------- CSV
+def read_rows(csv_path: str | os.PathLike[str]) -> pd.DataFrame:
+    """The results table at ``csv_path`` (empty when the file does not exist)."""
+    path = Path(csv_path)
+    if not path.exists():
+        return pd.DataFrame(columns=list(KEY))
+    table = pd.read_csv(path)
+    missing = [k for k in KEY if k not in table.columns]
+    if missing:
+        raise ValueError(f"{path} is not a results table of nfpi.experiments (no column {missing}); "
+                         "use another path")
+    return table.astype({k: str for k in KEY})
+
+
+def append_row(csv_path: str | os.PathLike[str], row: Mapping[str, Any]) -> pd.DataFrame:
+    """Add ``row`` to the CSV, replacing a row with the same (``run``, ``eval``) key; the file is
+    rewritten atomically (a crash never leaves half a table). Returns the new table."""
+    missing = [k for k in KEY if k not in row]
+    if missing:
+        raise ValueError(f"a result row needs the key columns {list(KEY)}; missing {missing}")
+    path = Path(csv_path)
+    table = read_rows(path)
+    same = (table["run"] == str(row["run"])) & (table["eval"] == str(row["eval"]))
+    fresh = pd.DataFrame([{k: v for k, v in row.items()}]).astype({k: str for k in KEY})
+    parts = [t for t in (table[~same], fresh) if not t.empty]
+    table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else fresh
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    table.to_csv(buffer, index=False)
+    _atomic_write(path, buffer.getvalue().encode())
+    return table
+
+
+def _row(table: pd.DataFrame, name: str, tag: str) -> pd.Series | None:
+    hit = table[(table["run"] == name) & (table["eval"] == tag)]
+    return None if hit.empty else hit.iloc[-1]
+
+
+def run_grid(grid: Mapping[str, Mapping[str, Any]], base_cfg: TrainConfig, runs_dir: str | os.PathLike[str],
+             results_csv: str | os.PathLike[str], oracle: Oracle | None = None,
+             evals: EvalConfig | Sequence[EvalConfig] = (EvalConfig(),), progress: bool = False) -> pd.DataFrame:
+    """Train and evaluate every run of ``grid`` (name -> config overrides of ``base_cfg``, dotted
+    keys) under every evaluation of ``evals``; return their rows in grid order.
+
+    A (run, evaluation) whose row is in ``results_csv`` with the same ``config_hash`` is reused
+    as is. Otherwise the run is trained or resumed in ``runs_dir / name`` (a finished
+    checkpoint costs nothing) and evaluated, and its row is appended to the CSV at once, so an
+    interrupted grid continues where it stopped.
+    """
+    evals = [evals] if isinstance(evals, EvalConfig) else list(evals)
+    if not evals:
+        raise ValueError("evals is empty: give at least one EvalConfig")
+    table = read_rows(results_csv)
+    keys = []
+    for name, overrides in grid.items():
+        cfg = base_cfg.replace(**overrides)
+        todo = []
+        for ev in evals:
+            keys.append((name, ev.tag()))
+            done = _row(table, name, ev.tag())
+            if done is None or done.get("config_hash") != config_hash(cfg, ev):
+                todo.append(ev)
+        if todo:
+            train(cfg, Path(runs_dir) / name, progress=progress)
+        for ev in todo:
+            table = append_row(results_csv, evaluate_run(Path(runs_dir) / name, ev, oracle, name, progress))
+    table = read_rows(results_csv)  # as stored, so that fresh and reused rows have the same types
+    return pd.DataFrame([_row(table, *key) for key in keys]).reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------- papers
+_PAPER: dict[str, tuple[list[str], list[list[Any]]]] = {
+    # NFPI Table 1: NF-Acc (%), gradient-descent baselines with lr policies vs FPI.
+    "nfpi_table1": (["setting", "cifar10_nf_top1", "cifar100_nf_top1"], [
+        ["data init (Baseline 1)", 77.31, 39.16], ["GD sublinear_v1", 92.34, 68.28],
+        ["GD sublinear_v2", 91.94, 60.68], ["GD linear", 93.1, 60.58], ["GD superlinear_v1", 92.41, 57.21],
+        ["GD superlinear_v2", 93.25, 58.56], ["FPI", 93.63, 71.65]]),
+    # NFPI Table 2: lambda sweep on CIFAR-100.
+    "nfpi_table2": (["lam", "nf_top1", "cnn_top1"], [
+        [10, 39.48, 31.37], [50, 63.58, 44.57], [100, 66.87, 46.38], [200, 69.29, 43.72],
+        [300, 70.42, 42.65], [500, 70.08, 37.27]]),
+    # NFPI Table 3: what the KLD term learns (NF-A / CNN-A, %).
+    "nfpi_table3": (["setting", "cifar10_nf_top1", "cifar10_cnn_top1", "cifar100_nf_top1", "cifar100_cnn_top1"], [
+        ["data init (lambda=0)", 77.31, 62.1, 39.16, 23.03], ["means only", 93.2, 74.76, 71.65, 37.02],
+        ["variances only", 88.75, 61.94, 57.76, 30.58], ["both", 93.63, 73.03, 70.42, 42.65]]),
+    # GLEM Table 1: CE / GLEM baselines (NF-A, CNN-A; NaN: not applicable).
+    "glem_table1": (["setting", "cifar10_nf_top1", "cifar10_cnn_top1", "cifar100_nf_top1", "cifar100_cnn_top1"], [
+        ["CE (Baseline 1)", math.nan, 75.54, math.nan, 37.40],
+        ["GLEM lambda=0 (Baseline 2)", 57.83, 60.17, 19.12, 26.7],
+        ["CEGLEM (Baseline 3)", 12.82, 76.03, 2.04, 38.85], ["GLEM", 92.02, 77.39, 67.67, 45.22]]),
+    # GLEM Table 2: CIFAR-100 with the proxy metrics.
+    "glem_table2": (["setting", "nf_top1", "cnn_top1", "fid", "coverage", "label_reliability"], [
+        ["CE", math.nan, 37.40, 37.62, 17.70, 12.58], ["GLEM lambda=0", 19.12, 26.7, 25.68, 19.77, 9.65],
+        ["CEGLEM lambda0=3", 2.23, 39.40, 27.34, 17.83, 16.38], ["CEGLEM lambda0=10", 2.04, 38.85, 26.38, 17.97, 16.25],
+        ["GLEM lambda0=3", 63.40, 45.95, 19.96, 25.93, 38.36], ["GLEM lambda0=10", 67.67, 45.22, 26.33, 19.15, 32.51]]),
+    # GLEM Table 3: lambda_0 sweep on CIFAR-100 (coverage and label reliability in %, bpd at 5 bits).
+    "glem_table3": (["lam", "nf_top1", "cnn_top1", "fid", "coverage", "label_reliability", "bpd"], [
+        [1, 26.45, 30.95, 21.54, 23.86, 21.04, 1.64], [3, 63.40, 45.95, 19.96, 25.93, 38.36, 1.74],
+        [5, 66.53, 47.21, 23.71, 22.0, 35.39, 1.87], [10, 67.67, 45.22, 26.33, 19.14, 32.52, 2.07],
+        [15, 68.23, 43.51, 31.36, 16.17, 30.10, 2.19], [20, 67.39, 42.85, 35.83, 14.35, 24.66, 2.25]]),
+    # GLEM Table 5: sampling temperature and RFCM on CIFAR-100 (temperature NaN: RFCM).
+    "glem_table5": (["temperature", "cnn_top1", "fid", "coverage", "label_reliability"], [
+        [1.2, 42.99, 30.15, 16.13, 26.82], [1.1, 43.63, 28.17, 17.21, 28.92], [1.0, 44.64, 26.90, 18.47, 30.86],
+        [0.9, 45.22, 26.33, 19.15, 32.51], [0.8, 44.99, 26.45, 19.33, 33.67], [0.7, 44.17, 27.21, 19.19, 34.69],
+        [math.nan, 49.74, 25.55, 22.47, 33.56]]),
+    # GLEM Table 6: ablation on CIFAR-100 (KLD, sigmoid reparametrisation, RFCM).
+    "glem_table6": (["setting", "nf_top1", "cnn_top1", "fid", "coverage", "label_reliability"], [
+        ["no KLD / Rep / RFCM", 19.12, 26.7, 25.68, 19.78, 9.66], ["KLD lambda0=10", 38.21, 27.87, 22.96, 21.96, 24.59],
+        ["KLD lambda0=10 + Rep", 67.67, 45.22, 26.33, 19.15, 32.51],
+        ["KLD lambda0=3 + Rep", 63.40, 45.95, 19.96, 25.93, 38.36],
+        ["KLD lambda0=10 + Rep + RFCM", 67.50, 49.74, 25.55, 22.47, 33.56]]),
+    # GLEM Table 7: which Gaussian parameters are learned (CIFAR-100, lambda0=10). The random
+    # init row is unreadable in the available text and left out.
+    "glem_table7": (["setting", "nf_top1", "cnn_top1", "fid", "coverage", "label_reliability"], [
+        ["means only", 64.31, 45.29, 20.29, 25.74, 35.70], ["variances only", 66.91, 41.16, 36.02, 15.76, 30.18],
+        ["both", 66.49, 46.12, 21.43, 24.39, 36.38]]),
+}
+
+
+def paper_table(name: str) -> pd.DataFrame:
+    """A table of published numbers (CIFAR, GPU scale): one of ``nfpi_table1..3`` (NFPI Tables
+    1-3, SPEC §8) and ``glem_table1``, ``glem_table2``, ``glem_table3``, ``glem_table5``,
+    ``glem_table6``, ``glem_table7`` (GLEM; FID on oracle features, Coverage and Label
+    Reliability in %)."""
+    if name not in _PAPER:
+        raise ValueError(f"unknown paper table {name!r}; choose one of {sorted(_PAPER)}")
+    columns, rows = _PAPER[name]
+    return pd.DataFrame(rows, columns=columns)

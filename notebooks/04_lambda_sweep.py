@@ -1,0 +1,156 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 04 — The lambda sweep: discrimination against generation
+#
+# NFPI Table 2 and GLEM Table 3 train one flow per value of lambda, the weight of the KL
+# repulsion between the class Gaussians (SPEC §2), and measure both sides of the trade-off:
+#
+# * **discrimination**: NF accuracy, argmax_y log N(f(x); mu_y, s_y) on the test set;
+# * **generation**: CNN-Acc (a ResNet-18 trained only on images sampled from the flow, tested
+#   on real images), and GLEM's proxy metrics from an *oracle* ResNet-18 trained on the real
+#   data: FID and Coverage on its penultimate features (image quality and diversity) and Label
+#   Reliability (percent of samples the oracle assigns to their conditioning class);
+# * bits/dim of the test set.
+#
+# Every run follows the SPEC §4 protocol (data-init Gaussians, one solve after the first epoch,
+# then frozen). lambda = 0 is Baseline 1 (the class statistics; `gaussians.prior = "data"`).
+# `nfpi.experiments.run_grid` trains only runs that are not finished in `runs/` and evaluates
+# only rows missing from the results CSV, so re-running this notebook costs nothing.
+#
+# **CPU default**: scikit-learn's 8x8 digits, a 2-level Glow with 2 steps per level trained
+# for 4 epochs, the released variance rule of `configs/digits_cpu.yaml`; 50 samples per class
+# at T = 1; small ResNet-18s (width 8). **Paper grid** (GPUs): `config =
+# "../configs/cifar100.yaml"`, `overrides = {}`, the lambdas of the released configs around
+# 3e6 (SPEC §4; the paper's own 10..500 do not map onto them), 500 samples per class, the
+# width-64 ResNet-18s of GLEM §5.1 (see the comments in the parameters cell).
+
+# %% tags=["parameters"]
+config = "../configs/digits_cpu.yaml"        # GPU: "../configs/cifar100.yaml"
+overrides = {"epochs": 4, "model.steps": 2}  # GPU: {} (the paper's 500 epochs, 3 levels x 8 steps)
+lambdas = [10.0, 100.0, 1000.0, 10000.0, 100000.0]  # GPU: [3e5, 1e6, 3e6, 1e7, 3e7]
+samples_per_class = 50                       # GPU: 500 (as many samples as CIFAR-100 training images)
+temperature = 1.0
+mean_scale = 1.0
+cnn = {"epochs": 10, "width": 8, "batch_size": 50, "flip": False}     # GPU: {"epochs": 50, "flip": True}
+oracle = {"epochs": 8, "width": 8, "batch_size": 100, "flip": False}  # GPU: {"epochs": 30, "flip": True}
+seeds = [1, 2]          # extra sampling / CNN seeds for the spread of the generated-data metrics
+spread_runs = ["data_init", "fpi_lam1000"]
+runs = "../runs/experiments"
+results = "../results/04_lambda_sweep.csv"
+figures = "../figures"
+progress = False
+
+# %%
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from nfpi import plots
+from nfpi.classifiers import ClassifierConfig
+from nfpi.experiments import EvalConfig, load_oracle, paper_table, run_grid
+from nfpi.train import TrainConfig
+
+base = TrainConfig.from_yaml(config, **overrides)
+run_dir = Path(runs) / Path(config).stem
+evaluation = EvalConfig(samples_per_class=samples_per_class, temperature=temperature, mean_scale=mean_scale,
+                        classifier=ClassifierConfig(**cnn))
+grid = {"data_init": {"gaussians.prior": "data"},
+        **{f"fpi_lam{lam:g}": {"gaussians.prior": "fpi", "gaussians.lam": lam} for lam in lambdas}}
+g = base.gaussians
+print(f"{base.dataset}, {base.epochs} epochs, {base.model.levels} levels x {base.model.steps} steps; "
+      f"rule={g.rule}, learn={g.learn}, pi={g.pi}; {len(grid)} runs; evaluation {evaluation.tag()}")
+
+# %%
+start = time.perf_counter()
+judge = load_oracle(base, ClassifierConfig(**oracle), run_dir / f"oracle_{base.dataset}.pt", progress=progress)
+table = run_grid(grid, base, run_dir, results, judge, evaluation, progress=progress)
+print(f"trained and evaluated in {time.perf_counter() - start:.0f} s; rows in {results}")
+
+# %% [markdown]
+# ## Results
+#
+# lambda is un-normalised (the solver uses lambda / (K (K - 1))). Coverage and Label
+# Reliability in percent; FID on oracle features (not comparable to Inception FIDs).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+names = {"lam": "lambda", "lam_normalised": "lambda/K(K-1)", "nf_top1": "NF-Acc", "cnn_top1": "CNN-Acc",
+         "fid": "FID", "coverage": "Coverage", "label_reliability": "Label rel.", "bpd": "bits/dim"}
+ours = table.set_index("run")[list(names)].rename(columns=names)
+print(ours.round(2).to_string())
+
+# %% [markdown]
+# How much of this is noise? The generated-data metrics of two runs again with other sampling
+# and CNN seeds (the flows are not retrained): mean and standard deviation over 3 seeds.
+
+# %%
+spread = run_grid({name: grid[name] for name in spread_runs}, base, run_dir, results, judge,
+                  [evaluation] + [evaluation.replace(seed=s, classifier=ClassifierConfig(**cnn, seed=s)) for s in seeds],
+                  progress=progress)
+print(f"{len(spread)} rows after {time.perf_counter() - start:.0f} s")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+columns = ["cnn_top1", "fid", "coverage", "label_reliability"]
+print(spread.groupby("run")[columns].agg(["mean", "std"]).rename(columns=names).round(2).to_string())
+
+# %% [markdown]
+# The papers' numbers (CIFAR-100, GPU scale, 3-level flows trained for 500 epochs):
+# NFPI Table 2 (lambda un-normalised, FPI) and GLEM Table 3 (lambda_0 of the annealed
+# gradient-descent schedule; BPD at 5 bits).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print("NFPI Table 2 (CIFAR-100)")
+print(paper_table("nfpi_table2").rename(columns=names).to_string(index=False))
+print("\nGLEM Table 3 (CIFAR-100)")
+print(paper_table("glem_table3").rename(columns=names).to_string(index=False))
+
+# %% [markdown]
+# Dashed lines: lambda = 0 (Baseline 1), which a log axis cannot show.
+
+# %%
+sweep = pd.concat([table.assign(scale=f"ours: {base.dataset}", source="ours"),
+                   paper_table("nfpi_table2").assign(scale="papers: CIFAR-100", source="NFPI Table 2"),
+                   paper_table("glem_table3").assign(scale="papers: CIFAR-100", source="GLEM Table 3")],
+                  ignore_index=True)
+fig = plots.metric_grid(sweep, "lam", ["nf_top1", "cnn_top1", "fid", "coverage", "label_reliability", "bpd"],
+                        row="scale", hue="source", logx=True, names=names, path=f"{figures}/04_lambda_sweep.png")
+plt.show()
+
+# %% [markdown]
+# ## Reading
+#
+# At this scale (digits, 4 epochs, one flow per lambda, numbers repeatable bit for bit):
+#
+# * **Holds: generation peaks at an intermediate lambda.** CNN-Acc (88.3 at lambda = 1000),
+#   Coverage (87.7 at 1000) and FID (best 5.5 at 1e4) are best at intermediate lambda and
+#   degrade at 1e5, as in NFPI Table 2 (CNN-Acc peaks at lambda = 100) and GLEM Table 3.
+#   Label Reliability rises with lambda up to 1e4 (97.8 %) and falls after it, and bits/dim
+#   grows with lambda (3.7 -> 14.6), as in GLEM Table 3 (1.64 -> 2.25).
+# * **Does not hold: NF accuracy hardly moves.** It stays within 93.6-95.3 % across five
+#   decades of lambda, against 94.4 % for data init; the papers' 39 -> 70 % climb on CIFAR-100
+#   needs classes that overlap in the latent space, and digits barely do.
+# * **Small lambda is worse than lambda = 0 here.** With the released variance rule of this
+#   config, lambda -> 0 does not give data init: its fixed point has variances v^(1/3), not
+#   v (SPEC §3). lambda = 10 and 100 are worse than Baseline 1 on every generated-data metric.
+# * **CNN-Acc is noisy.** Over 3 sampling/CNN seeds, lambda = 1000 gives 81.8 +- 5.7 and data
+#   init 79.0 +- 1.1, so CNN-Acc gaps of a few points are not significant. FID, Coverage and
+#   Label Reliability vary by at most 1.5 and carry the comparison.
+# * The papers' lambdas do not map onto ours: the solver's lambda / K(K-1) and the rule differ
+#   between NFPI Table 2, GLEM (annealed lambda_0, another objective) and the released configs.
+#   Compare shapes, not positions.

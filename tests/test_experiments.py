@@ -1,0 +1,233 @@
+"""Tests of nfpi.experiments: one tidy row per run (SPEC §6-§8 metrics), the idempotent CSV,
+the reuse of finished runs and rows, and clear errors. Tiny flows and ResNets on digits."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from nfpi import experiments
+from nfpi.classifiers import ClassifierConfig
+from nfpi.experiments import (
+    EvalConfig, Oracle, append_row, evaluate_run, generate, load_oracle, paper_table, read_rows, run_grid,
+)
+from nfpi.train import TrainConfig, load_checkpoint, train
+
+TINY = {
+    "dataset": "digits", "bits": 5, "per_class": 40, "epochs": 1, "batch_size": 100,
+    "eval_batch_size": 200, "init_images": 200, "seed": 2, "threads": 1,
+    "model": {"levels": 2, "steps": 1, "hidden": 8},
+    "optim": {"warmup": 5, "ema": 0.9},
+    "gaussians": {"prior": "fpi", "lam": 40.0},
+}
+CNN = ClassifierConfig(epochs=1, width=4, batch_size=20, flip=False, device="cpu")
+EVAL = EvalConfig(samples_per_class=4, k=3, classifier=CNN)
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One intra-op thread: these tiny tensors gain nothing from threads, and on a busy shared
+    CPU OpenMP spin-waiting makes them many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def base() -> TrainConfig:
+    return TrainConfig.from_dict(TINY)
+
+
+@pytest.fixture(scope="module")
+def oracle(base, tmp_path_factory) -> Oracle:
+    return load_oracle(base, CNN, tmp_path_factory.mktemp("oracle") / "oracle.pt")
+
+
+@pytest.fixture(scope="module")
+def run(base, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "fpi"
+    train(base, run_dir, progress=False)
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------- one row
+def test_row_holds_config_settings_and_metrics(run, oracle, base):
+    row = evaluate_run(run, EVAL, oracle, name="fpi")
+    assert (row["run"], row["eval"]) == ("fpi", "n=4,T=1,ms=1,diag,cnn,gen")
+    assert row["gaussians.lam"] == 40.0 and row["model.hidden"] == 8 and row["eval.temperature"] == 1.0
+    assert row["eval.classifier.epochs"] == 1
+    assert row["lam"] == 40.0 and math.isclose(row["lam_normalised"], 40.0 / 90)
+    # NF accuracy and bits/dim are those training reported (same EMA model, same test set).
+    final = pd.read_csv(run / "metrics.csv").iloc[-1]
+    assert math.isclose(row["nf_top1"], final["acc_top1"]) and math.isclose(row["bpd"], final["test_bpd"], rel_tol=1e-6)
+    assert row["n_generated"] + row["nonfinite"] == 40
+    for metric in ("cnn_top1", "cnn_top5", "coverage", "precision", "recall", "label_reliability"):
+        assert 0.0 <= row[metric] <= 100.0, metric
+    assert row["fid"] >= 0 and math.isnan(row["code_agreement"])
+
+
+def test_rows_are_reproducible(run, oracle):
+    a = evaluate_run(run, EVAL, oracle)
+    b = evaluate_run(run, EVAL, oracle)
+    for key in ("nf_top1", "cnn_top1", "fid", "coverage", "label_reliability"):
+        assert a[key] == b[key], key
+
+
+def test_temperature_and_rfcm_change_the_samples(run, oracle):
+    cold = evaluate_run(run, EVAL.replace(temperature=0.3, cnn=False), oracle)
+    warm = evaluate_run(run, EVAL.replace(cnn=False), oracle)
+    assert cold["eval"] == "n=4,T=0.3,ms=1,diag,gen" and cold["fid"] != warm["fid"]
+    full = evaluate_run(run, EVAL.replace(covariance="rfcm", cnn=False), oracle)
+    assert full["eval"] == "n=4,T=1,ms=1,rfcm,gen" and full["bpd"] != warm["bpd"]
+
+
+def test_generate_returns_images_on_the_bit_grid(run):
+    model, prior, cfg = load_checkpoint(run)
+    y = torch.arange(10).repeat_interleave(3)
+    x, labels, dropped = generate(model, prior, y, cfg.bits, temperature=0.7, seed=1, batch_size=7)
+    assert x.shape == (30 - dropped, 1, 8, 8) and dropped == 0 and torch.equal(labels, y)
+    levels = (x + 1) * 2 ** cfg.bits / 2 - 0.5  # bin centres sit on integer levels
+    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    again, _, _ = generate(model, prior, y, cfg.bits, temperature=0.7, seed=1, batch_size=30)
+    assert torch.equal(x, again)  # the batch size does not change the samples
+
+
+# ---------------------------------------------------------------------------------- errors
+def test_checkpoint_of_another_dataset_or_class_count(run, oracle):
+    with pytest.raises(ValueError, match=r"dataset: flow 'digits', oracle/test set 'mnist'"):
+        evaluate_run(run, EVAL, Oracle(oracle.model, "mnist", 5, 0, oracle.classes, oracle.test_x, oracle.test_y))
+    with pytest.raises(ValueError, match=r"number of classes: flow 10, oracle/test set 5"):
+        evaluate_run(run, EVAL, Oracle(oracle.model, "digits", 5, 0, oracle.classes[:5], oracle.test_x,
+                                       oracle.test_y % 5))
+    with pytest.raises(ValueError, match=r"bits: flow 5, oracle/test set 8"):
+        evaluate_run(run, EVAL, Oracle(oracle.model, "digits", 8, 0, oracle.classes, oracle.test_x, oracle.test_y))
+
+
+def test_too_few_samples_for_fid_and_coverage(run, oracle):
+    with pytest.raises(ValueError, match=r"too few samples for FID / Coverage with k=10: 10 generated"):
+        evaluate_run(run, EVAL.replace(samples_per_class=1, k=10), oracle)
+    tiny_test = Oracle(oracle.model, "digits", 5, 0, oracle.classes, oracle.test_x[:3], oracle.test_y[:3])
+    with pytest.raises(ValueError, match="3 real test images"):
+        evaluate_run(run, EVAL, tiny_test)
+
+
+def test_generated_metrics_need_an_oracle(run):
+    with pytest.raises(ValueError, match="need an oracle"):
+        evaluate_run(run, EVAL)
+    row = evaluate_run(run, EVAL.replace(cnn=False, generated=False))
+    assert row["eval"] == "nf" and "fid" not in row
+
+
+def test_eval_tags_tell_evaluations_apart():
+    tags = {EVAL.tag(), EVAL.replace(temperature=0.7).tag(), EVAL.replace(mean_scale=1.3).tag(),
+            EVAL.replace(samples_per_class=5).tag(), EVAL.replace(covariance="rfcm").tag(),
+            EVAL.replace(covariance="rfcm", rfcm_rank=8).tag(), EVAL.replace(cnn=False).tag(),
+            EVAL.replace(generated=False).tag(), EVAL.replace(seed=1).tag(),
+            EVAL.replace(classifier=ClassifierConfig(seed=1)).tag(), EVAL.replace(cnn=False, generated=False).tag()}
+    assert len(tags) == 11
+
+
+def test_eval_config_validation():
+    with pytest.raises(ValueError, match="covariance"):
+        EvalConfig(covariance="full")
+    with pytest.raises(ValueError, match="samples_per_class"):
+        EvalConfig(samples_per_class=0)
+
+
+def test_oracle_cache_of_other_data_is_refused(base, oracle, tmp_path):
+    path = tmp_path / "oracle.pt"
+    load_oracle(base, CNN, path)
+    with pytest.raises(ValueError, match="bits: cached 5 vs requested 4"):
+        load_oracle(base.replace(bits=4), CNN, path)
+
+
+# ---------------------------------------------------------------------------------- CSV
+def test_append_row_replaces_rows_with_the_same_key(tmp_path):
+    path = tmp_path / "sub" / "results.csv"
+    append_row(path, {"run": "a", "eval": "nf", "x": 1.0})
+    append_row(path, {"run": "b", "eval": "nf", "x": 2.0})
+    append_row(path, {"run": "a", "eval": "T=1", "x": 3.0, "y": "new column"})
+    table = append_row(path, {"run": "a", "eval": "nf", "x": 4.0})
+    assert len(table) == 3
+    again = read_rows(path)
+    assert again.set_index(["run", "eval"])["x"].to_dict() == {("b", "nf"): 2.0, ("a", "T=1"): 3.0, ("a", "nf"): 4.0}
+    assert [p.name for p in path.parent.iterdir()] == ["results.csv"]  # no temporary file left behind
+    with pytest.raises(ValueError, match="key columns"):
+        append_row(path, {"run": "c"})
+
+
+def test_read_rows_refuses_a_foreign_csv(tmp_path):
+    assert read_rows(tmp_path / "missing.csv").empty
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a results table"):
+        read_rows(tmp_path / "other.csv")
+
+
+def test_run_grid_trains_and_evaluates_only_what_is_missing(base, oracle, tmp_path, monkeypatch):
+    grid = {"data": {"gaussians.prior": "data"}, "fpi": {}}
+    csv = tmp_path / "results.csv"
+    evals = [EVAL.replace(cnn=False), EVAL.replace(cnn=False, generated=False)]
+    first = run_grid(grid, base, tmp_path / "runs", csv, oracle, evals)
+    assert list(zip(first["run"], first["eval"])) == [("data", "n=4,T=1,ms=1,diag,gen"), ("data", "nf"),
+                                                      ("fpi", "n=4,T=1,ms=1,diag,gen"), ("fpi", "nf")]
+    assert first.loc[0, "lam"] == 0.0 and first.loc[2, "lam"] == 40.0
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a finished row was recomputed")
+
+    # Everything is in the CSV: neither training nor evaluation runs again.
+    monkeypatch.setattr(experiments, "train", forbidden)
+    monkeypatch.setattr(experiments, "evaluate_run", forbidden)
+    again = run_grid(grid, base, tmp_path / "runs", csv, oracle, evals)
+    pd.testing.assert_frame_equal(again, first)
+
+    # A new evaluation of a finished run: the checkpoint is reused, not retrained.
+    monkeypatch.undo()
+    stamp = (tmp_path / "runs" / "fpi" / "checkpoint.pt").stat().st_mtime_ns
+    cooler = run_grid({"fpi": {}}, base, tmp_path / "runs", csv, oracle, EVAL.replace(cnn=False, temperature=0.5))
+    assert cooler.loc[0, "eval"] == "n=4,T=0.5,ms=1,diag,gen"
+    assert (tmp_path / "runs" / "fpi" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert len(read_rows(csv)) == 5
+
+    # Another config under the same name (one more epoch): trained further and re-evaluated in place.
+    longer = run_grid({"fpi": {}}, base.replace(epochs=2), tmp_path / "runs", csv, oracle, evals[1])
+    assert longer.loc[0, "epochs"] == 2 and longer.loc[0, "config_hash"] != first.loc[3, "config_hash"]
+    assert len(read_rows(csv)) == 5
+
+
+def test_ce_and_ceglem_rows(base, oracle, tmp_path):
+    ev = EVAL.replace(cnn=False)
+    ce = {"codes.rows": 4, "gaussians.prior": "standard"}
+    rows = run_grid({"ce": ce, "ceglem": {"codes.rows": 4}}, base, tmp_path, tmp_path / "r.csv", oracle, ev)
+    ce_row, ceglem_row = rows.iloc[0], rows.iloc[1]
+    assert math.isnan(ce_row["nf_top1"]) and math.isnan(ce_row["code_agreement"])
+    assert 0 <= ceglem_row["code_agreement"] <= 100 and 0 <= ceglem_row["nf_top1"] <= 100
+    assert ce_row["n_generated"] == 40 and ce_row["codes.rows"] == 4
+
+
+def test_paper_tables():
+    t1 = paper_table("nfpi_table1").set_index("setting")
+    assert t1.loc["FPI", "cifar100_nf_top1"] == 71.65 and t1.loc["data init (Baseline 1)", "cifar10_nf_top1"] == 77.31
+    assert paper_table("nfpi_table2").set_index("lam").loc[100, "cnn_top1"] == 46.38
+    assert paper_table("glem_table5")["temperature"].isna().sum() == 1
+    with pytest.raises(ValueError, match="unknown paper table"):
+        paper_table("table9")
+
+
+def test_metric_grid_draws_one_panel_per_metric(tmp_path):
+    from nfpi import plots
+
+    table = pd.DataFrame({"lam": [0.0, 10.0, 100.0, 10.0], "source": ["ours", "ours", "ours", "paper"],
+                          "nf_top1": [90.0, 92.0, 93.0, 50.0], "fid": [5.0, 4.0, 6.0, math.nan]})
+    fig = plots.metric_grid(table, "lam", ["nf_top1", "fid", "absent"], row="source", logx=True,
+                            path=tmp_path / "lines.png")
+    assert len(fig.axes) == 4 and (tmp_path / "lines.png").stat().st_size > 0
+    # lambda = 0 cannot sit on a log axis: it is drawn as a horizontal line.
+    assert any(len(ax.lines) > 1 for ax in fig.axes)
+    bars = plots.metric_grid(table.assign(setting=list("abcd")), "setting", ["nf_top1", "fid"], kind="bar")
+    assert len(bars.axes) == 2
+    with pytest.raises(ValueError, match="kind"):
+        plots.metric_grid(table, "lam", ["fid"], kind="pie")
