@@ -54,19 +54,18 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from . import data
+from . import data, repro
 from .classifiers import ClassifierConfig, load_or_train_oracle
 from .glem import ClassCodes, FullGaussians
 from .metrics import cnn_accuracy, generated_metrics
 from .priors import ClassGaussians
-from .train import RESUME_FREE, TrainConfig, _atomic_write, encode, evaluate, load_checkpoint, load_data, train
+from .train import (NOT_KEYED, TrainConfig, _atomic_write, encode, evaluate, load_checkpoint, load_data,
+                    keyed_run_dir, load_validation, train)
 
 __all__ = ["KEY", "EvalConfig", "Oracle", "append_row", "check_compatible", "config_hash", "evaluate_run",
            "generate", "load_oracle", "paper_table", "read_rows", "rfcm", "run_grid"]
 
 KEY = ("run", "eval")
-# Config keys that do not change what a run computes (``epochs`` does: a longer run is another result).
-_NOT_HASHED = tuple(k for k in RESUME_FREE if k != "epochs")
 _EVAL_NOT_HASHED = ("batch_size", "threads")
 Prior = ClassGaussians | FullGaussians
 
@@ -157,11 +156,14 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_hash(cfg: TrainConfig, ev: EvalConfig) -> str:
-    """Digest of everything that changes a row's numbers (not devices, threads, batch sizes)."""
-    train_part = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_HASHED}
+    """Digest of everything that changes a row's numbers (not devices, threads, batch sizes),
+    the ``nfpi`` code included (:func:`nfpi.repro.code_fingerprint`): a row made by other code
+    is recomputed."""
+    train_part = {k: v for k, v in cfg.to_dict().items() if k not in NOT_KEYED}
     eval_part = {k: v for k, v in ev.flat().items()
                  if k.removeprefix("eval.") not in _EVAL_NOT_HASHED and k != "eval.classifier.device"}
-    text = json.dumps({"train": train_part, "eval": eval_part}, sort_keys=True, default=str)
+    text = json.dumps({"train": train_part, "eval": eval_part, "code": repro.code_fingerprint()},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -322,6 +324,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], ev: EvalConfig | None = None, 
         _check_counts(ev, k, oracle)
     standard = cfg.gaussians.prior == "standard"
     row: dict[str, Any] = {"run": name or run_dir.name, "eval": ev.tag(), "config_hash": config_hash(cfg, ev),
+                           "code": repro.code_fingerprint(),
                            **_flatten(cfg.to_dict()), **ev.flat(), **_solve_info(run_dir)}
     with _threads(ev.threads):
         train_set, test_set = load_data(cfg)
@@ -330,6 +333,11 @@ def evaluate_run(run_dir: str | os.PathLike[str], ev: EvalConfig | None = None, 
         nf = evaluate(model, prior, test_set, cfg.bits, ev.batch_size)
         row.update(nf_top1=math.nan if standard else nf["acc_top1"],
                    nf_top5=math.nan if standard else nf["acc_top5"], bpd=nf["test_bpd"])
+        val_set = load_validation(cfg)
+        if val_set is not None:  # what settings are chosen on (the test set never is)
+            val = evaluate(model, prior, val_set, cfg.bits, ev.batch_size)
+            row.update(val_nf_top1=math.nan if standard else val["acc_top1"],
+                       val_nf_top5=math.nan if standard else val["acc_top5"], val_bpd=val["test_bpd"])
         if ev.cnn or ev.generated:
             row.update(_generated_row(model, prior, cfg, ev, oracle, progress))
     epochs = pd.read_csv(run_dir / "metrics.csv")
@@ -406,8 +414,9 @@ def run_grid(grid: Mapping[str, Mapping[str, Any]], base_cfg: TrainConfig, runs_
     keys) under every evaluation of ``evals``; return their rows in grid order.
 
     A (run, evaluation) whose row is in ``results_csv`` with the same ``config_hash`` is reused
-    as is. Otherwise the run is trained or resumed in ``runs_dir / name`` (a finished
-    checkpoint costs nothing) and evaluated, and its row is appended to the CSV at once, so an
+    as is (the hash covers the config, the evaluation and the code). Otherwise the run is
+    trained or resumed in ``runs_dir / "<name>-<key>"`` (:func:`nfpi.train.keyed_run_dir`; a
+    finished checkpoint costs nothing) and evaluated, and its row is appended to the CSV at once, so an
     interrupted grid continues where it stopped.
     """
     evals = [evals] if isinstance(evals, EvalConfig) else list(evals)
@@ -423,10 +432,11 @@ def run_grid(grid: Mapping[str, Mapping[str, Any]], base_cfg: TrainConfig, runs_
             done = _row(table, name, ev.tag())
             if done is None or done.get("config_hash") != config_hash(cfg, ev):
                 todo.append(ev)
+        folder = keyed_run_dir(runs_dir, name, cfg)
         if todo:
-            train(cfg, Path(runs_dir) / name, progress=progress)
+            train(cfg, folder, progress=progress)
         for ev in todo:
-            table = append_row(results_csv, evaluate_run(Path(runs_dir) / name, ev, oracle, name, progress))
+            table = append_row(results_csv, evaluate_run(folder, ev, oracle, name, progress))
     table = read_rows(results_csv)  # as stored, so that fresh and reused rows have the same types
     return pd.DataFrame([_row(table, *key) for key in keys]).reset_index(drop=True)
 

@@ -101,25 +101,30 @@ def solver_curves(runs: Mapping[str, FPIResult], x: str = "iteration", y: str = 
 
 
 def training_curves(tables: Mapping[str, pd.DataFrame], path: PathLike = None) -> Figure:
-    """Train/test bits/dim and NF accuracy per epoch for several runs.
+    """Train and held-out bits/dim and NF accuracy per epoch for several runs.
 
-    ``tables``: run label -> the run's ``metrics.csv`` as a DataFrame. Epochs after which
-    the Gaussians were fitted are marked with a dot on the accuracy curve.
+    ``tables``: run label -> the run's ``metrics.csv`` as a DataFrame. The held-out curves
+    are the validation split's when the runs have one (the test set is then evaluated only
+    after the last epoch), else the test set's. Epochs after which the Gaussians were fitted
+    are marked with a dot on the accuracy curve.
     """
+    first = next(iter(tables.values()))
+    held, bpd, acc = (("validation", "val_bpd", "val_acc_top1") if first.get("val_bpd", pd.Series()).notna().any()
+                      else ("test", "test_bpd", "acc_top1"))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for i, (label, t) in enumerate(tables.items()):
         colour = f"C{i}"
         axes[0].plot(t["epoch"], t["train_bpd"], color=colour, label=label)
-        axes[1].plot(t["epoch"], t["test_bpd"], color=colour, label=label)
-        axes[2].plot(t["epoch"], t["acc_top1"], color=colour, label=label)
+        axes[1].plot(t["epoch"], t[bpd], color=colour, label=label)
+        axes[2].plot(t["epoch"], t[acc], color=colour, label=label)
         solved = t["solved"].notna()
-        axes[2].scatter(t["epoch"][solved], t["acc_top1"][solved], color=colour, zorder=3)
-    for ax, title in zip(axes, ("train bits/dim (noisy dequantisation)", "test bits/dim (EMA)",
-                                "NF accuracy top-1 % (EMA; dot = Gaussians fitted)")):
+        axes[2].scatter(t["epoch"][solved], t[acc][solved], color=colour, zorder=3)
+    for ax, title in zip(axes, ("train bits/dim (noisy dequantisation)", f"{held} bits/dim (EMA)",
+                                f"{held} NF accuracy top-1 % (EMA; dot = Gaussians fitted)")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
     fig.tight_layout()
     return _finish(fig, path)
 

@@ -89,7 +89,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from . import data, fpi, gd
+from . import data, fpi, gd, repro
 from .classifiers import topk_accuracy
 from .flows import Glow
 from .fpi import ClassStats
@@ -99,7 +99,7 @@ from .priors import ClassGaussians
 __all__ = [
     "CHECKPOINT_FORMAT", "CheckpointError", "GaussianConfig", "ModelConfig", "NonFiniteLossError",
     "OptimConfig", "TrainConfig", "class_stats", "encode", "evaluate", "load_checkpoint",
-    "load_data", "main", "train",
+    "keyed_run_dir", "load_data", "load_validation", "main", "train",
 ]
 
 CHECKPOINT_FORMAT = "nfpi.train/1"
@@ -107,6 +107,8 @@ PRIORS = ("data", "fpi", "gd", "random", "standard")
 # Settings that may change when a run is resumed: they do not alter the computation
 # (``epochs`` extends a finished run).
 RESUME_FREE = ("epochs", "device", "data_dir", "download", "num_workers", "eval_batch_size", "threads")
+# Settings that do not change what a run computes (``epochs`` does: a longer run is another result).
+NOT_KEYED = tuple(k for k in RESUME_FREE if k != "epochs")
 
 
 class CheckpointError(RuntimeError):
@@ -233,7 +235,11 @@ class TrainConfig:
     ``device``: "auto" (CUDA if available, else CPU), "cpu", "cuda"; ``amp``: bfloat16
     autocast, CUDA only; ``threads``: CPU threads while training (torch.set_num_threads,
     restored afterwards; null keeps torch's default; 1 is fastest on a busy shared CPU);
-    ``codes``: GLEM's conditional encoding (:class:`nfpi.glem.CodeConfig`; rows 0 = off).
+    ``codes``: GLEM's conditional encoding (:class:`nfpi.glem.CodeConfig`; rows 0 = off);
+    ``val_fraction``: a stratified, seeded validation split carved from the training set
+    (never trained on): it is evaluated every epoch and is what hyper-parameters are chosen
+    on, while the test set is evaluated once, after the last epoch (0: no split, and the
+    test set is evaluated every epoch as before).
     """
 
     dataset: str = "digits"
@@ -243,6 +249,7 @@ class TrainConfig:
     pad: int = 0
     per_class: int | None = None
     test_per_class: int | None = None
+    val_fraction: float = 0.0
     epochs: int = 10
     batch_size: int = 64
     eval_batch_size: int = 500
@@ -270,6 +277,9 @@ class TrainConfig:
         for name in ("pad", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction must lie in [0, 0.5) (e.g. 0.1; 0 = no validation split), "
+                             f"got {self.val_fraction}")
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -413,23 +423,45 @@ def _setup_distributed(pref: str) -> _Dist:
 
 # --------------------------------------------------------------------------------- data
 def load_data(cfg: TrainConfig) -> tuple[data.ImageArrays, data.ImageArrays]:
-    """Train and test images of ``cfg`` (class-balanced subsets, padding, class codes applied)."""
+    """Train and test images of ``cfg`` (class-balanced subsets, padding, class codes applied).
+
+    With ``cfg.val_fraction`` > 0 the training images exclude the validation split
+    (:func:`load_validation`)."""
+    train_set, _, test_set = _splits(cfg)
+    return train_set, test_set
+
+
+def load_validation(cfg: TrainConfig) -> data.ImageArrays | None:
+    """The validation split of ``cfg`` (``val_fraction`` of each class of the training set,
+    stratified and seeded by ``cfg.seed``), or None without one."""
+    return _splits(cfg)[1]
+
+
+def _splits(cfg: TrainConfig) -> tuple[data.ImageArrays, data.ImageArrays | None, data.ImageArrays]:
+    """(train, validation or None, test) images of ``cfg``."""
     train_set = data.load(cfg.dataset, "train", cfg.data_dir, download=cfg.download)
     test_set = data.load(cfg.dataset, "test", cfg.data_dir, download=cfg.download)
     if cfg.per_class is not None:
         train_set = train_set.subset(data.class_balanced_indices(train_set.y, cfg.per_class, cfg.seed))
     if cfg.test_per_class is not None:
         test_set = test_set.subset(data.class_balanced_indices(test_set.y, cfg.test_per_class, cfg.seed))
+    val_set = None
+    if cfg.val_fraction:
+        keep, held = data.stratified_split(train_set.y, 1.0 - cfg.val_fraction, cfg.seed)
+        train_set, val_set = train_set.subset(keep), train_set.subset(held)
+    held_out = [test_set] if val_set is None else [test_set, val_set]
     if cfg.pad:
         p = cfg.pad
-        train_set, test_set = (data.ImageArrays(F.pad(a.x, (p, p, p, p)), a.y, a.classes, a.name)
-                               for a in (train_set, test_set))
+        train_set, *held_out = (data.ImageArrays(F.pad(a.x, (p, p, p, p)), a.y, a.classes, a.name)
+                                for a in (train_set, *held_out))
     if cfg.codes.rows:
         c, _, w = train_set.shape
         codes = ClassCodes.for_config(cfg.codes, train_set.num_classes, c, w)
         train_set = codes.append_arrays(train_set, cfg.codes.noise, seed=cfg.seed)
-        test_set = codes.append_random(test_set, seed=cfg.seed)
-    return train_set, test_set
+        # Held-out images are judged like test images: random code rows, never their class's.
+        held_out = [codes.append_random(a, seed=cfg.seed) for a in held_out]
+    test_set, val_set = held_out[0], (held_out[1] if len(held_out) > 1 else None)
+    return train_set, val_set, test_set
 
 
 def _batches(arrays: data.ImageArrays, bits: int, batch_size: int, device: torch.device,
@@ -682,8 +714,8 @@ def load_checkpoint(path: str | os.PathLike[str], ema: bool = True,
 
 
 # --------------------------------------------------------------------------------- training
-COLUMNS = ("epoch", "lr", "train_nll", "train_bpd", "grad_norm", "test_nll", "test_bpd", "acc_top1",
-           "acc_top5", "solved", "solve_iterations", "solve_converged", "solve_bounds_active", "solve_time",
+COLUMNS = ("epoch", "lr", "train_nll", "train_bpd", "grad_norm", "val_nll", "val_bpd", "val_acc_top1",
+           "val_acc_top5", "test_nll", "test_bpd", "acc_top1", "acc_top5", "solved", "solve_iterations", "solve_converged", "solve_bounds_active", "solve_time",
            "time")
 
 
@@ -705,7 +737,7 @@ class _Run:
         if cfg.batch_size % world:
             raise ValueError(f"batch_size={cfg.batch_size} is the global batch and must be divisible by the "
                              f"number of processes ({world})")
-        self.train_set, self.test_set = load_data(cfg)
+        self.train_set, self.val_set, self.test_set = _splits(cfg)
         g = cfg.gaussians
         self.nf_set, self.g_set = self.train_set, self.train_set
         if g.dg_fraction is not None:
@@ -852,10 +884,24 @@ class _Run:
         self.solves.append(info)
         return info
 
+    def _evaluate(self, epoch: int) -> dict[str, float]:
+        """Held-out metrics after ``epoch`` (EMA weights): the validation split every epoch and
+        the test set once, after the last epoch; without a validation split, the test set
+        every epoch."""
+        model, cfg = self.ema.module, self.cfg
+        out: dict[str, float] = {}
+        if self.val_set is not None:
+            val = evaluate(model, self.prior, self.val_set, cfg.bits, cfg.eval_batch_size)
+            out.update({f"val_{k.removeprefix('test_')}": v for k, v in val.items()})
+        if self.val_set is None or epoch == cfg.epochs - 1:
+            out.update(evaluate(model, self.prior, self.test_set, cfg.bits, cfg.eval_batch_size))
+        return out
+
     # -- bookkeeping ------------------------------------------------------------------
     def _checkpoint(self) -> dict[str, Any]:
         return {
-            "format": CHECKPOINT_FORMAT, "epoch": self.epoch, "config": self.cfg.to_dict(),
+            "format": CHECKPOINT_FORMAT, "code": repro.code_fingerprint(), "epoch": self.epoch,
+            "config": self.cfg.to_dict(),
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "prior": self.prior.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
@@ -865,7 +911,7 @@ class _Run:
 
     def _summary(self) -> dict[str, Any]:
         return {"metrics": self.rows[-1], "epochs": self.epoch, "solves": self.solves,
-                "config": self.cfg.to_dict()}
+                "config": self.cfg.to_dict(), "code": repro.code_fingerprint()}
 
     def save(self) -> None:
         if self.layout.rank != 0:
@@ -898,15 +944,23 @@ class _Run:
                 row.update(solved=info["kind"], solve_iterations=info["iterations"],
                            solve_converged=info["converged"], solve_bounds_active=info["bounds_active"],
                            solve_time=info["seconds"])
-            row.update(evaluate(self.ema.module, self.prior, self.test_set, cfg.bits, cfg.eval_batch_size))
+            row.update(self._evaluate(epoch))
             row["time"] = time.perf_counter() - start
             self.rows.append({c: row.get(c) for c in COLUMNS})
             self.epoch = epoch + 1
             self.save()
-            bar.set_postfix(test_bpd=f"{row['test_bpd']:.3f}", acc=f"{row['acc_top1']:.1f}")
+            held = ("val_bpd", "val_acc_top1") if self.val_set is not None else ("test_bpd", "acc_top1")
+            bar.set_postfix(bpd=f"{row[held[0]]:.3f}", acc=f"{row[held[1]]:.1f}")
         if self.layout.active:
             dist.barrier()
         return self.rows[-1]
+
+
+def keyed_run_dir(root: str | os.PathLike[str], name: str, cfg: TrainConfig) -> Path:
+    """``root / "<name>-<key>"``: the run folder of ``cfg`` made by this code, keyed by the
+    full config (less :data:`NOT_KEYED`) and the code fingerprint (:func:`nfpi.repro.run_key`):
+    a changed parameter or library gets its own run, an identical one is reused."""
+    return repro.run_dir(root, name, cfg.to_dict(), ignore=NOT_KEYED)
 
 
 def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = True,
@@ -935,6 +989,12 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = True
                 raise CheckpointError(
                     f"{path} belongs to a different run ({'; '.join(diff)}). Use another run directory, "
                     "or pass resume=False (CLI: --no-resume) to start over and overwrite it.")
+            if ckpt.get("code") != repro.code_fingerprint():
+                raise CheckpointError(
+                    f"{path} was made by other nfpi code (fingerprint {ckpt.get('code')}, now "
+                    f"{repro.code_fingerprint()}), so its results are not this code's. Use another run directory "
+                    "(nfpi.repro.run_dir names one per config and code), or pass resume=False "
+                    "(CLI: --no-resume) to start over and overwrite it.")
             if ckpt["epoch"] >= cfg.epochs:
                 return ckpt["metrics"][-1]
         run = _Run(cfg, run_dir, layout, progress)

@@ -9,12 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from nfpi import experiments
+from nfpi import experiments, repro
 from nfpi.classifiers import ClassifierConfig
 from nfpi.experiments import (
     EvalConfig, Oracle, append_row, evaluate_run, generate, load_oracle, paper_table, read_rows, run_grid,
 )
-from nfpi.train import TrainConfig, load_checkpoint, train
+from nfpi.train import TrainConfig, keyed_run_dir, load_checkpoint, train
 
 TINY = {
     "dataset": "digits", "bits": 5, "per_class": 40, "epochs": 1, "batch_size": 100,
@@ -186,16 +186,31 @@ def test_run_grid_trains_and_evaluates_only_what_is_missing(base, oracle, tmp_pa
 
     # A new evaluation of a finished run: the checkpoint is reused, not retrained.
     monkeypatch.undo()
-    stamp = (tmp_path / "runs" / "fpi" / "checkpoint.pt").stat().st_mtime_ns
+    checkpoint = keyed_run_dir(tmp_path / "runs", "fpi", base) / "checkpoint.pt"
+    stamp = checkpoint.stat().st_mtime_ns
     cooler = run_grid({"fpi": {}}, base, tmp_path / "runs", csv, oracle, EVAL.replace(cnn=False, temperature=0.5))
     assert cooler.loc[0, "eval"] == "n=4,T=0.5,ms=1,diag,gen"
-    assert (tmp_path / "runs" / "fpi" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert checkpoint.stat().st_mtime_ns == stamp
     assert len(read_rows(csv)) == 5
 
-    # Another config under the same name (one more epoch): trained further and re-evaluated in place.
+    # Another config under the same name (one more epoch): its own run folder, re-evaluated in place.
     longer = run_grid({"fpi": {}}, base.replace(epochs=2), tmp_path / "runs", csv, oracle, evals[1])
     assert longer.loc[0, "epochs"] == 2 and longer.loc[0, "config_hash"] != first.loc[3, "config_hash"]
+    assert (keyed_run_dir(tmp_path / "runs", "fpi", base.replace(epochs=2)) / "checkpoint.pt").exists()
     assert len(read_rows(csv)) == 5
+
+
+def test_rows_made_by_other_code_are_recomputed(base, oracle, tmp_path, monkeypatch):
+    """The cache key covers the code: a row and a run of another fingerprint are not reused."""
+    csv = tmp_path / "results.csv"
+    ev = EVAL.replace(cnn=False, generated=False)
+    first = run_grid({"fpi": {}}, base, tmp_path / "runs", csv, oracle, ev)
+    assert first.loc[0, "code"] == repro.code_fingerprint()
+    monkeypatch.setattr(repro, "code_fingerprint", lambda: "0123456789abcdef")
+    again = run_grid({"fpi": {}}, base, tmp_path / "runs", csv, oracle, ev)
+    assert again.loc[0, "code"] == "0123456789abcdef" and again.loc[0, "config_hash"] != first.loc[0, "config_hash"]
+    assert len(list((tmp_path / "runs").iterdir())) == 2  # trained again in its own folder
+    assert again.loc[0, "nf_top1"] == pytest.approx(first.loc[0, "nf_top1"])  # same computation, same numbers
 
 
 def test_ce_and_ceglem_rows(base, oracle, tmp_path):

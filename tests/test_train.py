@@ -18,11 +18,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from nfpi import data, fpi
+from nfpi import data, fpi, repro
 from nfpi.priors import ClassGaussians
 from nfpi.train import (
     CheckpointError, GaussianConfig, NonFiniteLossError, TrainConfig, _solves_after, class_stats, evaluate,
-    load_checkpoint, load_data, main, train,
+    keyed_run_dir, load_checkpoint, load_data, load_validation, main, train,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,6 +111,47 @@ def test_short_run_writes_outputs(finished):
     again = evaluate(model, prior, test_set, cfg.bits)
     assert again["acc_top1"] == pytest.approx(final["acc_top1"])
     assert again["test_bpd"] == pytest.approx(final["test_bpd"], rel=1e-6)
+
+
+def test_validation_split_is_held_out_and_the_test_set_is_read_once(tmp_path):
+    cfg = tiny(epochs=2, val_fraction=0.2)
+    everything, test_set = load_data(tiny())
+    train_set, same_test = load_data(cfg)
+    val_set = load_validation(cfg)
+    assert load_validation(tiny()) is None and torch.equal(same_test.x, test_set.x)
+    # A stratified partition of the training images: 20 % of each class, nothing lost or shared.
+    assert torch.bincount(val_set.y).tolist() == [12] * 10
+    rows = sorted(bytes(x.numpy()) for x in torch.cat([train_set.x, val_set.x]))
+    assert rows == sorted(bytes(x.numpy()) for x in everything.x)
+    assert torch.equal(load_validation(cfg).x, val_set.x)  # seeded: the same split every time
+    assert not torch.equal(load_validation(cfg.replace(seed=4)).x, val_set.x)
+    final = train(cfg, tmp_path, progress=False)
+    table = pd.read_csv(tmp_path / "metrics.csv")
+    # Validation every epoch (what settings are chosen on); the test set once, after the last epoch.
+    assert table["val_acc_top1"].notna().all() and table["val_bpd"].notna().all()
+    assert table["acc_top1"].isna().tolist() == [True, False] and table["test_bpd"].isna().tolist() == [True, False]
+    model, prior, _ = load_checkpoint(tmp_path)
+    again = evaluate(model, prior, val_set, cfg.bits)
+    assert again["acc_top1"] == pytest.approx(final["val_acc_top1"])
+    with pytest.raises(ValueError, match=r"val_fraction must lie in \[0, 0.5\)"):
+        tiny(val_fraction=0.7)
+
+
+def test_a_run_made_by_other_code_is_not_reused(finished, monkeypatch):
+    run_dir, _ = finished
+    assert _states(run_dir)["code"] == repro.code_fingerprint()
+    assert json.loads((run_dir / "metrics.json").read_text())["code"] == repro.code_fingerprint()
+    monkeypatch.setattr(repro, "code_fingerprint", lambda: "feedfacefeedface")
+    with pytest.raises(CheckpointError, match="made by other nfpi code.*resume=False"):
+        train(tiny(), run_dir, progress=False)
+    load_checkpoint(run_dir)  # inference from it is still allowed
+
+
+def test_keyed_run_dirs_follow_the_config(tmp_path):
+    here = keyed_run_dir(tmp_path, "fpi", tiny())
+    assert here == keyed_run_dir(tmp_path, "fpi", tiny(threads=2, device="cpu"))  # same computation
+    assert here != keyed_run_dir(tmp_path, "fpi", tiny(**{"gaussians.lam": 41.0}))
+    assert here != keyed_run_dir(tmp_path, "fpi", tiny(epochs=2)) and here.name.startswith("fpi-")
 
 
 def test_finished_run_is_reused(finished):
