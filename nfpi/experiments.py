@@ -63,7 +63,7 @@ from .train import (NOT_KEYED, TrainConfig, _atomic_write, encode, evaluate, loa
                     keyed_run_dir, load_validation, train)
 
 __all__ = ["KEY", "EvalConfig", "Oracle", "append_row", "check_compatible", "config_hash", "evaluate_run",
-           "generate", "load_oracle", "paper_table", "read_rows", "rfcm", "run_grid"]
+           "generate", "load_oracle", "paper_table", "read_rows", "rfcm", "run_grid", "train_settings"]
 
 KEY = ("run", "eval")
 _EVAL_NOT_HASHED = ("batch_size", "threads")
@@ -409,36 +409,67 @@ def _row(table: pd.DataFrame, name: str, tag: str) -> pd.Series | None:
 
 def run_grid(grid: Mapping[str, Mapping[str, Any]], base_cfg: TrainConfig, runs_dir: str | os.PathLike[str],
              results_csv: str | os.PathLike[str], oracle: Oracle | None = None,
-             evals: EvalConfig | Sequence[EvalConfig] = (EvalConfig(),), progress: bool = False) -> pd.DataFrame:
-    """Train and evaluate every run of ``grid`` (name -> config overrides of ``base_cfg``, dotted
-    keys) under every evaluation of ``evals``; return their rows in grid order.
+             evals: EvalConfig | Sequence[EvalConfig] = (EvalConfig(),), progress: bool = False,
+             seeds: Sequence[int] | None = None) -> pd.DataFrame:
+    """Train and evaluate every run of ``grid`` (setting name -> config overrides of
+    ``base_cfg``, dotted keys) under every evaluation of ``evals``; return their rows in grid
+    order, each with a ``setting`` column holding its grid name.
 
+    With ``seeds`` every setting is trained once per seed (``seed`` overridden), as the run
+    ``<name>_seed<s>``; without, once with the base config's seed, as the run ``<name>``.
     A (run, evaluation) whose row is in ``results_csv`` with the same ``config_hash`` is reused
     as is (the hash covers the config, the evaluation and the code). Otherwise the run is
-    trained or resumed in ``runs_dir / "<name>-<key>"`` (:func:`nfpi.train.keyed_run_dir`; a
-    finished checkpoint costs nothing) and evaluated, and its row is appended to the CSV at once, so an
-    interrupted grid continues where it stopped.
+    trained or resumed in ``runs_dir / "flow-<key>"`` (:func:`nfpi.train.keyed_run_dir`; a
+    finished checkpoint costs nothing) and evaluated, and its row is appended to the CSV at
+    once, so an interrupted grid continues where it stopped.
     """
     evals = [evals] if isinstance(evals, EvalConfig) else list(evals)
     if not evals:
         raise ValueError("evals is empty: give at least one EvalConfig")
+    runs = [(name, name, base_cfg.replace(**overrides)) for name, overrides in grid.items()] if seeds is None else \
+        [(name, f"{name}_seed{s}", base_cfg.replace(**overrides, seed=s)) for name, overrides in grid.items()
+         for s in seeds]
     table = read_rows(results_csv)
     keys = []
-    for name, overrides in grid.items():
-        cfg = base_cfg.replace(**overrides)
+    for setting, run, cfg in runs:
         todo = []
         for ev in evals:
-            keys.append((name, ev.tag()))
-            done = _row(table, name, ev.tag())
+            keys.append((setting, run, ev.tag()))
+            done = _row(table, run, ev.tag())
             if done is None or done.get("config_hash") != config_hash(cfg, ev):
                 todo.append(ev)
-        folder = keyed_run_dir(runs_dir, name, cfg)
+        # The folder is named by the config alone: settings of several grids that train the
+        # same config share one run.
+        folder = keyed_run_dir(runs_dir, "flow", cfg)
         if todo:
             train(cfg, folder, progress=progress)
         for ev in todo:
-            table = append_row(results_csv, evaluate_run(folder, ev, oracle, name, progress))
+            table = append_row(results_csv, {"setting": setting, **evaluate_run(folder, ev, oracle, run, progress)})
     table = read_rows(results_csv)  # as stored, so that fresh and reused rows have the same types
-    return pd.DataFrame([_row(table, *key) for key in keys]).reset_index(drop=True)
+    return pd.DataFrame([_row(table, run, tag) for _, run, tag in keys]).reset_index(drop=True)
+
+
+def train_settings(base_cfg: TrainConfig, settings: Mapping[str, Mapping[str, Any]], seeds: Sequence[int],
+                   runs_dir: str | os.PathLike[str], name: str, progress: bool = False) -> pd.DataFrame:
+    """Train every setting (label -> config overrides of ``base_cfg``, dotted keys) with every
+    seed and return one tidy row per (setting, seed): ``setting``, ``seed``, ``run_dir``,
+    ``code``, ``lam`` / ``lam_normalised`` of the last solve, and the final metrics row of
+    :func:`nfpi.train.train` (validation metrics ``val_*`` when the config has a split, test
+    metrics ``acc_top1``, ``acc_top5``, ``test_bpd``, ...).
+
+    Runs live in ``runs_dir / "<name>-<key>"`` (:func:`nfpi.train.keyed_run_dir`): a finished
+    run of the same config and code is reused, any other is trained. Rows are not cached:
+    the numbers always come from the checkpoints of this code.
+    """
+    rows = []
+    for label, overrides in settings.items():
+        for seed in seeds:
+            cfg = base_cfg.replace(**overrides, seed=seed)
+            folder = keyed_run_dir(runs_dir, name, cfg)
+            final = train(cfg, folder, progress=progress)
+            rows.append({"setting": label, "seed": seed, "run_dir": str(folder), "code": repro.code_fingerprint(),
+                         **{k: v for k, v in _solve_info(folder).items() if k.startswith("lam")}, **final})
+    return pd.DataFrame(rows)
 
 
 # ----------------------------------------------------------------------------------- papers

@@ -55,7 +55,7 @@ from .priors import ClassGaussians
 
 __all__ = ["PAPER_MODEL", "SETTINGS", "FinetuneConfig", "InputAdapter", "PretrainedWeightsMissing",
            "build_model", "cached_weights", "compare", "make_optimizer", "nfa_copies", "train_setting", "training_set",
-           "summary", "weights_status"]
+           "weights_status"]
 
 PAPER_MODEL = "eva02_base_patch14_448.mim_in22k_ft_in22k_in1k"
 SETTINGS = ("baseline", "sa", "nfa", "nfa+sa")
@@ -399,18 +399,3 @@ def compare(flow: nn.Module, prior: ClassGaussians | None, train: data.ImageArra
             rows.append({**result, "dataset": train.name, "bits": bits, "n_test": len(test),
                          **{f"nfa_{k}": v for k, v in dataclasses.asdict(aug_cfg).items()}, **run.flat()})
     return pd.DataFrame(rows)
-
-
-def summary(results: pd.DataFrame, metrics: Sequence[str] = ("top1", "top5"), decimals: int = 2) -> pd.DataFrame:
-    """Per setting (in order of appearance): mean and std over seeds of each metric, and the
-    mean +- std of its per-seed difference to ``baseline`` (paired by seed, when present)."""
-    order = list(dict.fromkeys(results["setting"]))
-    table = results.groupby("setting")[list(metrics)].agg(["mean", "std"]).reindex(order)
-    table.columns = [f"{m}_{stat}" for m, stat in table.columns]
-    if "baseline" in order:
-        for m in metrics:
-            by_seed = results.pivot_table(index="seed", columns="setting", values=m)
-            gains = by_seed.sub(by_seed["baseline"], axis=0)
-            table[f"{m}_gain_mean"], table[f"{m}_gain_std"] = gains.mean().reindex(order), gains.std().reindex(order)
-    table.insert(0, "seeds", results.groupby("setting")["seed"].nunique().reindex(order))
-    return table.round(decimals)

@@ -307,6 +307,7 @@ def metric_grid(table: pd.DataFrame, x: str, metrics: Sequence[str], row: str | 
     (each with its own y axis), one row per value of ``row`` (e.g. ours / paper), the metric
     against ``x`` as lines (``kind="line"``, e.g. lambda or temperature) or per ``x`` as bars
     (``kind="bar"``, horizontal bars, e.g. per ablation setting), coloured by ``hue``.
+    Repeated results at one ``x`` (seeds) are drawn as their mean with a ±1 std band or bar.
 
     ``table``: one row per result with columns ``x``, ``row``, ``hue`` and the metrics
     (missing metrics and NaN values are skipped); ``names``: display names of metrics and x.
@@ -328,12 +329,12 @@ def metric_grid(table: pd.DataFrame, x: str, metrics: Sequence[str], row: str | 
     common = dict(data=shown, x=x, y="value", col="metric", col_order=order, row=row, hue=hue, height=2.6,
                   col_wrap=None if row or kind == "bar" else min(3, len(order)))
     if kind == "line":
-        grid = sns.relplot(kind="line", marker="o", aspect=1.1, palette=palette,
+        grid = sns.relplot(kind="line", marker="o", aspect=1.1, palette=palette, errorbar="sd",
                            facet_kws={"sharey": False, "sharex": False}, **common)
     elif kind == "bar":
         # Horizontal bars: long setting names stay readable; one category axis for all panels.
         common.update(x="value", y=x, height=0.25 * long[x].nunique() + 1.0)
-        grid = sns.catplot(kind="bar", sharex=False, sharey=True, aspect=3.0 / (0.25 * long[x].nunique() + 1.0),
+        grid = sns.catplot(kind="bar", errorbar="sd", sharex=False, sharey=True, aspect=3.0 / (0.25 * long[x].nunique() + 1.0),
                            palette=palette, **common)
     else:
         raise ValueError(f"kind must be 'line' or 'bar', got {kind!r}")
@@ -342,8 +343,9 @@ def metric_grid(table: pd.DataFrame, x: str, metrics: Sequence[str], row: str | 
         if logx:
             ax.set_xscale("log")
         here = at_zero[(at_zero["metric"] == col_name) & ((at_zero[row] == row_name) if row else True)]
-        for _, point in here.iterrows():
-            ax.axhline(point["value"], ls="--", lw=1, color=palette[point[hue]] if hue else "C0",
+        # One dashed line per hue at the mean over repeated results (seeds), like the lines' means.
+        for colour_key, values in here.groupby(hue)["value"] if hue else [(None, here["value"])]:
+            ax.axhline(values.mean(), ls="--", lw=1, color=palette[colour_key] if hue else "C0",
                        label=f"{names.get(x, x)} = 0")
         ax.grid(alpha=0.3)
     grid.set_titles(row_template="{row_name}", col_template="{col_name}")

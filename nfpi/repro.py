@@ -12,6 +12,14 @@
   reduction order, so they are never compared as exact strings; each check states its
   tolerance and the measured spread it was derived from, prints the comparison and raises
   :class:`ResultMismatch` when the value is outside it.
+* :func:`seed_summary`: mean and std over seeds per setting, and the paired (same seed)
+  difference to a baseline with its std and 95 % interval: how every comparison is reported.
+* :func:`expect_recorded`: :func:`expect` for every setting and metric of a fresh results
+  table against the committed one, with tolerances derived from the recorded seed spread.
+* :func:`render_readme`: the README's result tables are generated from the committed results
+  CSVs (blocks between ``<!-- results: ... -->`` and ``<!-- /results -->``), so every number
+  there has an artefact; ``python -m nfpi.repro README.md`` rewrites them and
+  ``tests/test_readme.py`` checks that they agree.
 
 Example:
     >>> from nfpi.repro import expect
@@ -25,10 +33,17 @@ import hashlib
 import json
 import math
 import os
+import re
+import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResultMismatch", "code_fingerprint", "expect", "run_dir", "run_key"]
+import pandas as pd
+from scipy import stats
+
+__all__ = ["ResultMismatch", "code_fingerprint", "expect", "expect_recorded", "markdown_summary", "read_recorded",
+           "render_readme", "run_dir", "run_key", "seed_summary"]
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -81,3 +96,113 @@ def expect(label: str, value: float, recorded: float, tol: float, spread: str) -
         raise ResultMismatch(f"{line}: OUTSIDE the tolerance. If the change is intended, re-measure the "
                              "spread, then renew the recorded value and the tolerance beside this check.")
     print(f"{line}: ok")
+
+
+def seed_summary(results: pd.DataFrame, metrics: Sequence[str], by: str = "setting", seed: str = "seed",
+                 baseline: str | None = None) -> pd.DataFrame:
+    """One row per value of ``by`` (in order of appearance): ``seeds``, and for each metric its
+    ``<m>_mean`` and ``<m>_std`` over seeds; with ``baseline`` (a value of ``by``) also the
+    paired difference to it, seed by seed: ``<m>_diff_mean``, ``<m>_diff_std`` and
+    ``<m>_diff_ci95`` (half-width of the Student-t 95 % interval of the mean difference; NaN
+    with fewer than 2 shared seeds)."""
+    order = list(dict.fromkeys(results[by]))
+    table = results.groupby(by)[list(metrics)].agg(["mean", "std"]).reindex(order)
+    table.columns = [f"{m}_{stat}" for m, stat in table.columns]
+    table.insert(0, "seeds", results.groupby(by)[seed].nunique().reindex(order))
+    if baseline is not None:
+        if baseline not in order:
+            raise ValueError(f"baseline {baseline!r} is not a value of {by!r}: {order}")
+        for m in metrics:
+            by_seed = results.pivot_table(index=seed, columns=by, values=m)
+            diffs = by_seed.sub(by_seed[baseline], axis=0)
+            n = diffs.notna().sum()
+            half = stats.t.ppf(0.975, (n - 1).clip(lower=1)) * diffs.std() / n.pow(0.5)
+            table[f"{m}_diff_mean"] = diffs.mean().reindex(order)
+            table[f"{m}_diff_std"] = diffs.std().reindex(order)
+            table[f"{m}_diff_ci95"] = half.where(n >= 2).reindex(order)
+    return table
+
+
+def read_recorded(path: str | os.PathLike[str]) -> pd.DataFrame | None:
+    """The committed results table at ``path``, read before a notebook recomputes it (None if
+    there is none yet)."""
+    path = Path(path)
+    return pd.read_csv(path) if path.exists() else None
+
+
+def expect_recorded(fresh: pd.DataFrame, recorded: pd.DataFrame | None, floors: Mapping[str, float],
+                    by: str | Sequence[str] = "setting", seed: str = "seed", sigmas: float = 3.0) -> None:
+    """:func:`expect` the mean over seeds of every metric in ``floors``, for every setting
+    (value of ``by``, one column or several) of ``fresh``, against the ``recorded`` table.
+
+    The tolerance is ``max(floor, sigmas * s * sqrt(1/n_fresh + 1/n_recorded))`` with ``s``
+    the recorded seed-to-seed standard deviation: a mean over seeds may move by as much as a
+    mean over other seeds would (another machine or thread count reduces floats in another
+    order, a perturbation that training amplifies at most to a reseeding). ``floors`` give
+    each metric's resolution (e.g. one test image in %). A setting with fewer than 2 recorded
+    seeds has no measured spread and is refused. Without a recorded table, or for a setting
+    it lacks, nothing is compared and the line says so.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    for setting, group in fresh.groupby(by, sort=False):
+        name = " ".join(map(str, setting))
+        old = None
+        if recorded is not None and set(by) <= set(recorded.columns):
+            hit = (recorded[by].astype(str) == [str(v) for v in setting]).all(axis=1)
+            old = recorded[hit]
+        if old is None or old.empty:
+            print(f"{name}: nothing recorded yet; these numbers become the record when committed")
+            continue
+        n_old, n_new = old[seed].nunique(), group[seed].nunique()
+        if n_old < 2:
+            raise ValueError(f"{name}: the record holds {n_old} seed; a tolerance needs the spread of >= 2")
+        for metric, floor in floors.items():
+            spread = float(old[metric].std())
+            tol = max(floor, sigmas * spread * math.sqrt(1 / n_new + 1 / n_old))
+            expect(f"{name} {metric} (mean of {n_new} seeds)", group[metric].mean(), float(old[metric].mean()),
+                   tol, f"max(floor {floor:g}, {sigmas:g} x recorded seed std {spread:.2f} x "
+                        f"sqrt(1/{n_new} + 1/{n_old}))")
+
+
+def markdown_summary(table: pd.DataFrame, metrics: Sequence[str], by: str = "setting",
+                     baseline: str | None = None, settings: Sequence[str] | None = None) -> str:
+    """A markdown table: one row per setting (``settings`` in that order, or all), the number
+    of seeds and ``mean ± std`` of each metric over seeds, and with ``baseline`` the paired
+    difference of the first metric to it (mean ± 95 % interval half-width)."""
+    summary = seed_summary(table, metrics, by=by, baseline=baseline)
+    if settings is not None:
+        summary = summary.loc[list(settings)]
+    head = [by, "seeds", *metrics] + ([f"{metrics[0]} - {baseline} (95 % CI)"] if baseline else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in summary.iterrows():
+        cells = [str(name), str(int(row["seeds"]))]
+        cells += [f"{row[f'{m}_mean']:.2f} ± {row[f'{m}_std']:.2f}" for m in metrics]
+        if baseline:
+            diff, half = row[f"{metrics[0]}_diff_mean"], row[f"{metrics[0]}_diff_ci95"]
+            cells.append("–" if name == baseline else f"{diff:+.2f} ± {half:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(\n<!-- /results -->)", re.S)
+
+
+def _render_block(spec: str, root: Path) -> str:
+    """The table of one README marker: ``<csv> metrics=a,b [by=setting] [baseline=x] [settings=x,y]``."""
+    path, *options = spec.split()
+    args = dict(option.split("=", 1) for option in options)
+    table = pd.read_csv(root / path)
+    settings = args["settings"].split(",") if "settings" in args else None
+    return markdown_summary(table, args["metrics"].split(","), by=args.get("by", "setting"),
+                            baseline=args.get("baseline"), settings=settings)
+
+
+def render_readme(text: str, root: str | os.PathLike[str]) -> str:
+    """``text`` with every results block regenerated from its CSV (paths relative to ``root``)."""
+    return _BLOCK.sub(lambda m: m.group(1) + _render_block(m.group("spec"), Path(root)) + m.group(4), text)
+
+
+if __name__ == "__main__":  # python -m nfpi.repro README.md: regenerate its results tables
+    readme = Path(sys.argv[1] if len(sys.argv) > 1 else "README.md")
+    readme.write_text(render_readme(readme.read_text(), readme.parent))
+    print(f"{readme}: {len(_BLOCK.findall(readme.read_text()))} results tables regenerated")

@@ -186,7 +186,7 @@ def test_run_grid_trains_and_evaluates_only_what_is_missing(base, oracle, tmp_pa
 
     # A new evaluation of a finished run: the checkpoint is reused, not retrained.
     monkeypatch.undo()
-    checkpoint = keyed_run_dir(tmp_path / "runs", "fpi", base) / "checkpoint.pt"
+    checkpoint = keyed_run_dir(tmp_path / "runs", "flow", base) / "checkpoint.pt"
     stamp = checkpoint.stat().st_mtime_ns
     cooler = run_grid({"fpi": {}}, base, tmp_path / "runs", csv, oracle, EVAL.replace(cnn=False, temperature=0.5))
     assert cooler.loc[0, "eval"] == "n=4,T=0.5,ms=1,diag,gen"
@@ -196,7 +196,7 @@ def test_run_grid_trains_and_evaluates_only_what_is_missing(base, oracle, tmp_pa
     # Another config under the same name (one more epoch): its own run folder, re-evaluated in place.
     longer = run_grid({"fpi": {}}, base.replace(epochs=2), tmp_path / "runs", csv, oracle, evals[1])
     assert longer.loc[0, "epochs"] == 2 and longer.loc[0, "config_hash"] != first.loc[3, "config_hash"]
-    assert (keyed_run_dir(tmp_path / "runs", "fpi", base.replace(epochs=2)) / "checkpoint.pt").exists()
+    assert (keyed_run_dir(tmp_path / "runs", "flow", base.replace(epochs=2)) / "checkpoint.pt").exists()
     assert len(read_rows(csv)) == 5
 
 

@@ -12,9 +12,10 @@ from nfpi import data
 from nfpi.augment import AugmentConfig
 from nfpi.finetune import (
     PAPER_MODEL, SETTINGS, FinetuneConfig, PretrainedWeightsMissing, build_model, cached_weights, compare,
-    make_optimizer, summary, train_setting, training_set, weights_status,
+    make_optimizer, train_setting, training_set, weights_status,
 )
 from nfpi.flows import Glow
+from nfpi.repro import seed_summary
 
 TINY = dict(model_kwargs=dict(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2), epochs=1,
             batch_size=16, eval_batch_size=64)
@@ -114,16 +115,6 @@ def test_compare_writes_a_tidy_table(tmp_path):
     assert list(table["setting"]) == list(SETTINGS) * 2 and list(table["seed"]) == [0] * 4 + [1] * 4
     assert {"top1", "top5", "ft_lr", "ft_model.depth", "nfa_k", "nfa_law", "n_train"} <= set(table.columns)
     assert (table["n_train"] == 60).all() and len(list(tmp_path.glob("nfa_toy_*.npz"))) == 2
-    s = summary(table)
+    s = seed_summary(table, ["top1", "top5"], baseline="baseline")
     assert list(s.index) == list(SETTINGS) and (s["seeds"] == 2).all()
-    assert s.loc["baseline", "top1_gain_mean"] == 0
-
-
-def test_summary_pairs_gains_by_seed():
-    results = pd.DataFrame({"setting": ["baseline", "nfa"] * 3, "seed": [0, 0, 1, 1, 2, 2],
-                            "top1": [50.0, 52.0, 60.0, 61.0, 70.0, 73.0], "top5": [90.0] * 6})
-    s = summary(results)
-    assert s.loc["nfa", "top1_mean"] == pytest.approx(62.0)
-    assert s.loc["nfa", "top1_gain_mean"] == pytest.approx(2.0)
-    assert s.loc["nfa", "top1_gain_std"] == pytest.approx(1.0)  # gains 2, 1, 3
-    assert s.loc["baseline", "top1_std"] == pytest.approx(10.0)
+    assert s.loc["baseline", "top1_diff_mean"] == 0

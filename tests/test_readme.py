@@ -1,6 +1,9 @@
-"""The README's quick-start example runs as printed."""
+"""The README's quick-start example runs as printed, and its results tables are the committed
+results CSVs (every published number has an artefact)."""
 import re
 from pathlib import Path
+
+from nfpi import repro
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -11,3 +14,14 @@ def test_readme_quick_start_runs():
     assert blocks, "README lost its executed quick-start block"
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
+
+
+def test_readme_results_tables_agree_with_the_committed_artefacts():
+    text = README.read_text()
+    blocks = re.findall(r"<!-- results: (\S+)", text)
+    assert blocks, "the README has no results table generated from a results CSV"
+    for path in blocks:
+        assert (README.parent / path).is_file(), f"README table without its artefact: {path}"
+    assert repro.render_readme(text, README.parent) == text, (
+        "a README results table differs from its CSV: run `python -m nfpi.repro README.md` after re-running "
+        "the notebook, and commit both")
