@@ -11,7 +11,7 @@ export PYTHONHASHSEED := 0
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 EXECUTED := $(NOTEBOOKS:.py=.ipynb)
 
-.PHONY: venv test unit nbval reproduce bench clean
+.PHONY: venv test quick unit nbval reproduce bench clean
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -24,6 +24,10 @@ test: unit nbval
 
 unit: venv
 	$(BIN)/python -m pytest tests -q
+
+# The quick loop while editing: everything but the tests marked slow (under 2 minutes).
+quick: venv
+	$(BIN)/python -m pytest tests -q -m "not slow"
 
 # nbval re-executes the committed notebooks and compares the cells marked NBVAL_CHECK_OUTPUT.
 nbval: venv

@@ -86,7 +86,10 @@ rows = train_settings(base, {p: {"gaussians.prior": p, "gaussians.lam": lam} for
 Path(results).mkdir(parents=True, exist_ok=True)
 pd.concat([selection, rows], ignore_index=True).to_csv(table_path, index=False)
 summary = repro.seed_summary(rows, ["acc_top1", "acc_top5", "test_bpd"], baseline="data")
-print(summary.round(2).to_string())
+print(summary[["seeds"] + [f"{m}_{s}" for m in ("acc_top1", "acc_top5", "test_bpd") for s in ("mean", "std")]]
+      .round(2).to_string())
+print("\npaired by seed, against data init (95 % interval half-width):")
+print(summary[[f"{m}_diff_{s}" for m in ("acc_top1", "test_bpd") for s in ("mean", "ci95")]].round(2).to_string())
 
 # %% [markdown]
 # ## Checked against the committed results

@@ -297,6 +297,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_path: str, run_dir: str, i
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes(tmp_path):
     """DDP on CPU: the run completes, only rank 0 writes, and the all-reduced class
     statistics the FPI solve sees are those of a single process."""
