@@ -317,3 +317,15 @@ def test_checkpoint_without_shape_still_loads(finished, tmp_path: Path) -> None:
     assert tuple(old[0].in_shape) == tuple(new[0].in_shape) == (1, 8, 8)
     x = torch.zeros(2, 1, 8, 8)
     assert torch.equal(old[0](x)[0], new[0](x)[0])
+
+
+def test_dataset_names_folders_and_typos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(dataset="FashionMNIST").dataset == "FashionMNIST"  # torchvision's spelling
+    assert TrainConfig(dataset="not/yet/there").dataset == "not/yet/there"  # a path: checked when loading
+    with pytest.raises(ValueError, match=r"unknown dataset 'fashion_mnst': neither a known dataset .* nor a folder"):
+        TrainConfig(dataset="fashion_mnst")
+    (tmp_path / "mine").mkdir()
+    assert TrainConfig(dataset="mine").dataset == "mine"
+    with pytest.raises(FileNotFoundError, match="has neither train.npz nor train/"):
+        load_data(TrainConfig(dataset="mine"))
