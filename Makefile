@@ -14,8 +14,9 @@ export PYTHONHASHSEED := 0
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 EXECUTED := $(NOTEBOOKS:.py=.ipynb)
 NB_IDS := $(foreach nb,$(NOTEBOOKS),$(firstword $(subst _, ,$(notdir $(nb)))))
-# papermill options for nb-NN / reproduce, e.g. P="-p epochs 3 -p lam 100". With P set, the
-# executed copy goes to runs/notebooks/ (gitignored): the tracked .ipynb always holds the defaults.
+# papermill options for nb-NN / reproduce, e.g. P="-p config ../configs/mnist_cpu.yaml". With P
+# set, the executed copy and its figures go to runs/notebooks/ (gitignored): the tracked .ipynb
+# and figures/ always hold the defaults.
 P ?=
 LAB_ARGS ?=
 
@@ -53,7 +54,7 @@ $(addprefix nb-,$(NB_IDS)): nb-%: venv
 	echo "== $$src -> $$out $(P)"; \
 	$(BIN)/jupytext --quiet --to ipynb --output "$$tmp/$$name.ipynb" "$$src" && \
 	NFPI_PROGRESS=log $(BIN)/papermill --cwd notebooks -k python3 --log-level WARNING --no-progress-bar \
-		$(P) "$$tmp/$$name.ipynb" "$$tmp/executed.ipynb" && \
+		$(if $(strip $(P)),-p figures ../runs/notebooks/figures) $(P) "$$tmp/$$name.ipynb" "$$tmp/executed.ipynb" && \
 	$(BIN)/python -m nfpi._notebooks "$$tmp/executed.ipynb" "$$out" $(if $(strip $(P)),,"$$src")
 
 # JupyterLab from the virtualenv, in the repository root (NFPI_DATA exported above).
