@@ -583,3 +583,17 @@ def test_image_folder_tree(tmp_path: Path) -> None:
     Image.fromarray(np.zeros((9, 16), dtype=np.uint8)).save(tmp_path / "train" / "b_circle" / "odd.png")
     with pytest.raises(D.DatasetFormatError, match=r"odd.png is 9x16 pixels .* resize them"):
         D.load(str(tmp_path), "train")
+
+
+@settings(max_examples=15, deadline=None)
+@given(h=st.integers(1, 20), w=st.integers(1, 20), c=st.sampled_from([1, 3]), k=st.integers(1, 6),
+       seed=st.integers(0, 2**16))
+def test_folder_npz_shape_and_classes_come_from_the_data(tmp_path_factory, h, w, c, k, seed) -> None:
+    folder = tmp_path_factory.mktemp("any")
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (2 * k, h, w, c), dtype=np.uint8)
+    classes = np.array([f"class {i}" for i in range(k)])
+    write_npz(folder / "train.npz", x=x, y=np.arange(2 * k) % k, classes=classes)
+    a = D.load(str(folder), "train")
+    assert (a.shape, a.num_classes, a.classes) == ((c, h, w), k, tuple(classes))
+    assert np.array_equal(a.x.permute(0, 2, 3, 1).numpy(), x)
