@@ -1,6 +1,9 @@
 # Two entry points on a fresh machine (see README):
 #   make reproduce   set up .venv and execute every notebook on its CPU defaults (figures -> figures/)
 #   make test        set up .venv, run the unit tests, then re-execute the notebooks with nbval
+# and, for working interactively (README "Working in JupyterLab"):
+#   make lab         JupyterLab from .venv (kernel "Python 3 (ipykernel)" = .venv's Python)
+#   make nb-02 P="-p epochs 3"   one notebook, papermill parameters passed through
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,8 +13,14 @@ export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
 EXECUTED := $(NOTEBOOKS:.py=.ipynb)
+NB_IDS := $(foreach nb,$(NOTEBOOKS),$(firstword $(subst _, ,$(notdir $(nb)))))
+# papermill options for nb-NN / reproduce, e.g. P="-p config ../configs/mnist_cpu.yaml". With P
+# set, the executed copy and its figures go to runs/notebooks/ (gitignored): the tracked .ipynb
+# and figures/ always hold the defaults.
+P ?=
+LAB_ARGS ?=
 
-.PHONY: venv test quick unit nbval reproduce bench clean
+.PHONY: venv test quick unit nbval reproduce lab bench clean $(addprefix nb-,$(NB_IDS))
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -34,13 +43,27 @@ nbval: venv
 	cd notebooks && ../$(BIN)/python -m pytest --nbval-lax --nbval-sanitize-with sanitize.cfg \
 		-p no:cacheprovider -q $(notdir $(EXECUTED))
 
-# Convert each jupytext source to a notebook and execute it in place with papermill.
 reproduce: venv
-	@for nb in $(NOTEBOOKS); do \
-		echo "== $$nb"; \
-		$(BIN)/jupytext --quiet --to ipynb --output $${nb%.py}.ipynb $$nb && \
-		$(BIN)/papermill --cwd notebooks -k python3 --log-level WARNING $${nb%.py}.ipynb $${nb%.py}.ipynb || exit 1; \
-	done
+	@for id in $(NB_IDS); do $(MAKE) --no-print-directory nb-$$id || exit 1; done
+
+# One notebook: jupytext source -> papermill into a temporary file (one progress line per epoch)
+# -> volatile metadata stripped -> the .ipynb written only if its bytes change, then the .py
+# touched so that jupytext (JupyterLab) never finds the .ipynb newer than its source.
+$(addprefix nb-,$(NB_IDS)): nb-%: venv
+	@src=$$(ls notebooks/$*_*.py 2>/dev/null | head -n 1); \
+	if [ -z "$$src" ]; then echo "no notebooks/$*_*.py; the notebooks are: $(NB_IDS)"; exit 2; fi; \
+	name=$$(basename "$${src%.py}"); \
+	out=$(if $(strip $(P)),runs/notebooks/$$name.ipynb,notebooks/$$name.ipynb); \
+	tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "== $$src -> $$out $(P)"; \
+	$(BIN)/jupytext --quiet --to ipynb --output "$$tmp/$$name.ipynb" "$$src" && \
+	NFPI_PROGRESS=log $(BIN)/papermill --cwd notebooks -k python3 --log-level WARNING --no-progress-bar \
+		$(if $(strip $(P)),-p figures ../runs/notebooks/figures) $(P) "$$tmp/$$name.ipynb" "$$tmp/executed.ipynb" && \
+	$(BIN)/python -m nfpi._notebooks "$$tmp/executed.ipynb" "$$out" $(if $(strip $(P)),,"$$src")
+
+# JupyterLab from the virtualenv, in the repository root (NFPI_DATA exported above).
+lab: venv
+	$(BIN)/jupyter lab $(LAB_ARGS)
 
 bench: venv
 	$(BIN)/python benchmarks/bench_fpi.py

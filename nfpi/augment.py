@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
 from . import data
+from ._progress import tqdm
 from .flows import ActNorm
 from .priors import ClassGaussians
 

@@ -32,7 +32,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
+
+from ._progress import tqdm
 
 __all__ = [
     "ClassifierConfig",

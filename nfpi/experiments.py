@@ -218,8 +218,9 @@ def load_oracle(cfg: TrainConfig, classifier: ClassifierConfig, path: str | os.P
 
 def check_compatible(cfg: TrainConfig, oracle: Oracle) -> None:
     """Raise ValueError unless a flow of ``cfg`` generates what ``oracle`` can judge."""
-    c, h, w = data.DATASETS[cfg.dataset].shape
-    flow = {"dataset": cfg.dataset, "number of classes": data.DATASETS[cfg.dataset].num_classes,
+    info = data.info(cfg.dataset, cfg.data_dir)
+    c, h, w = info.shape
+    flow = {"dataset": cfg.dataset, "number of classes": info.num_classes,
             "bits": cfg.bits, "image shape": (c, h + 2 * cfg.pad, w + 2 * cfg.pad)}
     judge = {"dataset": oracle.dataset, "number of classes": oracle.num_classes, "bits": oracle.bits,
              "image shape": oracle.shape}

@@ -46,9 +46,9 @@ from timm.data.auto_augment import rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from . import data
+from ._progress import tqdm
 from .augment import AugmentConfig, NFAugmenter, generate_dataset, generation_fingerprint, load_generated
 from .classifiers import apply_batched, topk_accuracy
 from .priors import ClassGaussians

@@ -87,9 +87,9 @@ import yaml
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
 
 from . import data, fpi, gd, repro
+from ._progress import tqdm
 from .classifiers import topk_accuracy
 from .flows import Glow
 from .fpi import ClassStats
@@ -265,7 +265,7 @@ class TrainConfig:
     codes: CodeConfig = field(default_factory=CodeConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("dataset", self.dataset, tuple(data.DATASETS))
+        data.check_dataset(self.dataset, self.data_dir)
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         if not 1 <= self.bits <= 8:
             raise ValueError(f"bits must lie in 1..8, got {self.bits}")
@@ -441,6 +441,10 @@ def _splits(cfg: TrainConfig) -> tuple[data.ImageArrays, data.ImageArrays | None
     """(train, validation or None, test) images of ``cfg``."""
     train_set = data.load(cfg.dataset, "train", cfg.data_dir, download=cfg.download)
     test_set = data.load(cfg.dataset, "test", cfg.data_dir, download=cfg.download)
+    if (train_set.shape, train_set.classes) != (test_set.shape, test_set.classes):
+        raise data.DatasetFormatError(
+            f"dataset {cfg.dataset!r}: the train and test splits differ (images {train_set.shape} vs "
+            f"{test_set.shape}, classes {train_set.classes} vs {test_set.classes}); both need the same")
     if cfg.per_class is not None:
         train_set = train_set.subset(data.class_balanced_indices(train_set.y, cfg.per_class, cfg.seed))
     if cfg.test_per_class is not None:
@@ -684,6 +688,19 @@ def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") 
     return out
 
 
+def _check_levels(cfg: TrainConfig, shape: tuple[int, int, int]) -> None:
+    """Fail before training when the (padded) image size does not suit ``model.levels``."""
+    _, h, w = shape
+    step = 2 ** cfg.model.levels
+    if h % step or w % step:
+        base_h, base_w = h - 2 * cfg.pad, w - 2 * cfg.pad
+        fits = [p for p in range(step) if not (base_h + 2 * p) % step and not (base_w + 2 * p) % step]
+        raise ValueError(
+            f"images of {cfg.dataset!r} are {h}x{w} after padding (pad={cfg.pad}), not divisible by "
+            f"2**model.levels = {step}: lower model.levels (each level halves the size) or change pad so "
+            f"that both sides are multiples of {step}" + (f" (e.g. pad={fits[0]})" if fits else ""))
+
+
 def _build_model(cfg: TrainConfig, shape: tuple[int, int, int]) -> Glow:
     m = cfg.model
     return Glow(shape, levels=m.levels, steps=m.steps, hidden=m.hidden, conv=m.conv,
@@ -702,8 +719,12 @@ def load_checkpoint(path: str | os.PathLike[str], ema: bool = True,
                                 "python -m nfpi.train --config ...)")
     ckpt = _read_checkpoint(path)
     cfg = TrainConfig.from_dict(ckpt["config"])
-    c, h, w = data.DATASETS[cfg.dataset].shape
-    model = _build_model(cfg, (c, h + 2 * cfg.pad + cfg.codes.rows, w + 2 * cfg.pad))
+    if "shape" in ckpt:  # the flow's input (C, H, W), as trained
+        c, h, w = ckpt["shape"]
+    else:  # checkpoints before datasets were read from the data: registered datasets only
+        c, h, w = data.DATASETS[cfg.dataset].shape
+        h, w = h + 2 * cfg.pad + cfg.codes.rows, w + 2 * cfg.pad
+    model = _build_model(cfg, (c, h, w))
     if ema:
         state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     else:
@@ -748,6 +769,7 @@ class _Run:
                              "lower batch_size or use more data (per_class)")
         self.shape = self.train_set.shape
         self.dim = math.prod(self.shape)
+        _check_levels(cfg, self.shape)
 
         torch.manual_seed(cfg.seed)
         self.model = _build_model(cfg, self.shape).to(self.device)
@@ -906,7 +928,7 @@ class _Run:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "metrics": self.rows, "solves": self.solves,
+            "metrics": self.rows, "solves": self.solves, "shape": list(self.shape),
         }
 
     def _summary(self) -> dict[str, Any]:

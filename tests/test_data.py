@@ -279,19 +279,30 @@ def test_digits_loads_without_files(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_unknown_dataset_and_split() -> None:
-    with pytest.raises(ValueError, match="known datasets: cifar10, cifar100, digits, mnist"):
-        D.load("svhn")
+def test_unknown_dataset_and_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"unknown dataset 'svhm': neither a known dataset \(cifar10, .*svhn"):
+        D.load("svhm")
     with pytest.raises(ValueError, match="unknown split 'val'"):
         D.load("digits", "val")
 
 
 def test_data_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = Path(__file__).resolve().parents[1]
+    assert D.REPO_ROOT == repo
+    monkeypatch.chdir(tmp_path)  # e.g. a kernel running in notebooks/
     monkeypatch.delenv("NFPI_DATA", raising=False)
-    assert D.data_dir() == Path("data")
+    assert D.data_dir() == repo / "data"
+    monkeypatch.setenv("NFPI_DATA", "../shared/data")  # relative: against the repository root
+    assert D.data_dir() == repo / "../shared/data"
     monkeypatch.setenv("NFPI_DATA", str(tmp_path))
     assert D.data_dir() == tmp_path
-    assert D.data_dir("elsewhere") == Path("elsewhere")
+    assert D.data_dir("elsewhere") == Path("elsewhere")  # an explicit path is the caller's
+
+
+def test_torchvision_spellings_name_the_registry_entry() -> None:
+    assert [D.registered(n) for n in ("CIFAR-100", "FashionMNIST", "fashion_mnist", "STL10", "my/folder")] \
+        == ["cifar100", "fashionmnist", "fashionmnist", "stl10", None]
 
 
 def test_missing_file_offline_explains_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -477,3 +488,112 @@ def test_workers_draw_different_reproducible_noise() -> None:
     first, second = run(), run()
     assert len(first) == 2 and not torch.equal(first[0], first[1])
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# --------------------------------------------------------------------------- any dataset
+class FakeSTL10:
+    """Stands in for torchvision.datasets.STL10: split=..., channel-first data, labels."""
+
+    def __init__(self, root: str, split: str, download: bool) -> None:
+        gen = torch.Generator().manual_seed(0 if split == "train" else 1)
+        self.data = torch.randint(0, 256, (12, 3, 96, 96), dtype=torch.uint8, generator=gen).numpy()
+        self.labels = np.arange(12) % 10
+        self.classes = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+
+
+class FakeSVHN:
+    """torchvision.datasets.SVHN has no ``classes``: the labels are the digits."""
+
+    def __init__(self, root: str, split: str, download: bool) -> None:
+        self.data = np.zeros((10, 3, 32, 32), dtype=np.uint8)
+        self.labels = np.arange(10)
+
+
+def test_torchvision_datasets_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision.datasets
+
+    monkeypatch.setattr(torchvision.datasets, "STL10", FakeSTL10)
+    monkeypatch.setattr(torchvision.datasets, "SVHN", FakeSVHN)
+    a = D.load("STL10", "test", data_dir=tmp_path, download=True)
+    source = FakeSTL10("", "test", False)
+    assert (a.name, a.shape, a.num_classes, a.classes[0]) == ("stl10", (3, 96, 96), 10, "airplane")
+    assert np.array_equal(a.x.numpy(), source.data) and np.array_equal(a.y.numpy(), source.labels)
+    assert (tmp_path / "stl10_test.npz").is_file()
+    b = D.load("svhn", "train", data_dir=tmp_path, download=True)
+    assert b.classes == tuple(str(k) for k in range(10)) and b.shape == (3, 32, 32)
+
+
+def test_offline_download_names_the_file_to_provide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import urllib.error
+
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "KMNIST", offline)
+    with pytest.raises(FileNotFoundError) as info:
+        D.load("kmnist", "train", data_dir=tmp_path, download=True)
+    message = str(info.value)
+    assert "\n" not in message and "offline" in message and str(tmp_path / "kmnist_train.npz") in message
+    assert not list(tmp_path.glob("*.npz"))
+
+
+def test_folder_of_npz_files_any_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for split, n in (("train", 30), ("test", 9)):
+        write_npz(folder / f"{split}.npz", x=rng.integers(0, 256, (n, 12, 20, 3), dtype=np.uint8),
+                  y=np.arange(n) % 3, classes=np.array(["cat", "dog", "fox"]))
+    a = D.load(str(folder), "train")
+    assert (a.shape, a.classes, len(a), a.name) == ((3, 12, 20), ("cat", "dog", "fox"), 30, str(folder))
+    # A bare folder name is also looked for under the data directory.
+    monkeypatch.setenv("NFPI_DATA", str(tmp_path))
+    monkeypatch.chdir(folder)
+    assert torch.equal(D.load("mine", "test").x, D.load(str(folder), "test").x)
+    assert D.info("mine").shape == (3, 12, 20) and D.info("mine").num_classes == 3
+    write_npz(folder / "test.npz", x=np.zeros((4, 12, 20), dtype=np.uint8), y=np.zeros(4), classes=np.array(["a"]))
+    with pytest.raises(D.DatasetFormatError, match=r"test.npz: x must be uint8 of shape \(N, H, W, C\)"):
+        D.load("mine", "test")
+    (folder / "test.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=r"has neither test.npz nor test/: provide .*test.npz"):
+        D.load("mine", "test")
+
+
+def test_image_folder_tree(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    expected = {}
+    for k, name in enumerate(["b_circle", "a_square"]):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        for i in range(3):
+            img = rng.integers(0, 256, (8, 16), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / "train" / name / f"{i}.png")
+            expected[(name, i)] = img
+    (tmp_path / "train" / "a_square" / "notes.txt").write_text("not an image")
+    a = D.load(str(tmp_path), "train")
+    assert a.classes == ("a_square", "b_circle") and a.shape == (1, 8, 16) and len(a) == 6
+    assert a.y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert np.array_equal(a.x[4, 0].numpy(), expected[("b_circle", 1)])
+    # One colour image makes the set RGB; a different size is an error naming the file.
+    Image.fromarray(rng.integers(0, 256, (8, 16, 3), dtype=np.uint8)).save(tmp_path / "train" / "a_square" / "9.png")
+    assert D.load(str(tmp_path), "train").shape == (3, 8, 16)
+    Image.fromarray(np.zeros((9, 16), dtype=np.uint8)).save(tmp_path / "train" / "b_circle" / "odd.png")
+    with pytest.raises(D.DatasetFormatError, match=r"odd.png is 9x16 pixels .* resize them"):
+        D.load(str(tmp_path), "train")
+
+
+@settings(max_examples=15, deadline=None)
+@given(h=st.integers(1, 20), w=st.integers(1, 20), c=st.sampled_from([1, 3]), k=st.integers(1, 6),
+       seed=st.integers(0, 2**16))
+def test_folder_npz_shape_and_classes_come_from_the_data(tmp_path_factory, h, w, c, k, seed) -> None:
+    folder = tmp_path_factory.mktemp("any")
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (2 * k, h, w, c), dtype=np.uint8)
+    classes = np.array([f"class {i}" for i in range(k)])
+    write_npz(folder / "train.npz", x=x, y=np.arange(2 * k) % k, classes=classes)
+    a = D.load(str(folder), "train")
+    assert (a.shape, a.num_classes, a.classes) == ((c, h, w), k, tuple(classes))
+    assert np.array_equal(a.x.permute(0, 2, 3, 1).numpy(), x)

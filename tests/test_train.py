@@ -11,6 +11,7 @@ import shutil
 import socket
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -330,3 +331,43 @@ def test_ddp_two_gloo_processes(tmp_path):
     res = fpi.solve(single, g.lam, alpha=g.alpha, pi=g.pi, learn=g.learn, rule=g.rule, rho=g.rho, tol=g.tol)
     torch.testing.assert_close(prior.means, res.means.float())
     torch.testing.assert_close(prior.variances, res.variances.float())
+
+
+def test_image_size_that_does_not_suit_the_levels_fails_before_training(tmp_path: Path) -> None:
+    folder = tmp_path / "own"
+    folder.mkdir()
+    for split in ("train", "test"):
+        np.savez_compressed(folder / f"{split}.npz", x=np.zeros((30, 12, 12, 1), np.uint8),
+                            y=np.arange(30) % 3, classes=np.array(["a", "b", "c"]))
+    cfg = tiny(dataset=str(folder), per_class=None, test_per_class=None, batch_size=10, **{"model.levels": 3})
+    with pytest.raises(ValueError, match=r"12x12 after padding \(pad=0\), not divisible by 2\*\*model.levels = 8.*"
+                                         r"\(e.g. pad=2\)"):
+        train(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+    np.savez_compressed(folder / "test.npz", x=np.zeros((30, 12, 12, 1), np.uint8), y=np.arange(30) % 2,
+                        classes=np.array(["a", "b"]))
+    with pytest.raises(data.DatasetFormatError, match="the train and test splits differ"):
+        load_data(cfg)
+
+
+def test_checkpoint_without_shape_still_loads(finished, tmp_path: Path) -> None:
+    run_dir, _ = finished
+    ckpt = _states(run_dir)
+    assert ckpt.pop("shape") == [1, 8, 8]
+    torch.save(ckpt, tmp_path / "checkpoint.pt")  # as written before the shape was stored
+    old, new = load_checkpoint(tmp_path), load_checkpoint(run_dir)
+    assert tuple(old[0].in_shape) == tuple(new[0].in_shape) == (1, 8, 8)
+    x = torch.zeros(2, 1, 8, 8)
+    assert torch.equal(old[0](x)[0], new[0](x)[0])
+
+
+def test_dataset_names_folders_and_typos(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig(dataset="FashionMNIST").dataset == "FashionMNIST"  # torchvision's spelling
+    assert TrainConfig(dataset="not/yet/there").dataset == "not/yet/there"  # a path: checked when loading
+    with pytest.raises(ValueError, match=r"unknown dataset 'fashion_mnst': neither a known dataset .* nor a folder"):
+        TrainConfig(dataset="fashion_mnst")
+    (tmp_path / "mine").mkdir()
+    assert TrainConfig(dataset="mine").dataset == "mine"
+    with pytest.raises(FileNotFoundError, match="has neither train.npz nor train/"):
+        load_data(TrainConfig(dataset="mine"))
