@@ -67,8 +67,7 @@ plt.show()
 rows = []
 for name, res in fits.items():
     kl = fpi.pairwise_kl(res.means, res.variances)
-    rows.append({"fit": name, "lambda/K(K-1)": round(res.lam_normalised, 4), "iterations": res.iterations,
-                 "converged": res.converged,
+    rows.append({"fit": name, "lambda/K(K-1)": round(res.lam_normalised, 4), "converged": res.converged,
                  "residual<1e-6": fpi.gradient_residual(stats, res.means, res.variances, res.lam, alpha) < 1e-6,
                  "min KL": round(float(kl[kl > 0].min()), 2),
                  "mean det(Sigma)": round(float(torch.linalg.det(res.variances).mean()), 3)})
@@ -92,9 +91,17 @@ plots.solver_curves(runs, x="iteration", y="change", path=f"{figures}/01_converg
 plt.show()
 
 # %%
-# NBVAL_CHECK_OUTPUT
 print(pd.DataFrame([{"run": n, "iterations": r.iterations, "converged": r.converged} for n, r in runs.items()])
       .to_string(index=False))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+# What holds whatever the float reduction order of the embedding: both modes converge, and
+# Anderson mixing needs fewer iterations (the counts themselves are printed above).
+for lam in (lam_small, lam_large):
+    fast, slow = runs[f"Anderson, lambda={lam:g}"], runs[f"damped 0.5, lambda={lam:g}"]
+    print(f"lambda={lam:g}: both converged {fast.converged and slow.converged}, "
+          f"Anderson faster {fast.iterations < slow.iterations}")
 
 # %% [markdown]
 # ## FPI against gradient descent on the same objective
@@ -122,5 +129,4 @@ summary = pd.DataFrame([{"method": n, "steps": r.iterations,
 print(summary.to_string(index=False))
 
 # %%
-speed = {n: r.history["time"][-1] / max(ours.history["time"][-1], 1e-9) for n, r in baselines.items()}
-print("wall time relative to FPI:", {n: f"{v:.0f}x" for n, v in speed.items()})
+print("iterations (the figure shows wall time):", {n: r.iterations for n, r in curves.items()})

@@ -66,7 +66,6 @@ figures = "../figures"
 progress = False
 
 # %%
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -91,7 +90,6 @@ recorded = repro.read_recorded(results)
 print(f"{base.dataset}, {base.epochs} epochs, {base.model.levels} levels x {base.model.steps} steps, "
       f"rule={base.gaussians.rule}, lambda={lam:g}, seeds {seeds}; evaluation {full.tag()}")
 
-start = time.perf_counter()
 judge = load_oracle(base, ClassifierConfig(**oracle), run_dir / f"oracle_{base.dataset}.pt", progress=progress)
 
 # %% [markdown]
@@ -102,7 +100,6 @@ table3 = run_grid({"data_init": {"gaussians.prior": "data"},
                    "means_only": {**fpi_at, "gaussians.learn": "means"},
                    "variances_only": {**fpi_at, "gaussians.learn": "variances"},
                    f"fpi_lam{lam:g}": fpi_at}, base, run_dir, results, judge, full, progress, seeds)
-print(f"block 1: {time.perf_counter() - start:.0f} s so far")
 
 # %%
 summary3 = repro.seed_summary(table3, metrics, baseline="data_init")
@@ -129,7 +126,6 @@ table1 = run_grid({"data_init": {"gaussians.prior": "data"},
                    **{f"gd_{p}": {**paper_rule, "gaussians.prior": "gd", "gaussians.gd_policy": p,
                                   "gaussians.gd_steps": gd_steps} for p in gd_policies},
                    f"fpi_paper_lam{lam:g}": paper_rule}, base, run_dir, results, judge, nf_only, progress, seeds)
-print(f"block 2: {time.perf_counter() - start:.0f} s so far")
 
 # %%
 summary1 = repro.seed_summary(table1, ["nf_top1", "bpd", "solve_bounds_active"], baseline="data_init")
@@ -147,7 +143,6 @@ solver = run_grid({"random_init": {"gaussians.prior": "random"},
                    "pi_mean": {**fpi_at, "gaussians.pi": "mean"},
                    f"fpi_paper_lam{lam:g}": paper_rule},
                   base, run_dir, results, judge, full, progress, seeds)
-print(f"block 3: {time.perf_counter() - start:.0f} s so far")
 
 # %%
 print(f"pi pairwise and pi mean use the config's {base.gaussians.rule} rule; fpi_paper uses the paper's rule")
@@ -165,7 +160,6 @@ temps = run_grid({f"fpi_lam{lam:g}": fpi_at}, base, run_dir, results, judge,
                  [full.replace(temperature=t) for t in temperatures] + [full.replace(covariance="rfcm")], progress,
                  seeds)
 temps["temperature"] = temps["eval.temperature"].where(temps["eval.covariance"] == "diag")
-print(f"block 4: {time.perf_counter() - start:.0f} s so far")
 
 # %%
 print(repro.seed_summary(temps, metrics, by="eval")[["seeds"] + shown].round(2).to_string())
@@ -191,7 +185,6 @@ glem_rows = run_grid({"glem_em": em_run, "ce": {**ce, "gaussians.prior": "standa
 glem_rfcm = run_grid({"glem_em_rfcm": em_run}, base, run_dir, results, judge, full.replace(covariance="rfcm"),
                      progress, seeds)
 glem_rows = pd.concat([glem_rows, glem_rfcm], ignore_index=True)
-print(f"all blocks: {time.perf_counter() - start:.0f} s")
 
 # %%
 print(repro.seed_summary(glem_rows, metrics + ["code_agreement"])[["seeds"] + shown + ["code_agreement_mean"]]

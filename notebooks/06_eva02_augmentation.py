@@ -56,7 +56,6 @@ results = "../results"
 progress = False
 
 # %%
-import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -67,7 +66,6 @@ from nfpi.augment import AugmentConfig, NFAugmenter
 from nfpi.experiments import train_settings
 from nfpi.train import TrainConfig, load_checkpoint, load_data
 
-start = time.perf_counter()
 torch.manual_seed(0)
 table_path = f"{results}/06_eva02_augmentation.csv"
 recorded = repro.read_recorded(table_path)
@@ -153,7 +151,6 @@ print(table.groupby("setting", sort=False)["seed"].apply(list).to_string())
 # %%
 fig = plots.augmentation_bars(table, order=settings, path=f"{figures}/06_augmentation_bars.png")
 plt.show()
-print(f"notebook time: {time.perf_counter() - start:.0f} s")
 
 # %% [markdown]
 # ## Reading
