@@ -241,8 +241,17 @@ def _download(name: str, split: str, root: Path) -> None:
 
     info = DATASETS[name]
     root.mkdir(parents=True, exist_ok=True)
-    source = getattr(torchvision.datasets, info.torchvision_name)(
-        root=str(root / "raw"), train=split == "train", download=True)
+    try:
+        source = getattr(torchvision.datasets, info.torchvision_name)(
+            root=str(root / "raw"), train=split == "train", download=True)
+    # offline: URLError (an OSError) or torchvision's RuntimeError after trying every mirror
+    except (OSError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConnectionError(
+            f"could not download {name} ({split}) with torchvision.datasets.{info.torchvision_name} "
+            f"({type(err).__name__}: {first}). On a machine without internet access, copy "
+            f"{name}_{split}.npz into {root.resolve()} (or point {ENV_VAR} at its directory) and set "
+            "download=False.") from None
     x = np.asarray(source.data, dtype=np.uint8)
     if x.ndim == 3:
         x = x[..., None]

@@ -21,8 +21,8 @@ import yaml
 from nfpi import data, fpi
 from nfpi.priors import ClassGaussians
 from nfpi.train import (
-    CheckpointError, GaussianConfig, NonFiniteLossError, TrainConfig, _solves_after, class_stats, evaluate,
-    load_checkpoint, load_data, main, train,
+    CheckpointError, GaussianConfig, NonFiniteLossError, TrainConfig, _Run, _solves_after, class_stats,
+    evaluate, load_checkpoint, load_data, main, train,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,9 +120,20 @@ def test_finished_run_is_reused(finished):
     assert (run_dir / "checkpoint.pt").stat().st_mtime_ns == before
 
 
-def test_resume_gives_the_uninterrupted_result(two_epochs, tmp_path):
+def test_resume_gives_the_uninterrupted_result(two_epochs, tmp_path, monkeypatch):
     straight_dir, straight, cfg = two_epochs
-    train(cfg.replace(epochs=1), tmp_path / "split", progress=False)
+    # Interrupted right after the first epoch's checkpoint (an epochs=1 run is refused: its
+    # solve_epoch=1 would never come).
+    save = _Run.save
+
+    def save_then_stop(self):
+        save(self)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_Run, "save", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "split", progress=False)
     assert len(pd.read_csv(tmp_path / "split" / "metrics.csv")) == 1
     resumed = train(cfg, tmp_path / "split", progress=False)
     drop = lambda row: {k: v for k, v in row.items() if k not in ("time", "solve_time")}  # noqa: E731
