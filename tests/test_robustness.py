@@ -9,6 +9,7 @@ on scikit-learn digits (about a second each).
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings, strategies as st
 
 from nfpi import data, fpi, gd
 from nfpi.priors import ClassGaussians
@@ -123,6 +125,20 @@ def test_gd_solve_rejects_bad_arguments(stats, kwargs, message):
     kwargs = {"lam": 1.0, "steps": 3, **kwargs}
     with pytest.raises(ValueError, match=message):
         gd.solve(stats, **kwargs)
+
+
+@given(alpha=st.floats(allow_nan=True), rho=st.floats(allow_nan=True), tol=st.floats(allow_nan=True))
+@settings(max_examples=200, deadline=None)
+def test_solver_arguments_are_refused_exactly_outside_their_range(alpha, rho, tol):
+    valid = {"alpha": alpha > 0 and math.isfinite(alpha), "rho": rho > 1 and math.isfinite(rho),
+             "tol": tol > 0 and math.isfinite(tol)}
+    try:
+        fpi.check_solver_args(lam=1.0, alpha=alpha, pi="pairwise", learn="both", rho=rho, tol=tol, max_iter=10)
+    except ValueError as err:
+        # the first invalid argument, in the order checked, is named
+        assert str(err).startswith(next(name for name, ok in valid.items() if not ok))
+    else:
+        assert all(valid.values())
 
 
 def test_valid_boundary_arguments_still_run(stats):
