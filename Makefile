@@ -41,6 +41,7 @@ reproduce: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_fpi.py
 	$(BIN)/python benchmarks/bench_flow.py
+	$(BIN)/python benchmarks/bench_checkpoint.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
