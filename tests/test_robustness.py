@@ -133,7 +133,8 @@ def test_solver_arguments_are_refused_exactly_outside_their_range(alpha, rho, to
     valid = {"alpha": alpha > 0 and math.isfinite(alpha), "rho": rho > 1 and math.isfinite(rho),
              "tol": tol > 0 and math.isfinite(tol)}
     try:
-        fpi.check_solver_args(lam=1.0, alpha=alpha, pi="pairwise", learn="both", rho=rho, tol=tol, max_iter=10)
+        fpi.check_solver_args(lam=1.0, alpha=alpha, pi="pairwise", learn="both", rho=rho, tol=tol,
+                              max_iter=10)
     except ValueError as err:
         # the first invalid argument, in the order checked, is named
         assert str(err).startswith(next(name for name, ok in valid.items() if not ok))
@@ -284,7 +285,56 @@ def test_a_stale_lock_of_a_killed_process_is_taken_over_and_a_live_one_named(fin
     assert not (run_dir / LOCK_FILE).exists()
 
 
+@pytest.mark.slow
+def test_two_cli_runs_started_together_never_mix(tmp_path):
+    """The issue's worst case: two configs, one run directory, started at once. One run owns
+    the directory; the other is refused (lock, or a checkpoint of another run) and every file
+    left there belongs to the owner."""
+    run_dir = tmp_path / "run"
+    procs = []
+    for lam in (10.0, 50.0):
+        config = write_config(tmp_path / f"{lam}.yaml", epochs=3, per_class=60, **{"gaussians.lam": lam})
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "nfpi.train", "--config", str(config), "--run-dir", str(run_dir),
+             "--no-progress"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}))
+    outs = [p.communicate(timeout=300) for p in procs]
+    codes = [p.returncode for p in procs]
+    assert sorted(codes) == [0, 1], outs
+    owner = [10.0, 50.0][codes.index(0)]
+    refused = outs[codes.index(1)][1].strip().splitlines()
+    assert len(refused) == 1 and ("is in use by another training process" in refused[0]
+                                  or "belongs to a different run" in refused[0])
+    summary = yaml.safe_load((run_dir / "metrics.json").read_text())
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert summary["config"]["gaussians"]["lam"] == ckpt["config"]["gaussians"]["lam"] == owner
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) == 1 + 3
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json"]
+
+
 # ------------------------------------------------------------------ checkpoints
+def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Held before (atomic writes), now with the checksum: a failed save leaves the previous,
+    verifiable checkpoint and no temporary file; the run resumes from it."""
+    replace, calls = os.replace, []
+
+    def full_after_first_epoch(src, dst):
+        calls.append(dst)
+        if len(calls) > 3:  # epoch 0 wrote checkpoint, metrics.csv, metrics.json
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+
+    monkeypatch.setattr("nfpi.train.os.replace", full_after_first_epoch)
+    with pytest.raises(OSError, match="No space left on device"):
+        train(tiny(epochs=2), tmp_path, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json"]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    load_checkpoint(tmp_path)  # verifies
+    assert train(tiny(epochs=2), tmp_path, progress=False)["epoch"] == 1
+
+
 def flip_tensor_bytes(path: Path, count: int = 64) -> None:
     """Invert ``count`` bytes in the middle of the largest tensor record of a torch zip file."""
     with zipfile.ZipFile(path) as z:
