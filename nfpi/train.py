@@ -48,8 +48,11 @@ epoch, EMA weights, deterministic +0.5 dequantisation): test bits/dim under the 
 Gaussian and NF accuracy top-1/top-5 (argmax_y log N(f(x); mu_y, s_y), SPEC §6).
 
 Runs write ``metrics.csv`` (one row per epoch), ``metrics.json`` (final row, solves, config)
-and an atomically replaced ``checkpoint.pt`` every epoch; a run resumed from its checkpoint
-ends bit-identical to an uninterrupted one (data order and noise are seeded per epoch).
+and an atomically replaced ``checkpoint.pt`` every epoch, carrying a SHA-256 of its contents
+that every load verifies; a run resumed from its checkpoint ends bit-identical to an
+uninterrupted one (data order and noise are seeded per epoch). A run directory is locked by
+the process training in it (``fcntl.flock``), and every configuration or environment error
+is raised before any data is read or any epoch is trained.
 Under ``torchrun`` (RANK / WORLD_SIZE set) training uses DistributedDataParallel (NCCL on
 GPU, gloo on CPU); ``batch_size`` is the global batch; only rank 0 writes files.
 
@@ -98,12 +101,13 @@ from .glem import ClassCodes, CodeConfig
 from .priors import ClassGaussians
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "CheckpointError", "GaussianConfig", "ModelConfig", "NonFiniteLossError",
-    "OptimConfig", "RunDirError", "TrainConfig", "check_config", "class_stats", "encode", "evaluate",
-    "load_checkpoint", "load_data", "main", "train",
+    "CHECKPOINT_FORMAT", "CheckpointError", "GaussianConfig", "LOCK_FILE", "ModelConfig",
+    "NonFiniteLossError", "OptimConfig", "RunDirError", "TrainConfig", "check_config", "class_stats",
+    "encode", "evaluate", "load_checkpoint", "load_data", "main", "train",
 ]
 
 CHECKPOINT_FORMAT = "nfpi.train/1"
+LOCK_FILE = ".nfpi.lock"  # in the run directory while a process trains there (see _lock_run_dir)
 PRIORS = ("data", "fpi", "gd", "random", "standard")
 # Settings that may change when a run is resumed: they do not alter the computation
 # (``epochs`` extends a finished run).
@@ -978,9 +982,6 @@ class _Run:
         if self.layout.active:
             dist.barrier()
         return self.rows[-1]
-
-
-LOCK_FILE = ".nfpi.lock"
 
 
 def check_config(cfg: TrainConfig) -> None:
