@@ -14,9 +14,23 @@ from torch import Tensor, nn
 
 from .fpi import ClassStats, FPIResult
 
-__all__ = ["ClassGaussians", "interpolate"]
+__all__ = ["ClassGaussians", "check_latents", "interpolate"]
 
 _LOG_2PI = math.log(2 * math.pi)
+
+
+def check_latents(z: Tensor, dim: int, finite: bool = True) -> None:
+    """Latents must be (B, dim); with ``finite`` also free of NaN/inf (one-line ValueError).
+
+    Scoring needs ``finite``: an argmax over NaN scores silently picks class 0. The NLL of
+    training does not check, so that a diverging loss stops with NonFiniteLossError instead.
+    """
+    if z.ndim != 2 or z.shape[1] != dim:
+        raise ValueError(f"latents must be (B, {dim}), got {tuple(z.shape)}")
+    if finite and not bool(torch.isfinite(z).all()):
+        rows = (~torch.isfinite(z)).any(1).nonzero().flatten()
+        raise ValueError(f"latents contain NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); "
+                         "the flow diverged or its input is corrupt, so no class can be scored")
 
 
 class ClassGaussians(nn.Module):
@@ -77,14 +91,7 @@ class ClassGaussians(nn.Module):
         self.variances.copy_(fresh.variances)
 
     def _check_z(self, z: Tensor, finite: bool = False) -> None:
-        if z.ndim != 2 or z.shape[1] != self.dim:
-            raise ValueError(f"latents must be (B, {self.dim}), got {tuple(z.shape)}")
-        # argmax over NaN scores silently picks class 0; nll keeps NaN so training can stop on it
-        if finite and not bool(torch.isfinite(z).all()):
-            rows = (~torch.isfinite(z)).any(1).nonzero().flatten()
-            raise ValueError(f"latents contain NaN or inf in {len(rows)} row(s) (first: "
-                             f"{rows[:5].tolist()}); the flow diverged or its input is corrupt, so no "
-                             "class can be scored")
+        check_latents(z, self.dim, finite)
 
     def _check_y(self, y: Tensor) -> None:
         if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:

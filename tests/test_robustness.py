@@ -27,6 +27,7 @@ import yaml
 from hypothesis import given, settings, strategies as st
 
 from nfpi import data, fpi, gd
+from nfpi.glem import FullGaussians
 from nfpi.priors import ClassGaussians
 from nfpi.train import (
     LOCK_FILE, CheckpointError, RunDirError, TrainConfig, _lock_run_dir, _unlock_run_dir, load_checkpoint,
@@ -150,8 +151,15 @@ def test_valid_boundary_arguments_still_run(stats):
 
 
 # ------------------------------------------------------------------ the prior
-def test_predict_and_log_prob_refuse_non_finite_latents():
-    prior = ClassGaussians(torch.tensor([[0.0, 0.0], [3.0, 3.0]]), torch.ones(2, 2))
+@pytest.mark.parametrize("kind", ["diagonal", "RFCM"])
+def test_predict_and_log_prob_refuse_non_finite_latents(kind):
+    means = torch.tensor([[0.0, 0.0], [3.0, 3.0]])
+    if kind == "diagonal":
+        prior = ClassGaussians(means, torch.ones(2, 2))
+    else:
+        gen = torch.Generator().manual_seed(0)
+        y = torch.arange(2).repeat_interleave(30)
+        prior = FullGaussians.from_latents(means[y] + torch.randn(60, 2, generator=gen), y, 2)
     good = torch.tensor([[3.0, 3.0], [0.1, 0.0]])
     assert prior.predict(good).tolist() == [1, 0]
     for bad in (float("nan"), float("inf"), -float("inf")):
