@@ -68,6 +68,7 @@ lab: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_fpi.py
 	$(BIN)/python benchmarks/bench_flow.py
+	$(BIN)/python benchmarks/bench_checkpoint.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -359,11 +359,14 @@ def _download(name: str, split: str, root: Path) -> None:
     try:
         source = getattr(torchvision.datasets, info.torchvision_name)(
             root=str(root / "raw"), download=True, **split_kw)
-    except (OSError, RuntimeError) as err:  # URLError is an OSError; torchvision raises RuntimeError
-        raise FileNotFoundError(
-            f"could not download {name} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-            f"this machine looks offline: provide {target.resolve()} (SPEC §9 npz, e.g. written by "
-            f"load({name!r}, {split!r}, download=True) on an online machine)") from err
+    # offline: URLError (an OSError) or torchvision's RuntimeError after trying every mirror
+    except (OSError, RuntimeError) as err:
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ConnectionError(
+            f"could not download {name} ({split}) with torchvision.datasets.{info.torchvision_name} "
+            f"({type(err).__name__}: {first}); this machine looks offline: provide {target.resolve()} "
+            f"(copy {name}_{split}.npz into {root.resolve()}, or point {ENV_VAR} at its directory) and set "
+            "download=False.") from None
     x = np.asarray(source.data, dtype=np.uint8)
     if info.channels_first:
         x = x.transpose(0, 2, 3, 1)

@@ -33,7 +33,7 @@ Rule = Literal["paper", "released"]
 __all__ = [
     "ClassStats", "FPIResult", "FPIWarning", "FPIDivergenceError",
     "pairwise_kl", "kernel", "objective", "gradient_residual", "solve",
-    "unbounded_threshold",
+    "unbounded_threshold", "check_solver_args",
 ]
 
 
@@ -67,6 +67,9 @@ class ClassStats:
             raise ValueError(f"latents must have shape (N, D), got {tuple(z.shape)}; flatten images first")
         if y.ndim != 1 or y.shape[0] != z.shape[0]:
             raise ValueError(f"labels must have shape ({z.shape[0]},), got {tuple(y.shape)}")
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            # .long() would truncate 2.7 to class 2 without a word
+            raise ValueError(f"labels must be an integer tensor (torch.long), got {y.dtype}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(
                 f"labels must lie in [0, {num_classes}); found range [{int(y.min())}, {int(y.max())}]. "
@@ -320,6 +323,31 @@ def _full_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, c: flo
 
 
 # ------------------------------------------------------------------------------ the solver
+def _check_choice(name: str, value: object, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_solver_args(*, lam: float, alpha: float, pi: str, learn: str, rho: float, tol: float,
+                      max_iter: int | None = None, tol_zero: bool = False) -> None:
+    """Argument checks shared by :func:`solve` and :func:`nfpi.gd.solve`: one-line ValueErrors
+    naming the argument and its valid range, before any work (``tol_zero``: tol = 0 allowed)."""
+    if not (lam >= 0 and math.isfinite(lam)):
+        raise ValueError(f"lambda must be finite and >= 0, got {lam}")
+    # alpha divides KL in the kernel; rho <= 1 makes the box [v/rho, v*rho] empty or a point.
+    if not (alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha (kernel temperature) must be finite and > 0, e.g. 10; got {alpha}")
+    if not (rho > 1 and math.isfinite(rho)):
+        raise ValueError(f"rho must be finite and > 1 (variances are kept in [v/rho, v*rho]), e.g. 1e3; "
+                         f"got {rho}")
+    if not ((tol >= 0 if tol_zero else tol > 0) and math.isfinite(tol)):
+        raise ValueError(f"tol must be finite and {'>=' if tol_zero else '>'} 0, e.g. 1e-10; got {tol}")
+    if max_iter is not None and not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"max_iter must be an integer >= 1, e.g. 1000; got {max_iter!r}")
+    _check_choice("pi", pi, ("pairwise", "mean"))
+    _check_choice("learn", learn, ("both", "means", "variances"))
+
+
 @dataclass
 class FPIResult:
     """Solution of :func:`solve` (or of :func:`nfpi.gd.solve`).
@@ -389,10 +417,15 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
     k, d = stats.num_classes, stats.dim
     if k < 2:
         raise ValueError("FPI needs at least 2 classes")
-    if lam < 0 or not math.isfinite(lam):
-        raise ValueError(f"lambda must be finite and >= 0, got {lam}")
-    if learn not in ("both", "means", "variances"):
-        raise ValueError(f"learn must be 'both', 'means' or 'variances', got {learn!r}")
+    check_solver_args(lam=lam, alpha=alpha, pi=pi, learn=learn, rho=rho, tol=tol, max_iter=max_iter)
+    _check_choice("rule", rule, ("paper", "released"))
+    _check_choice("covariance", covariance, ("diag", "full"))
+    _check_choice("accel", accel, ("anderson", "none"))
+    _check_choice("on_fail", on_fail, ("warn", "raise"))
+    if accel == "anderson" and not (isinstance(memory, int) and memory >= 1):
+        raise ValueError(f"memory (Anderson history) must be an integer >= 1, got {memory!r}")
+    if not var_floor >= 0:
+        raise ValueError(f"var_floor must be >= 0 (a fraction of the mean data variance), got {var_floor}")
     if rule == "released" and covariance == "full":
         raise ValueError("rule='released' exists for diagonal covariances only")
     if not 0 < damping <= 1:

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .fpi import ClassStats, FPIResult, Learn, Pi, _potential, pairwise_kl
+from .fpi import ClassStats, FPIResult, Learn, Pi, _potential, check_solver_args, pairwise_kl
 
 __all__ = ["POLICIES", "solve"]
 
@@ -44,13 +44,20 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         a, b, c: sigmoid reparametrisation s = c + a sigmoid(b theta). The released defaults
             are a=1, b=1, c=0.25 (absolute units); with a=c=None the range is set per entry to
             [v/rho, v*rho] around the data variance v, which fits latents of any scale.
-        tol: stop early when the RMS parameter change of a step is below tol.
+        tol: stop early when the RMS parameter change of a step is below tol (0: never).
         seconds: stop after this wall time (for equal-time comparisons).
     Returns:
         FPIResult; ``history`` has the potential, change, and time of every step.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown lr policy {policy!r}; choose one of {sorted(POLICIES)}")
+    check_solver_args(lam=lam, alpha=alpha, pi=pi, learn=learn, rho=rho, tol=tol, tol_zero=True)
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps must be an integer >= 1, e.g. 1000; got {steps!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be finite and > 0, e.g. 0.05; got {lr}")
+    if stats.num_classes < 2:
+        raise ValueError("gradient descent on J needs at least 2 classes")
     if (a is None) != (c is None):
         raise ValueError("give both a and c (absolute sigmoid range) or neither (data-relative range)")
     start = time.perf_counter()

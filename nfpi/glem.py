@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from . import data
+from .priors import check_latents
 
 __all__ = ["ClassCodes", "CodeConfig", "FullGaussians", "em_overrides"]
 
@@ -160,8 +161,7 @@ class FullGaussians(nn.Module):
         Float64 inside: the Woodbury identity behind it subtracts terms of order |z|^2 / d,
         which float32 cannot resolve when d is a small floor (exact full covariances).
         """
-        if z.ndim != 2 or z.shape[1] != self.dim:
-            raise ValueError(f"latents must be (B, {self.dim}), got {tuple(z.shape)}")
+        check_latents(z, self.dim)
         dist = torch.distributions.LowRankMultivariateNormal(
             self.means.double(), self.factor.double(), self.diag.double(), validate_args=False)
         return dist.log_prob(z.double()[:, None, :]).to(z.dtype)

@@ -14,9 +14,23 @@ from torch import Tensor, nn
 
 from .fpi import ClassStats, FPIResult
 
-__all__ = ["ClassGaussians", "interpolate"]
+__all__ = ["ClassGaussians", "check_latents", "interpolate"]
 
 _LOG_2PI = math.log(2 * math.pi)
+
+
+def check_latents(z: Tensor, dim: int, finite: bool = True) -> None:
+    """Latents must be (B, dim); with ``finite`` also free of NaN/inf (one-line ValueError).
+
+    Scoring needs ``finite``: an argmax over NaN scores silently picks class 0. The NLL of
+    training does not check, so that a diverging loss stops with NonFiniteLossError instead.
+    """
+    if z.ndim != 2 or z.shape[1] != dim:
+        raise ValueError(f"latents must be (B, {dim}), got {tuple(z.shape)}")
+    if finite and not bool(torch.isfinite(z).all()):
+        rows = (~torch.isfinite(z)).any(1).nonzero().flatten()
+        raise ValueError(f"latents contain NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); "
+                         "the flow diverged or its input is corrupt, so no class can be scored")
 
 
 class ClassGaussians(nn.Module):
@@ -76,11 +90,13 @@ class ClassGaussians(nn.Module):
         self.means.copy_(fresh.means)
         self.variances.copy_(fresh.variances)
 
-    def _check_z(self, z: Tensor) -> None:
-        if z.ndim != 2 or z.shape[1] != self.dim:
-            raise ValueError(f"latents must be (B, {self.dim}), got {tuple(z.shape)}")
+    def _check_z(self, z: Tensor, finite: bool = False) -> None:
+        check_latents(z, self.dim, finite)
 
     def _check_y(self, y: Tensor) -> None:
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor (torch.long), got {y.dtype}; "
+                             "convert with y.long() after checking they are whole class indices")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got range [{int(y.min())}, {int(y.max())}]")
 
@@ -88,9 +104,9 @@ class ClassGaussians(nn.Module):
         """log N(z; mu_y, s_y) for every class, (B, K), in z's dtype.
 
         Expanded as matrix products (no B x K x D tensor); the means are centred first so the
-        expansion does not cancel catastrophically.
+        expansion does not cancel catastrophically. Raises ValueError for NaN/inf latents.
         """
-        self._check_z(z)
+        self._check_z(z, finite=True)
         mu, s = self.means.to(z.dtype), self.variances.to(z.dtype)
         centre = mu.mean(0)
         zc, mc = z - centre, mu - centre

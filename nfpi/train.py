@@ -48,8 +48,11 @@ epoch, EMA weights, deterministic +0.5 dequantisation): test bits/dim under the 
 Gaussian and NF accuracy top-1/top-5 (argmax_y log N(f(x); mu_y, s_y), SPEC §6).
 
 Runs write ``metrics.csv`` (one row per epoch), ``metrics.json`` (final row, solves, config)
-and an atomically replaced ``checkpoint.pt`` every epoch; a run resumed from its checkpoint
-ends bit-identical to an uninterrupted one (data order and noise are seeded per epoch).
+and an atomically replaced ``checkpoint.pt`` every epoch, carrying a SHA-256 of its contents
+that every load verifies; a run resumed from its checkpoint ends bit-identical to an
+uninterrupted one (data order and noise are seeded per epoch). A run directory is locked by
+the process training in it (``fcntl.flock``), and every configuration or environment error
+is raised before any data is read or any epoch is trained.
 Under ``torchrun`` (RANK / WORLD_SIZE set) training uses DistributedDataParallel (NCCL on
 GPU, gloo on CPU); ``batch_size`` is the global batch; only rank 0 writes files.
 
@@ -63,16 +66,17 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import fcntl
+import hashlib
 import io
 import json
 import math
 import os
-import pickle
-import sys
+import socket
 import tempfile
 import time
 import typing
-import zipfile
+import warnings
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -92,17 +96,18 @@ from . import data, fpi, gd, repro
 from ._progress import tqdm
 from .classifiers import topk_accuracy
 from .flows import Glow
-from .fpi import ClassStats
+from .fpi import ClassStats, FPIDivergenceError, _check_choice
 from .glem import ClassCodes, CodeConfig
 from .priors import ClassGaussians
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "CheckpointError", "GaussianConfig", "ModelConfig", "NonFiniteLossError",
-    "OptimConfig", "TrainConfig", "class_stats", "encode", "evaluate", "load_checkpoint",
-    "keyed_run_dir", "load_data", "load_validation", "main", "train",
+    "CHECKPOINT_FORMAT", "CheckpointError", "GaussianConfig", "LOCK_FILE", "ModelConfig",
+    "NonFiniteLossError", "OptimConfig", "RunDirError", "TrainConfig", "check_config", "class_stats",
+    "encode", "evaluate", "keyed_run_dir", "load_checkpoint", "load_data", "load_validation", "main", "train",
 ]
 
 CHECKPOINT_FORMAT = "nfpi.train/1"
+LOCK_FILE = ".nfpi.lock"  # in the run directory while a process trains there (see _lock_run_dir)
 PRIORS = ("data", "fpi", "gd", "random", "standard")
 # Settings that may change when a run is resumed: they do not alter the computation
 # (``epochs`` extends a finished run).
@@ -119,11 +124,11 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss or gradient became NaN/inf; training stops instead of continuing."""
 
 
-# ------------------------------------------------------------------------------ configuration
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+class RunDirError(RuntimeError):
+    """The run directory cannot be created or written, or another process is training in it."""
 
+
+# ------------------------------------------------------------------------------ configuration
 
 @dataclass
 class ModelConfig:
@@ -209,6 +214,15 @@ class GaussianConfig:
             raise ValueError(f"gaussians.lam_decay must lie in (0, 1] (1: constant lambda), got {self.lam_decay}")
         if not 0 <= self.lam_min <= self.lam:
             raise ValueError(f"gaussians.lam_min must lie in [0, lam={self.lam:g}], got {self.lam_min}")
+        try:  # the solver's own checks, run now instead of after the first epoch
+            fpi.check_solver_args(lam=self.lam, alpha=self.alpha, pi=self.pi, learn=self.learn, rho=self.rho,
+                                  tol=self.tol, max_iter=self.max_iter)
+        except ValueError as err:
+            raise ValueError(f"gaussians.{err}") from None
+        if not (isinstance(self.gd_steps, int) and self.gd_steps >= 1):
+            raise ValueError(f"gaussians.gd_steps must be an integer >= 1, e.g. 1000; got {self.gd_steps!r}")
+        if not (self.gd_lr > 0 and math.isfinite(self.gd_lr)):
+            raise ValueError(f"gaussians.gd_lr must be finite and > 0, e.g. 0.05; got {self.gd_lr}")
         if self.solve_epoch < -1:
             raise ValueError(f"gaussians.solve_epoch must be >= -1 (-1: before training), got {self.solve_epoch}")
         if self.resolve_every is not None and self.resolve_every < 1:
@@ -292,9 +306,20 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> "TrainConfig":
-        """Load a YAML file (nested sections ``model``, ``optim``, ``gaussians``)."""
+        """Load a YAML file (nested sections ``model``, ``optim``, ``gaussians``); an empty file or
+        invalid YAML raises a one-line ValueError naming the file (and line)."""
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            try:
+                values = yaml.safe_load(f)
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                problem = getattr(err, "problem", None) or err
+                raise ValueError(f"{path}: invalid YAML{where} ({problem}); write `key: value` pairs, "
+                                 "sections indented with spaces (see configs/)") from None
+        if values is None:
+            raise ValueError(f"{path} is empty: a training config must set its options (start from a copy "
+                             "of one in configs/) rather than silently train on the defaults")
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a training config must be a YAML mapping, got {type(values).__name__}")
         try:
@@ -399,7 +424,7 @@ class _Dist:
 
 def _resolve_device(pref: str) -> torch.device:
     if pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was requested but CUDA is not available; use device=auto or cpu")
+        raise ValueError("device='cuda' was requested but CUDA is not available; use device=auto or cpu")
     if pref == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")
@@ -549,7 +574,9 @@ def evaluate(model: nn.Module, prior: ClassGaussians, arrays: data.ImageArrays, 
         z, logdet = model(x)
         z, logdet = z.float(), logdet.float()
         nlls.append((prior.nll(z, y) - logdet).cpu())
-        scores.append(prior.log_prob(z).cpu())
+        # Non-finite latents make the NLL non-finite, which raises below after all processes
+        # gathered; scoring them as 0 here keeps log_prob's NaN check from failing one rank alone.
+        scores.append(prior.log_prob(torch.where(torch.isfinite(z), z, 0.0)).cpu())
         labels.append(y.cpu())
     model.train(was_training)
     parts = [(torch.cat(nlls), torch.cat(scores), torch.cat(labels))] if nlls else []
@@ -657,20 +684,66 @@ def _atomic_write(path: Path, payload: bytes) -> None:
         raise
 
 
+def _feed(h: "hashlib._Hash", obj: Any) -> None:
+    """Hash ``obj`` (nested dicts/lists of tensors and plain values) in a canonical order:
+    tensors by dtype, shape and raw bytes, other values by type and repr."""
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(b"D%d" % len(obj))
+        for key, value in obj.items():  # insertion order: torch.save/load keeps it
+            _feed(h, key)
+            _feed(h, value)
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))
+        for value in obj:
+            _feed(h, value)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def _checksum(ckpt: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's contents (tensor bytes included), without its ``sha256`` entry.
+
+    Computed on the contents rather than the file bytes so that a checkpoint stays an ordinary
+    ``torch.load``-able dict; torch's zip reader checks no CRC, so flipped bytes in tensor data
+    would otherwise load silently."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in ckpt.items() if k != "sha256"})
+    return h.hexdigest()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+
+
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load and validate a checkpoint (tensors and plain types only: weights_only=True)."""
+    """Load and verify a checkpoint (weights_only=True; its SHA-256 must match its contents)."""
+    redo = ("delete it or restore a good copy, or start the run again in another run directory "
+            "(or with resume=False, CLI --no-resume, which overwrites it)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise CheckpointError(
-            f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}). "
-            "It is probably truncated or corrupt: delete it (or train with resume=False / use another "
-            "run directory) to start the run again.") from err
+        size = path.stat().st_size
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if size else None
+    except Exception as err:  # any failure to parse is a damaged file; none may escape as a traceback
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(err)}). It is probably "
+                              f"truncated or corrupt: {redo}.") from err
+    if ckpt is None:
+        raise CheckpointError(f"{path} is not a readable checkpoint (it is empty, 0 bytes): {redo}.")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         tag = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
             f"{path} is not an nfpi training checkpoint (format {tag!r}, expected {CHECKPOINT_FORMAT!r}). "
             "Point to a run directory written by nfpi.train, or use another run directory.")
+    if "sha256" not in ckpt:
+        warnings.warn(f"{path} has no checksum (written before nfpi checkpoints carried one), so its "
+                      "contents cannot be verified; it is loaded as is. Retrain to get a verified one.",
+                      stacklevel=3)
+    elif ckpt["sha256"] != _checksum(ckpt):
+        raise CheckpointError(f"{path} fails its SHA-256 check: its contents changed after it was written "
+                              f"(disk or copy corruption), so its weights cannot be trusted; {redo}.")
     return ckpt
 
 
@@ -939,8 +1012,10 @@ class _Run:
         if self.layout.rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = self._checkpoint()
+        ckpt["sha256"] = _checksum(ckpt)
         buffer = io.BytesIO()
-        torch.save(self._checkpoint(), buffer)
+        torch.save(ckpt, buffer)
         _atomic_write(self.run_dir / "checkpoint.pt", buffer.getvalue())
         table = io.StringIO()
         writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
@@ -985,23 +1060,108 @@ def keyed_run_dir(root: str | os.PathLike[str], name: str, cfg: TrainConfig) -> 
     return repro.run_dir(root, name, cfg.to_dict(), ignore=NOT_KEYED)
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Cross-field rules :func:`train` checks before it touches data or files (the per-field
+    types and ranges are checked when the config is built); one-line ValueErrors."""
+    g = cfg.gaussians
+    if g.prior in ("fpi", "gd", "data") and g.solve_epoch >= cfg.epochs:
+        raise ValueError(
+            f"gaussians.solve_epoch={g.solve_epoch} is not before the end of training (epochs={cfg.epochs}, "
+            f"last epoch {cfg.epochs - 1}), so the prior={g.prior!r} solve would never happen; set "
+            f"gaussians.solve_epoch <= {cfg.epochs - 1} (0: after the first epoch, -1: before training) "
+            "or raise epochs")
+
+
+def _lock_run_dir(run_dir: Path) -> typing.IO[str]:
+    """Create ``run_dir``, check that it is writable and take its advisory lock (fcntl.flock on
+    :data:`LOCK_FILE`, holding the PID; released by :func:`_unlock_run_dir`). The OS drops the
+    lock when its process dies, so the lock file a killed run leaves behind is taken over."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=run_dir, prefix=".nfpi-write-test.")  # as the atomic writes do
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise RunDirError(f"run directory {run_dir} is not writable ({_first_line(err)}); choose another "
+                          "run directory (CLI --run-dir)") from None
+    path = run_dir / LOCK_FILE
+    while True:
+        handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "PID not yet written"
+            handle.close()
+            raise RunDirError(f"run directory {run_dir} is in use by another training process ({holder}); "
+                              "wait for it to finish or use another run directory") from None
+        except OSError as err:
+            handle.close()
+            raise RunDirError(f"cannot lock run directory {run_dir} ({_first_line(err)}); use a run "
+                              "directory on a local file system") from None
+        # The previous holder removes the file on release: if that happened between our open and
+        # flock, we locked a deleted file and must retry on the new one.
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
+    return handle
+
+
+def _unlock_run_dir(handle: typing.IO[str], run_dir: Path) -> None:
+    """Remove the lock file while still holding the lock, then release it; a run directory
+    left empty (the run failed before writing anything) is removed too."""
+    try:
+        os.unlink(run_dir / LOCK_FILE)
+    except OSError:  # already gone, or the directory turned read-only: the lock still goes
+        pass
+    handle.close()
+    try:
+        run_dir.rmdir()  # only succeeds when nothing was written
+    except OSError:
+        pass
+
+
 def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = True,
           progress: bool = True) -> dict[str, Any]:
     """Train (or resume, or just reload) the run of ``cfg`` in ``run_dir``.
 
     With ``resume`` an existing ``run_dir/checkpoint.pt`` of the same run (same config up to
     :data:`RESUME_FREE` keys) is continued up to ``cfg.epochs``; a finished run returns at
-    once. ``resume=False`` starts over and overwrites it. Returns the last metrics row
-    (epoch, train/test NLL and bits/dim, NF accuracy top-1/top-5 in %, solve info, time).
-    Raises CheckpointError for a corrupt or foreign checkpoint, NonFiniteLossError when the
-    loss diverges.
+    once (a longer one: the row of epoch ``cfg.epochs - 1``, with a warning). ``resume=False``
+    starts over and overwrites it. Returns the last metrics row (epoch, train/test NLL and
+    bits/dim, NF accuracy top-1/top-5 in %, solve info, time).
+    Before any data is read: :func:`check_config`, then the run directory is created, checked
+    to be writable and locked for this process (RunDirError when another process holds it).
+    Raises CheckpointError for a corrupt (checksum), empty, truncated or foreign checkpoint,
+    NonFiniteLossError when the loss diverges.
     """
+    check_config(cfg)
     run_dir = Path(run_dir)
     layout = _setup_distributed(cfg.device)
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    lock = None
     try:
+        problem = None
+        if layout.rank == 0:  # only rank 0 writes files, so only it holds the lock
+            try:
+                lock = _lock_run_dir(run_dir)
+            except RunDirError as err:
+                problem = err
+        if layout.active:  # every process stops together, or the others hang
+            ok = torch.tensor([float(problem is None)], device=layout.device)
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if not bool(ok) and problem is None:
+                problem = RunDirError(f"rank 0 could not take run directory {run_dir}; see its error")
+        if problem is not None:
+            raise problem
         path = run_dir / "checkpoint.pt"
         ckpt = _read_checkpoint(path) if resume and path.exists() else None
         if ckpt is not None:
@@ -1017,8 +1177,14 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = True
                     f"{repro.code_fingerprint()}), so its results are not this code's. Use another run directory "
                     "(nfpi.repro.run_dir names one per config and code), or pass resume=False "
                     "(CLI: --no-resume) to start over and overwrite it.")
+            if ckpt["epoch"] > cfg.epochs:
+                warnings.warn(
+                    f"{run_dir} holds a finished {ckpt['epoch']}-epoch run and epochs={cfg.epochs} "
+                    f"asks for fewer: returning the metrics of epoch {cfg.epochs - 1}, but the checkpoint "
+                    f"holds the weights after {ckpt['epoch']} epochs. Use another run directory for a "
+                    f"{cfg.epochs}-epoch checkpoint.", stacklevel=2)
             if ckpt["epoch"] >= cfg.epochs:
-                return ckpt["metrics"][-1]
+                return ckpt["metrics"][cfg.epochs - 1]
         run = _Run(cfg, run_dir, layout, progress)
         if ckpt is None:
             run.initialise()
@@ -1026,6 +1192,8 @@ def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = True
             run.resume(ckpt)
         return run.run()
     finally:
+        if lock is not None:
+            _unlock_run_dir(lock, run_dir)
         torch.set_num_threads(threads)
         if layout.owns_group:
             dist.destroy_process_group()
@@ -1038,29 +1206,40 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"override {item!r} must look like key=value (e.g. gaussians.lam=10 epochs=5)")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise SystemExit(f"error: override {item!r}: {value!r} is not a YAML value; quote strings "
+                             "(key='a b') and close brackets") from None
     return out
 
 
+# What a user can fix gets one line on the command line; anything else keeps its traceback.
+_USER_ERRORS = (CheckpointError, RunDirError, NonFiniteLossError, FPIDivergenceError, ValueError, OSError)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m nfpi.train --config FILE [--run-dir DIR] [--no-resume] [key=value ...]``."""
+    """``python -m nfpi.train --config FILE [--run-dir DIR] [--no-resume] [key=value ...]``.
+
+    Options and key=value overrides may be mixed in any order. Errors the user can fix exit
+    with status 1 and a one-line ``error: ...`` message."""
     parser = argparse.ArgumentParser(prog="python -m nfpi.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="YAML training config (see configs/)")
     parser.add_argument("--run-dir", help="output directory (default runs/<config name>)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bars")
     parser.add_argument("overrides", nargs="*", help="key=value settings, dotted for sections (model.hidden=64)")
-    args = parser.parse_args(argv)
-    cfg = TrainConfig.from_yaml(args.config, **_parse_overrides(args.overrides))
-    run_dir = args.run_dir or Path("runs") / Path(args.config).stem
-    metrics = train(cfg, run_dir, resume=not args.no_resume, progress=not args.no_progress)
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = TrainConfig.from_yaml(args.config, **_parse_overrides(args.overrides))
+        run_dir = args.run_dir or Path("runs") / Path(args.config).stem
+        metrics = train(cfg, run_dir, resume=not args.no_resume, progress=not args.no_progress)
+    except _USER_ERRORS as err:
+        raise SystemExit(f"error: {err}") from None
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, indent=2))
     return metrics
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (CheckpointError, NonFiniteLossError, ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    main()

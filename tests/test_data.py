@@ -532,7 +532,7 @@ def test_offline_download_names_the_file_to_provide(tmp_path: Path, monkeypatch:
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torchvision.datasets, "KMNIST", offline)
-    with pytest.raises(FileNotFoundError) as info:
+    with pytest.raises(ConnectionError) as info:
         D.load("kmnist", "train", data_dir=tmp_path, download=True)
     message = str(info.value)
     assert "\n" not in message and "offline" in message and str(tmp_path / "kmnist_train.npz") in message

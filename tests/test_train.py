@@ -22,8 +22,8 @@ import yaml
 from nfpi import data, fpi, repro
 from nfpi.priors import ClassGaussians
 from nfpi.train import (
-    CheckpointError, GaussianConfig, NonFiniteLossError, TrainConfig, _solves_after, class_stats, evaluate,
-    keyed_run_dir, load_checkpoint, load_data, load_validation, main, train,
+    CheckpointError, GaussianConfig, NonFiniteLossError, TrainConfig, _Run, _solves_after, class_stats,
+    evaluate, keyed_run_dir, load_checkpoint, load_data, load_validation, main, train,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,9 +162,20 @@ def test_finished_run_is_reused(finished):
     assert (run_dir / "checkpoint.pt").stat().st_mtime_ns == before
 
 
-def test_resume_gives_the_uninterrupted_result(two_epochs, tmp_path):
+def test_resume_gives_the_uninterrupted_result(two_epochs, tmp_path, monkeypatch):
     straight_dir, straight, cfg = two_epochs
-    train(cfg.replace(epochs=1), tmp_path / "split", progress=False)
+    # Interrupted right after the first epoch's checkpoint (an epochs=1 run is refused: its
+    # solve_epoch=1 would never come).
+    save = _Run.save
+
+    def save_then_stop(self):
+        save(self)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_Run, "save", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "split", progress=False)
     assert len(pd.read_csv(tmp_path / "split" / "metrics.csv")) == 1
     resumed = train(cfg, tmp_path / "split", progress=False)
     drop = lambda row: {k: v for k, v in row.items() if k not in ("time", "solve_time")}  # noqa: E731
@@ -354,8 +365,11 @@ def test_checkpoint_without_shape_still_loads(finished, tmp_path: Path) -> None:
     run_dir, _ = finished
     ckpt = _states(run_dir)
     assert ckpt.pop("shape") == [1, 8, 8]
-    torch.save(ckpt, tmp_path / "checkpoint.pt")  # as written before the shape was stored
-    old, new = load_checkpoint(tmp_path), load_checkpoint(run_dir)
+    del ckpt["sha256"]  # as written before the shape (and the checksum) were stored
+    torch.save(ckpt, tmp_path / "checkpoint.pt")
+    with pytest.warns(UserWarning, match="checksum"):
+        old = load_checkpoint(tmp_path)
+    new = load_checkpoint(run_dir)
     assert tuple(old[0].in_shape) == tuple(new[0].in_shape) == (1, 8, 8)
     x = torch.zeros(2, 1, 8, 8)
     assert torch.equal(old[0](x)[0], new[0](x)[0])
