@@ -100,7 +100,8 @@ from .glem import ClassCodes, CodeConfig
 from .priors import ClassGaussians
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "EVAL_NOISE_SEED", "CheckpointError", "GaussianConfig", "ModelConfig", "NonFiniteLossError",
+    "CHECKPOINT_FORMAT", "EVAL_NOISE_SEED", "CheckpointError", "GaussianConfig", "ModelConfig",
+    "NonFiniteLossError",
     "OptimConfig", "TrainConfig", "class_stats", "encode", "evaluate", "load_checkpoint",
     "load_data", "main", "train",
 ]
@@ -389,16 +390,14 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
 # -------------------------------------------------------------------------- distributed
 @dataclass
 class _Dist:
-    """Process layout: ``rank``/``world`` (1 without torch.distributed) and the device."""
+    """Process layout: ``rank``/``world`` (1 without torch.distributed), the device, and
+    whether a process group is in use (``active``: DDP and collectives, even for one process)."""
 
     rank: int
     world: int
     device: torch.device
     owns_group: bool
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
+    active: bool = False
 
 
 def _resolve_device(pref: str) -> torch.device:
@@ -410,10 +409,12 @@ def _resolve_device(pref: str) -> torch.device:
 
 
 def _setup_distributed(pref: str) -> _Dist:
-    """Join the process group of ``torchrun`` (or one initialised by the caller)."""
+    """Join the process group of ``torchrun`` (or one initialised by the caller). Under
+    torchrun a group is opened even for one process, so a one-GPU run exercises NCCL and DDP."""
     device = _resolve_device(pref)
     owns = False
-    if not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    torchrun = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if not (dist.is_available() and dist.is_initialized()) and torchrun:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         owns = True
     if not (dist.is_available() and dist.is_initialized()):
@@ -422,7 +423,7 @@ def _setup_distributed(pref: str) -> _Dist:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
         torch.cuda.set_device(device)
-    return _Dist(rank, world, device, owns)
+    return _Dist(rank, world, device, owns, active=True)
 
 
 # --------------------------------------------------------------------------------- data
@@ -728,8 +729,8 @@ def load_checkpoint(path: str | os.PathLike[str], ema: bool = True,
 
 # --------------------------------------------------------------------------------- training
 COLUMNS = ("epoch", "lr", "train_nll", "train_bpd", "grad_norm", "test_nll", "test_bpd", "test_bpd_centres",
-           "acc_top1", "acc_top5", "solved", "solve_iterations", "solve_converged", "solve_bounds_active", "solve_time",
-           "time")
+           "acc_top1", "acc_top5", "solved", "solve_iterations", "solve_converged", "solve_bounds_active",
+           "solve_time", "time")
 
 
 def _noise_seed(*keys: int) -> int:
@@ -928,15 +929,19 @@ class _Run:
         _atomic_write(self.run_dir / "metrics.csv", table.getvalue().encode())
         _atomic_write(self.run_dir / "metrics.json", json.dumps(self._summary(), indent=2).encode())
 
-    def run(self) -> dict[str, Any]:
-        cfg = self.cfg
+    def network(self) -> nn.Module:
+        """The module the training steps run: the flow, wrapped in DDP under a process group,
+        then compiled when ``compile`` is set (evaluation and statistics run the plain flow)."""
         net: nn.Module = self.model
         if self.layout.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # The only buffers (ActNorm flags, LU permutations) are fixed after init.
             net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
-        if cfg.compile:  # the training forward only; evaluation and statistics run the plain module
-            net = torch.compile(net)
+        return torch.compile(net) if self.cfg.compile else net
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        net = self.network()
         bar = tqdm(range(self.epoch, cfg.epochs), desc="training", initial=self.epoch, total=cfg.epochs,
                    disable=not self.progress)
         for epoch in bar:

@@ -167,8 +167,8 @@ def test_resume_after_a_kill_in_the_middle_of_an_epoch(two_epochs, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", _STALL_IN_EPOCH_1, str(tmp_path / "cfg.yaml"), str(run_dir)],
-                            env=env, stderr=subprocess.PIPE)
+    cmd = [sys.executable, "-c", _STALL_IN_EPOCH_1, str(tmp_path / "cfg.yaml"), str(run_dir)]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while not (run_dir / "inside-epoch-1").exists():
@@ -288,6 +288,7 @@ def test_channels_last_matches_the_default_layout(finished, tmp_path, monkeypatc
         assert final[key] == pytest.approx(fp32[key], rel=1e-4, abs=1e-3), key
 
 
+@pytest.mark.slow  # TorchDynamo tracing: ~4 s alone, more on a loaded machine
 def test_compile_wraps_the_training_forward(finished, tmp_path, monkeypatch):
     """compile: the training forward goes through torch.compile (here TorchDynamo with the eager
     backend: the same graph capture, without the minutes of CPU code generation)."""
@@ -485,9 +486,9 @@ def test_test_bpd_is_the_uniform_dequantisation_bound():
     w^2 / 24 nats per dimension (w = 2 / 2^bits, the bin width): 0.5 E[(c + d)^2] with d
     uniform on (-w/2, w/2). A wrong noise range or offset moves the mean by >> 5 sigma."""
     bits, per_class = 2, 300
-    arrays = data.ImageArrays(torch.randint(0, 256, (per_class * 3, 1, 4, 4), generator=torch.Generator()
-                                            .manual_seed(0), dtype=torch.uint8), torch.arange(3).repeat(per_class),
-                              ("a", "b", "c"))
+    pixels = torch.randint(0, 256, (per_class * 3, 1, 4, 4), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8)
+    arrays = data.ImageArrays(pixels, torch.arange(3).repeat(per_class), ("a", "b", "c"))
     prior = ClassGaussians(torch.zeros(3, 16), torch.ones(3, 16))
     out = evaluate(_IdentityFlow(), prior, arrays, bits, batch_size=64)
     d = 16 * math.log(2.0)  # nats per bit/dim
