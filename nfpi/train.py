@@ -53,8 +53,9 @@ SPEC §6).
 Runs write ``metrics.csv`` (one row per epoch), ``metrics.json`` (final row, solves, config)
 and an atomically replaced ``checkpoint.pt`` every epoch; a run resumed from its checkpoint
 ends bit-identical to an uninterrupted one (data order and noise are seeded per epoch).
-Under ``torchrun`` (RANK / WORLD_SIZE set) training uses DistributedDataParallel (NCCL on
-GPU, gloo on CPU); ``batch_size`` is the global batch; only rank 0 writes files.
+Under ``torchrun`` (RANK / WORLD_SIZE set, even for one process) training uses
+DistributedDataParallel (NCCL on GPU, gloo on CPU); ``batch_size`` is the global batch; only
+rank 0 writes files.
 
 Command line::
 

@@ -7,9 +7,11 @@
    device is stationary (relative gradient residual of J <= 1e-6) and equals the CPU solution.
 3. ``train``: the training steps of :mod:`nfpi.train` (the real loop: data loader, bf16
    autocast, EMA) on CIFAR-10 with the paper model (``configs/cifar10.yaml``: 3 levels x 8
-   steps, 128 hidden) at batch 512, for a fixed number of steps, in float32, bf16 autocast,
-   bf16 + channels_last and bf16 + torch.compile: images/s, peak GPU memory, and the loss.
-   One epoch of ``steps`` steps warms up (cuDNN autotuning, compilation), a second is timed.
+   steps, 128 hidden) at batch 512, for a fixed number of steps, in float32 (PyTorch's default
+   TF32 convolutions), bf16 autocast, bf16 + channels_last and bf16 + torch.compile: images/s,
+   peak GPU memory, and the loss. One epoch of ``steps`` steps warms up (cuDNN autotuning,
+   compilation), a second is timed; the default 97 steps x 512 images is one CIFAR-10 epoch, so
+   its time (data loader start included) is the training time of an epoch.
    The real images are used when ``$NFPI_DATA`` holds them, else uniform random images of
    the same shape (the speed does not depend on the pixels; the loss then means nothing).
 4. ``torchrun``: ``torchrun --standalone --nproc_per_node 1 -m nfpi.train`` on digits for one
@@ -44,6 +46,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nfpi import data, fpi
 from nfpi.flows import Glow
+# nfpi.train's internal run object: the timed steps are those of the real training loop.
 from nfpi.train import TrainConfig, _build_model, _Run, _setup_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,11 +124,11 @@ def flops_per_image(cfg: TrainConfig, shape: tuple[int, int, int]) -> dict[str, 
 
 
 def _synthetic_cifar10(root: Path, per_class: int) -> None:
-    """Uniform random CIFAR-10-shaped npz files in the SPEC §9 layout."""
+    """Uniform random CIFAR-10-shaped npz files in the SPEC §9 layout (10 test images a class)."""
     g = np.random.default_rng(0)
     classes = np.array([str(c) for c in range(10)])
-    for split in ("train", "test"):
-        y = np.repeat(np.arange(10), per_class)
+    for split, n in (("train", per_class), ("test", 10)):
+        y = np.repeat(np.arange(10), n)
         x = g.integers(0, 256, (len(y), 32, 32, 3), dtype=np.uint8)
         np.savez(root / f"cifar10_{split}.npz", x=x, y=y, classes=classes)
 
@@ -150,7 +153,7 @@ def bench_training(device: torch.device, steps: int, batch: int, smoke: bool, da
     except FileNotFoundError:
         data_dir, source = str(workdir / "synthetic"), "synthetic"
         Path(data_dir).mkdir(exist_ok=True)
-        _synthetic_cifar10(Path(data_dir), max(per_class, 10))
+        _synthetic_cifar10(Path(data_dir), per_class)
     flops = flops_per_image(cfg0, data.DATASETS["cifar10"].shape)
     results: dict[str, Any] = {"data": source, "batch": batch, "steps": steps,
                                "model": dataclasses.asdict(cfg0.model), **flops}
@@ -186,7 +189,7 @@ def _time_variant(cfg: TrainConfig, device: torch.device, smoke: bool, run_dir: 
         torch.compile = compile_fn
     images = cfg.batch_size * (len(run.nf_set) // cfg.batch_size)
     return {"images_per_s": images / seconds, "step_ms": 1e3 * seconds * cfg.batch_size / images,
-            "warmup_s": warmup,
+            "epoch_s": seconds, "warmup_s": warmup,
             "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30
                                 if device.type == "cuda" else None),
             "train_nll": row["train_nll"], "train_bpd": row["train_bpd"]}
@@ -230,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script in seconds")
-    parser.add_argument("--steps", type=int, help="timed training steps per variant (default 30; smoke 2)")
+    parser.add_argument("--steps", type=int,
+                        help="timed training steps per variant (default 97: one CIFAR-10 epoch; smoke 2)")
     parser.add_argument("--batch", type=int, help="training batch (default 512, the paper's; smoke 8)")
     parser.add_argument("--data-dir", help="directory of cifar10_*.npz (default $NFPI_DATA)")
     parser.add_argument("--out", default="runs/gpu_check.json", help="JSON summary path")
@@ -248,12 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine; use --device cpu --smoke")
     device = torch.device(args.device)
-    steps = args.steps or (2 if args.smoke else 30)
+    steps = args.steps or (2 if args.smoke else 97)
     batch = args.batch or (8 if args.smoke else 512)
     summary: dict[str, Any] = {
         "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else platform.processor() or "cpu"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": args.smoke,
+        "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     start = time.perf_counter()
