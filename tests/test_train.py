@@ -460,6 +460,12 @@ def test_ddp_two_gloo_processes(tmp_path):
     res = fpi.solve(single, g.lam, alpha=g.alpha, pi=g.pi, learn=g.learn, rule=g.rule, rho=g.rho, tol=g.tol)
     torch.testing.assert_close(prior.means, res.means.float())
     torch.testing.assert_close(prior.variances, res.variances.float())
+    # The test metrics gathered from the two shards are a single process's: the seeded noise of
+    # the bits/dim bound depends on the image, not on the process that evaluates it.
+    ema_model, ema_prior, _ = load_checkpoint(run_dir)
+    alone = evaluate(ema_model, ema_prior, load_data(cfg)[1], cfg.bits, cfg.eval_batch_size)
+    for key in ("test_bpd", "test_bpd_centres", "acc_top1", "acc_top5"):
+        assert summary["metrics"][key] == pytest.approx(alone[key], rel=1e-6), key
 
 
 # ------------------------------------------------------------------------------ evaluation
