@@ -258,8 +258,11 @@ def train_classifier(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
+    # cycle_momentum=False: the paper's recipe has a fixed momentum (0.9); OneCycleLR would
+    # otherwise cycle it between 0.85 and 0.95 and overwrite cfg.momentum.
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.max_lr, total_steps=cfg.epochs * n_batches, div_factor=cfg.max_lr / cfg.lr
+        optimizer, max_lr=cfg.max_lr, total_steps=cfg.epochs * n_batches, div_factor=cfg.max_lr / cfg.lr,
+        cycle_momentum=False,
     )
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

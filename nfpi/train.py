@@ -44,8 +44,11 @@ clipping, and an EMA of the weights (``torch.optim.swa_utils.AveragedModel``) wh
 min(beta, (1 + n) / (10 + n)) after n updates, so that short runs are not dominated by the
 initial weights; the EMA restarts from the current weights whenever the Gaussians change,
 because an average of weights fitted to different priors fits neither. Evaluation (every
-epoch, EMA weights, deterministic +0.5 dequantisation): test bits/dim under the true class
-Gaussian and NF accuracy top-1/top-5 (argmax_y log N(f(x); mu_y, s_y), SPEC §6).
+epoch, EMA weights, deterministic): test bits/dim under the true class Gaussian as the standard
+uniform-dequantisation bound (``test_bpd``, noise from the fixed seed :data:`EVAL_NOISE_SEED`;
+what published bits/dim report), the density at the bin centres (``test_bpd_centres``, not
+a bound), and NF accuracy top-1/top-5 at the bin centres (argmax_y log N(f(x); mu_y, s_y),
+SPEC §6).
 
 Runs write ``metrics.csv`` (one row per epoch), ``metrics.json`` (final row, solves, config)
 and an atomically replaced ``checkpoint.pt`` every epoch, carrying a SHA-256 of its contents
@@ -53,8 +56,9 @@ that every load verifies; a run resumed from its checkpoint ends bit-identical t
 uninterrupted one (data order and noise are seeded per epoch). A run directory is locked by
 the process training in it (``fcntl.flock``), and every configuration or environment error
 is raised before any data is read or any epoch is trained.
-Under ``torchrun`` (RANK / WORLD_SIZE set) training uses DistributedDataParallel (NCCL on
-GPU, gloo on CPU); ``batch_size`` is the global batch; only rank 0 writes files.
+Under ``torchrun`` (RANK / WORLD_SIZE set, even for one process) training uses
+DistributedDataParallel (NCCL on GPU, gloo on CPU); ``batch_size`` is the global batch; only
+rank 0 writes files.
 
 Command line::
 
@@ -101,13 +105,17 @@ from .glem import ClassCodes, CodeConfig
 from .priors import ClassGaussians
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "CheckpointError", "GaussianConfig", "LOCK_FILE", "ModelConfig",
+    "CHECKPOINT_FORMAT", "EVAL_NOISE_SEED", "CheckpointError", "GaussianConfig", "LOCK_FILE", "ModelConfig",
     "NonFiniteLossError", "OptimConfig", "RunDirError", "TrainConfig", "check_config", "class_stats",
     "encode", "evaluate", "keyed_run_dir", "load_checkpoint", "load_data", "load_validation", "main", "train",
 ]
 
 CHECKPOINT_FORMAT = "nfpi.train/1"
 LOCK_FILE = ".nfpi.lock"  # in the run directory while a process trains there (see _lock_run_dir)
+# Seed of the dequantisation noise of the test bits/dim bound: fixed, so that every evaluation of
+# the same model gives the same number.
+EVAL_NOISE_SEED = 0
+NOISE_BLOCK = 100  # images per generator of the seeded evaluation / statistics noise
 PRIORS = ("data", "fpi", "gd", "random", "standard")
 # Settings that may change when a run is resumed: they do not alter the computation
 # (``epochs`` extends a finished run).
@@ -246,8 +254,13 @@ class TrainConfig:
     ``per_class`` / ``test_per_class``: class-balanced subset sizes (None = all images);
     ``pad``: zero pixels added on each side (MNIST 28 -> 32 for 3 levels; bits/dim is then
     over the padded image); ``batch_size`` is global (split over DDP processes);
-    ``device``: "auto" (CUDA if available, else CPU), "cpu", "cuda"; ``amp``: bfloat16
-    autocast, CUDA only; ``threads``: CPU threads while training (torch.set_num_threads,
+    ``device``: "auto" (CUDA if available, else CPU), "cpu", "cuda". GPU settings, all off by
+    default until measured (``scripts/gpu_check.sh`` measures them): ``amp``: bfloat16 autocast
+    of the flow's forward pass in training (the NLL, the log-determinant sum, evaluation and
+    the class statistics stay float32/float64; on a CPU it runs, slowly: for tests);
+    ``compile``: ``torch.compile`` the training forward pass; ``channels_last``: the flow's
+    weights and training batches in channels-last memory format (faster cuDNN convolutions
+    under bf16). ``threads``: CPU threads while training (torch.set_num_threads,
     restored afterwards; null keeps torch's default; 1 is fastest on a busy shared CPU);
     ``codes``: GLEM's conditional encoding (:class:`nfpi.glem.CodeConfig`; rows 0 = off);
     ``val_fraction``: a stratified, seeded validation split carved from the training set
@@ -271,6 +284,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
+    compile: bool = False
+    channels_last: bool = False
     num_workers: int = 0
     threads: int | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -410,16 +425,14 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
 # -------------------------------------------------------------------------- distributed
 @dataclass
 class _Dist:
-    """Process layout: ``rank``/``world`` (1 without torch.distributed) and the device."""
+    """Process layout: ``rank``/``world`` (1 without torch.distributed), the device, and
+    whether a process group is in use (``active``: DDP and collectives, even for one process)."""
 
     rank: int
     world: int
     device: torch.device
     owns_group: bool
-
-    @property
-    def active(self) -> bool:
-        return self.world > 1
+    active: bool = False
 
 
 def _resolve_device(pref: str) -> torch.device:
@@ -431,10 +444,12 @@ def _resolve_device(pref: str) -> torch.device:
 
 
 def _setup_distributed(pref: str) -> _Dist:
-    """Join the process group of ``torchrun`` (or one initialised by the caller)."""
+    """Join the process group of ``torchrun`` (or one initialised by the caller). Under
+    torchrun a group is opened even for one process, so a one-GPU run exercises NCCL and DDP."""
     device = _resolve_device(pref)
     owns = False
-    if not (dist.is_available() and dist.is_initialized()) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    torchrun = all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    if not (dist.is_available() and dist.is_initialized()) and torchrun:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         owns = True
     if not (dist.is_available() and dist.is_initialized()):
@@ -443,7 +458,7 @@ def _setup_distributed(pref: str) -> _Dist:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
         torch.cuda.set_device(device)
-    return _Dist(rank, world, device, owns)
+    return _Dist(rank, world, device, owns, active=True)
 
 
 # --------------------------------------------------------------------------------- data
@@ -497,10 +512,11 @@ def _batches(arrays: data.ImageArrays, bits: int, batch_size: int, device: torch
              noise: int | None = None, sharded: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
     """Dequantised (x (B, C, H, W), y (B,)) batches of ``arrays`` in index order.
 
-    ``noise=None``: the deterministic +0.5 offset; otherwise uniform noise from a generator
-    seeded by (noise, chunk index). Chunks of ``batch_size`` consecutive images are dealt to
-    the processes round-robin when ``sharded`` under torch.distributed, so every image gets
-    the same noise and batch companions whatever the number of processes.
+    ``noise=None``: the deterministic +0.5 offset; otherwise uniform noise that depends only on
+    (noise, image index) (:func:`_image_noise`), not on ``batch_size`` or the number of
+    processes. Chunks of ``batch_size`` consecutive images are dealt to the processes
+    round-robin when ``sharded`` under torch.distributed, so every image also gets the same
+    batch companions whatever the number of processes.
     """
     rank, world = 0, 1
     if sharded and dist.is_available() and dist.is_initialized():
@@ -509,9 +525,19 @@ def _batches(arrays: data.ImageArrays, bits: int, batch_size: int, device: torch
         if chunk % world != rank:
             continue
         xq = data.quantize(arrays.x[start:start + batch_size], bits)
-        gen = None if noise is None else torch.Generator().manual_seed(_noise_seed(noise, chunk))
-        x = data.dequantize(xq, bits, noise=noise is not None, generator=gen)
+        x = data.dequantize(xq, bits, noise=False)
+        if noise is not None:  # bin centre + (u - 1/2) bin widths = 2 (xq + u) / 2^bits - 1
+            x += (_image_noise(noise, start, start + len(xq), xq.shape[1:]) - 0.5) * (2.0 / (1 << bits))
         yield x.to(device), arrays.y[start:start + batch_size].to(device)
+
+
+def _image_noise(seed: int, start: int, stop: int, shape: torch.Size) -> Tensor:
+    """U[0, 1) noise (stop - start, *shape) of images start..stop-1 of a set: image i's noise
+    depends on (seed, i) only. Blocks of :data:`NOISE_BLOCK` images share a seeded generator."""
+    first = start // NOISE_BLOCK
+    blocks = [torch.rand((NOISE_BLOCK, *shape), generator=torch.Generator().manual_seed(_noise_seed(seed, b)))
+              for b in range(first, (stop - 1) // NOISE_BLOCK + 1)]
+    return torch.cat(blocks)[start - first * NOISE_BLOCK:stop - first * NOISE_BLOCK]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -560,17 +586,12 @@ def class_stats(model: nn.Module, arrays: data.ImageArrays, bits: int, batch_siz
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, prior: ClassGaussians, arrays: data.ImageArrays, bits: int,
-             batch_size: int = 500) -> dict[str, float]:
-    """Test NLL (nats/image), bits/dim under the true class Gaussian and NF accuracy top-1/5 (%).
-
-    Deterministic: eval mode, +0.5 dequantisation. Under torch.distributed the per-image
-    results of all shards are gathered so every process returns the full-set metrics.
-    """
-    was_training = model.training
-    model.eval()
+def _test_pass(model: nn.Module, prior: ClassGaussians, arrays: data.ImageArrays, bits: int, batch_size: int,
+               noise: int | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-image NLL (N,), class log-densities (N, K) and labels (N,) of the whole set, float32
+    on the CPU (gathered from every process under torch.distributed)."""
     nlls, scores, labels = [], [], []
-    for x, y in _batches(arrays, bits, batch_size, _model_device(model)):
+    for x, y in _batches(arrays, bits, batch_size, _model_device(model), noise):
         z, logdet = model(x)
         z, logdet = z.float(), logdet.float()
         nlls.append((prior.nll(z, y) - logdet).cpu())
@@ -578,7 +599,6 @@ def evaluate(model: nn.Module, prior: ClassGaussians, arrays: data.ImageArrays, 
         # gathered; scoring them as 0 here keeps log_prob's NaN check from failing one rank alone.
         scores.append(prior.log_prob(torch.where(torch.isfinite(z), z, 0.0)).cpu())
         labels.append(y.cpu())
-    model.train(was_training)
     parts = [(torch.cat(nlls), torch.cat(scores), torch.cat(labels))] if nlls else []
     if dist.is_available() and dist.is_initialized():
         gathered: list[Any] = [None] * dist.get_world_size()
@@ -588,9 +608,35 @@ def evaluate(model: nn.Module, prior: ClassGaussians, arrays: data.ImageArrays, 
     if not torch.isfinite(nll).all():
         raise NonFiniteLossError("the test NLL is not finite: the model or the Gaussians diverged "
                                  "(lower optim.lr or gaussians.lam)")
+    return nll, score, y
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, prior: ClassGaussians, arrays: data.ImageArrays, bits: int,
+             batch_size: int = 500, noise: int = EVAL_NOISE_SEED) -> dict[str, float]:
+    """Test metrics under the true class Gaussian, eval mode, deterministic (two passes):
+
+    - ``test_nll`` (nats/image) and ``test_bpd``: the uniform-dequantisation bound that
+      published bits/dim use (Glow: 3.35 on CIFAR-10), -log p(x + u) with one u ~ U[0, 1)^D
+      per image drawn from generators seeded by ``noise`` (the same noise every call);
+    - ``test_bpd_centres``: the density at the bin centres (u = 0.5), not a bound;
+    - ``acc_top1`` / ``acc_top5``: NF accuracy (%) at the bin centres (SPEC §6).
+
+    Under torch.distributed the per-image results of all shards are gathered so every
+    process returns the full-set metrics (the noise of an image does not depend on the
+    number of processes).
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        nll, _, _ = _test_pass(model, prior, arrays, bits, batch_size, noise)
+        centres, score, y = _test_pass(model, prior, arrays, bits, batch_size, None)
+    finally:
+        model.train(was_training)
     dim = math.prod(arrays.shape)
     acc = topk_accuracy(score, y, ks=(1, 5))
     return {"test_nll": float(nll.mean()), "test_bpd": float(data.bits_per_dim(nll.mean(), dim, bits)),
+            "test_bpd_centres": float(data.bits_per_dim(centres.mean(), dim, bits)),
             "acc_top1": acc["top1"], "acc_top5": acc["top5"]}
 
 
@@ -808,9 +854,9 @@ def load_checkpoint(path: str | os.PathLike[str], ema: bool = True,
 
 
 # --------------------------------------------------------------------------------- training
-COLUMNS = ("epoch", "lr", "train_nll", "train_bpd", "grad_norm", "val_nll", "val_bpd", "val_acc_top1",
-           "val_acc_top5", "test_nll", "test_bpd", "acc_top1", "acc_top5", "solved", "solve_iterations", "solve_converged", "solve_bounds_active", "solve_time",
-           "time")
+COLUMNS = ("epoch", "lr", "train_nll", "train_bpd", "grad_norm", "val_nll", "val_bpd", "val_bpd_centres",
+           "val_acc_top1", "val_acc_top5", "test_nll", "test_bpd", "test_bpd_centres", "acc_top1", "acc_top5",
+           "solved", "solve_iterations", "solve_converged", "solve_bounds_active", "solve_time", "time")
 
 
 def _noise_seed(*keys: int) -> int:
@@ -825,8 +871,6 @@ class _Run:
         self.cfg, self.run_dir, self.layout = cfg, run_dir, layout
         self.device = layout.device
         self.progress = progress and layout.rank == 0
-        if cfg.amp and self.device.type != "cuda":
-            raise ValueError("amp=true needs a CUDA device; set amp: false for CPU runs")
         world = layout.world
         if cfg.batch_size % world:
             raise ValueError(f"batch_size={cfg.batch_size} is the global batch and must be divisible by the "
@@ -846,6 +890,8 @@ class _Run:
 
         torch.manual_seed(cfg.seed)
         self.model = _build_model(cfg, self.shape).to(self.device)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+        self.model.to(memory_format=self.memory_format)
         k = self.train_set.num_classes
         self.prior = ClassGaussians(torch.zeros(k, self.dim), torch.ones(k, self.dim)).to(self.device)
         self.optimizer = torch.optim.Adamax(self.model.parameters(), lr=cfg.optim.lr)
@@ -910,12 +956,14 @@ class _Run:
         cfg = self.cfg
         net.train()
         loader = self._loader(epoch)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp else nullcontext())
+        # Only the flow runs in bf16; z and the log-determinant are cast back before the NLL.
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
         clip = cfg.optim.grad_clip or math.inf
         total, norms, count = 0.0, 0.0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not self.progress)
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x = x.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            y = y.to(self.device, non_blocking=True)
             with autocast:
                 z, logdet = net(x)
             loss = (self.prior.nll(z.float(), y) - logdet.float()).mean()
@@ -1024,13 +1072,19 @@ class _Run:
         _atomic_write(self.run_dir / "metrics.csv", table.getvalue().encode())
         _atomic_write(self.run_dir / "metrics.json", json.dumps(self._summary(), indent=2).encode())
 
-    def run(self) -> dict[str, Any]:
-        cfg = self.cfg
+    def network(self) -> nn.Module:
+        """The module the training steps run: the flow, wrapped in DDP under a process group,
+        then compiled when ``compile`` is set (evaluation and statistics run the plain flow)."""
         net: nn.Module = self.model
         if self.layout.active:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # The only buffers (ActNorm flags, LU permutations) are fixed after init.
             net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+        return torch.compile(net) if self.cfg.compile else net
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        net = self.network()
         bar = tqdm(range(self.epoch, cfg.epochs), desc="training", initial=self.epoch, total=cfg.epochs,
                    disable=not self.progress)
         for epoch in bar:

@@ -111,6 +111,23 @@ def test_training_is_seeded_and_deterministic() -> None:
     assert not all(torch.equal(runs[0][k], runs[2][k]) for k in runs[0])
 
 
+def test_recipe_keeps_momentum_fixed_while_the_lr_cycles(monkeypatch) -> None:
+    """The paper's SGD momentum is a fixed 0.9; OneCycleLR cycles it unless told not to."""
+    seen = []
+    step = torch.optim.SGD.step
+
+    def record(self, *args, **kwargs):
+        seen.append((self.param_groups[0]["lr"], self.param_groups[0]["momentum"]))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", record)
+    x, y = band_images(50, seed=0)
+    train_classifier(x, y, 3, ClassifierConfig(epochs=2, **TINY), progress=False)
+    lrs, momenta = zip(*seen)
+    assert len(seen) == 4 and max(lrs) > 10 * min(lrs)  # the one-cycle schedule is on
+    assert set(momenta) == {0.9}
+
+
 def test_augmentation_crops_and_flips_within_padding() -> None:
     x = torch.arange(64.0).view(1, 1, 8, 8).repeat(200, 1, 1, 1) / 64
     out = classifiers._augment(x, 1, 1, True, torch.Generator().manual_seed(0))
@@ -296,6 +313,9 @@ def test_label_reliability_matches_hand_count() -> None:
     labels = predicted.clone()
     labels[[1, 4, 8]] = torch.tensor([0, 2, 0])  # 3 of 10 disagree with the oracle
     assert label_reliability(stub_oracle(), images, labels, batch_size=3) == pytest.approx(70.0)
+    # Percent, not a fraction, at both ends: all labels agree -> 100, none -> 0.
+    assert label_reliability(stub_oracle(), images, predicted) == 100.0
+    assert label_reliability(stub_oracle(), images, (predicted + 1) % 3) == 0.0
 
 
 def test_label_reliability_rejects_out_of_range_labels() -> None:
