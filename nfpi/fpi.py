@@ -29,11 +29,14 @@ from torch import Tensor
 Pi = Literal["pairwise", "mean"]
 Learn = Literal["both", "means", "variances"]
 Rule = Literal["paper", "released"]
+Stop = Literal["relative", "released"]
+
+RELEASED_TOL = 0.1  # the released stopping rule: per-class L2 change of mu and of s <= 0.1
 
 __all__ = [
     "ClassStats", "FPIResult", "FPIWarning", "FPIDivergenceError",
-    "pairwise_kl", "kernel", "objective", "gradient_residual", "solve",
-    "unbounded_threshold",
+    "pairwise_kl", "kernel", "objective", "gradient_residual", "solve", "update",
+    "unbounded_threshold", "RELEASED_TOL",
 ]
 
 
@@ -189,10 +192,24 @@ def kernel(kl: Tensor, alpha: float, pi: Pi) -> Tensor:
     return torch.where(off, torch.exp(-kl / pa) / pa, torch.zeros_like(kl))
 
 
-def unbounded_threshold(num_classes: int, alpha: float = 10.0) -> float:
-    """Un-normalised lambda above which J is unbounded below for pi='pairwise' with learned
-    variances (SPEC §3): lambda * exp(-1/alpha) / (K alpha) > 1/2."""
-    return 0.5 * num_classes * alpha * math.exp(1.0 / alpha)
+def unbounded_threshold(num_classes: int, alpha: float = 10.0, pi: Pi = "pairwise") -> float:
+    """Un-normalised lambda above which one learned variance of the paper rule runs to its bound.
+
+    Let one variance s = s_y,d grow, c = lambda / (K (K-1)), and write 2 s dJ/ds = 1 - R(s).
+    - ``pi="pairwise"`` (SPEC §3): the potential has -c e^{-1/alpha}/alpha log KL_yy' with
+      KL_yy' ~ s / (2 s_y'), so R -> 2 c (K-1) e^{-1/alpha}/alpha: J is unbounded below once
+      lambda e^{-1/alpha} / (K alpha) > 1/2.
+    - ``pi="mean"``: pi = P, the mean KL, is held fixed in an update but grows with s,
+      P ~ s sum_y' 1/(2 s_y') / (K (K-1)). With equal s_y' over the other classes,
+      KL_yy' / P -> K and s K_yy' -> 2 K (K-1) e^{-K/alpha} / (alpha s_y'), so the update's
+      ratio s_new^2 / s^2 -> R = 2 lambda e^{-K/alpha} / alpha: above lambda = alpha e^{K/alpha} / 2
+      each update multiplies s by sqrt(R) > 1 once s is large.
+    """
+    if pi == "pairwise":
+        return 0.5 * num_classes * alpha * math.exp(1.0 / alpha)
+    if pi == "mean":
+        return 0.5 * alpha * math.exp(num_classes / alpha)
+    raise ValueError(f"pi must be 'pairwise' or 'mean', got {pi!r}")
 
 
 # ------------------------------------------------------------------------------- objective
@@ -248,12 +265,15 @@ def _diag_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, c: flo
     mu_new, s_new = mu, s
     if learn in ("both", "means"):
         s_m, p_m, kp = s, prec, prec_sum
-        if isotropic:  # released option: dimension-averaged variances in the mean step
-            s_m = s.mean(1, keepdim=True).expand_as(s)
-            p_m = prec.mean(1, keepdim=True).expand_as(s)
+        if isotropic:
+            # Released option, exactly as in the authors' code: each precision 1/s_y, 1/s_y'
+            # becomes its mean over dimensions (mean of reciprocals) and the outer s_y its mean:
+            #   mu_y <- m_y + c mean_d(s_y) sum_y' (K_yy' mean_d(1/s_y') + K_y'y mean_d(1/s_y)) d_yy'
+            s_m = s.mean(1, keepdim=True)
+            p_m = prec.mean(1, keepdim=True)
             kp = kmat @ p_m
         # sum_y' K_yy' d_yy'/s_y' + (1/s_y) sum_y' K_y'y d_yy', with d_yy' = mu_y - mu_y'
-        push = mu * kp - kmat @ (mu * p_m) + (mu * col - kt_mu) / s_m
+        push = mu * kp - kmat @ (mu * p_m) + (mu * col - kt_mu) * p_m
         mu_new = m + c * s_m * push
     if learn in ("both", "variances"):
         tau = c * (row - col)
@@ -274,6 +294,17 @@ def _diag_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, c: flo
         s_new = torch.where(a > 0, (b / a.clamp_min(torch.finfo(a.dtype).tiny)).sqrt(),
                             torch.full_like(s, math.inf))
     return mu_new, s_new
+
+
+def update(stats: ClassStats, means: Tensor, variances: Tensor, lam: float, alpha: float = 10.0,
+           pi: Pi = "pairwise", learn: Learn = "both", rule: Rule = "paper",
+           isotropic_mean_step: bool = False) -> tuple[Tensor, Tensor]:
+    """One undamped, unbounded update of :func:`solve` from (means (K, D), variances (K, D)):
+    Eqs. 5-7, or the released rules. A returned fixed point of :func:`solve` maps to itself."""
+    k = stats.num_classes
+    kl = pairwise_kl(means, variances)
+    return _diag_update(stats.mean(), stats.var(), means, variances, kl, lam / (k * (k - 1)), alpha, pi,
+                        learn, rule, isotropic_mean_step)
 
 
 def _spread(mu: Tensor) -> Tensor:
@@ -361,7 +392,8 @@ def _anderson_step(xs: list[Tensor], fs: list[Tensor], beta: float) -> Tensor:
 def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise",
           learn: Learn = "both", init: tuple[Tensor, Tensor] | None = None, rule: Rule = "paper",
           covariance: Literal["diag", "full"] = "diag", isotropic_mean_step: bool = False,
-          rho: float = 1e3, tol: float = 1e-10, max_iter: int = 1000, accel: Literal["anderson", "none"] = "anderson",
+          rho: float = 1e3, tol: float = 1e-10, max_iter: int = 1000, stop: Stop = "relative",
+          accel: Literal["anderson", "none"] = "anderson",
           damping: float = 1.0, memory: int = 5, var_floor: float = 1e-8,
           on_fail: Literal["warn", "raise"] = "warn") -> FPIResult:
     """Fixed point of Eqs. 5-7 for the class Gaussians.
@@ -376,7 +408,11 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
             diagonal only; its lambda=0 fixed point is v^(1/3), not v).
         covariance: "diag" or "full" (matrix geometric mean; for small D, e.g. the 2-D demo).
         rho: variances are kept in [v/rho, v*rho] around the data variance v.
-        tol: stop when the RMS change of (means / data std, log variances) is below tol.
+        tol: with ``stop="relative"``, stop when the RMS change of (means / data std, log
+            variances) of every class is below tol (scale free).
+        stop: "relative" (default, ``tol``) or "released": the authors' rule, max over classes
+            of the L2 change of the means and of the variances both <= RELEASED_TOL = 0.1 in the
+            latents' own units (``tol`` unused). The change is that of one undamped update.
         accel: "anderson" mixing (default) or "none" (damped Picard iteration).
         damping: eta of mu <- (1-eta) mu + eta mu_new, s <- s^(1-eta) s_new^eta.
         var_floor: data variances below var_floor * mean variance are raised to it (constant
@@ -421,12 +457,18 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         if mu0.shape != m.shape or s0.shape != v.shape:
             raise ValueError(f"init must have shapes {tuple(m.shape)} and {tuple(v.shape)}, "
                              f"got {tuple(mu0.shape)} and {tuple(s0.shape)}")
-    if learn != "means" and pi == "pairwise" and rule == "paper" and lam > unbounded_threshold(k, alpha):
+    if stop not in ("relative", "released"):
+        raise ValueError(f"stop must be 'relative' or 'released', got {stop!r}")
+    if learn != "means" and rule == "paper" and pi in ("pairwise", "mean") \
+            and lam > unbounded_threshold(k, alpha, pi):
+        why = ("J is unbounded below" if pi == "pairwise" else
+               "each update multiplies a large variance by sqrt(2 lambda e^{-K/alpha} / alpha) > 1, "
+               "so the variances are unbounded")
         warnings.warn(
-            f"lambda={lam:g} exceeds {unbounded_threshold(k, alpha):.4g}, above which J is unbounded "
-            f"below for pi='pairwise' with learned variances (K={k}, alpha={alpha}); variances "
-            f"will be held in [v/{rho:g}, v*{rho:g}]. Lower lambda, use learn='means', pi='mean' or "
-            "rule='released' for a bounded problem.", FPIWarning, stacklevel=2)
+            f"lambda={lam:g} exceeds {unbounded_threshold(k, alpha, pi):.4g}, above which {why} for "
+            f"pi={pi!r} with learned variances (K={k}, alpha={alpha}); variances will be held in "
+            f"[v/{rho:g}, v*{rho:g}]. Lower lambda, use learn='means' or rule='released' for a "
+            "bounded problem.", FPIWarning, stacklevel=2)
 
     std = vdiag.sqrt()
     log_lo, log_hi = vdiag.log() - math.log(rho), vdiag.log() + math.log(rho)
@@ -485,28 +527,34 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
 
     result = FPIResult(means=m, variances=v, iterations=0, converged=False, lam=lam, lam_normalised=c)
 
-    def evaluate(x: Tensor) -> tuple[Tensor, Tensor, float]:
+    def evaluate(x: Tensor) -> tuple[Tensor, Tensor, float, float]:
+        """g(x), the residual g(x) - x, the potential at x and the change the stopping rule uses."""
         gx, value, mapped = g(x)
         last[0] = mapped
         if not torch.isfinite(gx).all():
             raise FPIDivergenceError(
                 f"FPI produced non-finite values at iteration {result.iterations} (lambda={lam:g}, pi={pi}, "
                 f"learn={learn}). Lower lambda, tighten rho, or use accel='none' with damping < 1.")
-        return gx, gx - x, value
+        f = gx - x
+        if stop == "released":
+            change = _class_l2(unpack(x), mapped, upd_mu, upd_s)
+        else:
+            change = _class_rms(f, k, d, upd_mu, upd_s)
+        return gx, f, value, change
 
+    threshold = RELEASED_TOL if stop == "released" else tol
     last: list[tuple[Tensor, Tensor]] = [(mu0, s0)]
     x = project(pack(mu0, s0))
-    gx, f, value = evaluate(x)
+    gx, f, value, change = evaluate(x)
     xs: list[Tensor] = []
     fs: list[Tensor] = []
     for it in range(1, max_iter + 1):
-        change = _class_rms(f, k, d, upd_mu, upd_s)
         result.history["objective"].append(value)
         result.history["change"].append(change)
         result.history["active_bounds"].append(active(x))
         result.history["time"].append(time.perf_counter() - start)
         result.iterations = it
-        if change <= tol:
+        if change <= threshold:
             result.converged = True
             x = gx
             break
@@ -516,16 +564,16 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
             x_new = project(_anderson_step(xs, fs, damping))
             if torch.isfinite(x_new).all():
                 kept = last[0]
-                g_new, f_new, v_new = evaluate(x_new)
+                g_new, f_new, v_new, c_new = evaluate(x_new)
                 # Safeguard: a mixing step that raises the residual is replaced by a plain
                 # step and the memory restarts (Anderson is not monotone on nonlinear maps).
                 if f_new.norm() <= f.norm():
-                    x, gx, f, value = x_new, g_new, f_new, v_new
+                    x, gx, f, value, change = x_new, g_new, f_new, v_new, c_new
                     continue
                 last[0] = kept
             xs, fs = [], []
         x = picard
-        gx, f, value = evaluate(x)
+        gx, f, value, change = evaluate(x)
     mu, s = last[0] if result.converged else unpack(x)
     result.means, result.variances = mu, s
     result.bounds_active = active(x)
@@ -537,12 +585,19 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
             FPIWarning, stacklevel=2)
     if not result.converged:
         msg = (f"FPI did not converge in {max_iter} iterations (last change "
-               f"{result.history['change'][-1]:.3g} > tol {tol:g}; lambda={lam:g}, pi={pi}, learn={learn}). "
+               f"{result.history['change'][-1]:.3g} > tol {threshold:g}, stop={stop!r}; lambda={lam:g}, pi={pi}, learn={learn}). "
                "Raise max_iter, use damping < 1, or lower lambda.")
         if on_fail == "raise":
             raise FPIDivergenceError(msg)
         warnings.warn(msg, FPIWarning, stacklevel=2)
     return result
+
+
+def _class_l2(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor], upd_mu: bool, upd_s: bool) -> float:
+    """The released rule's change: max over classes of the L2 norms of the learned blocks' changes."""
+    k = before[0].shape[0]
+    blocks = [i for i, on in ((0, upd_mu), (1, upd_s)) if on]
+    return max(float((after[i] - before[i]).reshape(k, -1).norm(dim=1).max()) for i in blocks)
 
 
 def _class_rms(f: Tensor, k: int, d: int, upd_mu: bool, upd_s: bool) -> float:

@@ -160,8 +160,9 @@ class GaussianConfig:
     """How and when the class Gaussians are set (SPEC §4-§5; see the module docstring).
 
     ``lam`` is the un-normalised lambda (divided by K(K-1) inside the solver). ``alpha``,
-    ``pi``, ``learn``, ``rule``, ``isotropic_mean_step``, ``rho``, ``tol``, ``max_iter`` go to
-    :func:`nfpi.fpi.solve`; ``gd_policy``, ``gd_steps``, ``gd_lr`` to :func:`nfpi.gd.solve`.
+    ``pi``, ``learn``, ``rule``, ``isotropic_mean_step``, ``rho``, ``tol``, ``max_iter``, ``stop``
+    go to :func:`nfpi.fpi.solve` (``stop: released`` is the authors' stopping rule);
+    ``gd_policy``, ``gd_steps``, ``gd_lr`` to :func:`nfpi.gd.solve`.
     ``means_only_identity``: with ``learn="means"`` the variances stay at identity (released
     configs) instead of the data variances. ``warm_start``: a solve starts from the current
     Gaussians instead of the data statistics (GLEM's alternating M-steps); ``lam_decay``,
@@ -182,6 +183,7 @@ class GaussianConfig:
     rho: float = 1e3
     tol: float = 1e-10
     max_iter: int = 1000
+    stop: str = "relative"
     solve_epoch: int = 0
     resolve_every: int | None = None
     dg_fraction: float | None = None
@@ -200,6 +202,7 @@ class GaussianConfig:
         _check_choice("gaussians.pi", self.pi, ("pairwise", "mean"))
         _check_choice("gaussians.learn", self.learn, ("both", "means", "variances"))
         _check_choice("gaussians.rule", self.rule, ("paper", "released"))
+        _check_choice("gaussians.stop", self.stop, ("relative", "released"))
         _check_choice("gaussians.gd_policy", self.gd_policy, tuple(gd.POLICIES))
         if self.lam < 0 or not math.isfinite(self.lam):
             raise ValueError(f"gaussians.lam must be finite and >= 0, got {self.lam}")
@@ -547,7 +550,7 @@ def _fit(g: GaussianConfig, stats: ClassStats, lam: float,
     if g.prior == "fpi":
         res = fpi.solve(stats, lam, alpha=g.alpha, pi=g.pi, learn=g.learn, init=init, rule=g.rule,
                         isotropic_mean_step=g.isotropic_mean_step, rho=g.rho, tol=g.tol,
-                        max_iter=g.max_iter, on_fail="warn")
+                        max_iter=g.max_iter, stop=g.stop, on_fail="warn")
     elif g.prior == "gd":
         res = gd.solve(stats, lam, alpha=g.alpha, pi=g.pi, learn=g.learn, init=init, policy=g.gd_policy,
                        steps=g.gd_steps, lr=g.gd_lr)
