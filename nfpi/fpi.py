@@ -21,7 +21,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ RELEASED_TOL = 0.1  # the released stopping rule: per-class L2 change of mu and 
 
 __all__ = [
     "ClassStats", "FPIResult", "FPIWarning", "FPIDivergenceError",
-    "pairwise_kl", "kernel", "objective", "gradient_residual", "solve", "update",
+    "pairwise_kl", "kernel", "objective", "gradient_residual", "solve", "update", "fixed_point",
     "unbounded_threshold", "RELEASED_TOL",
 ]
 
@@ -389,6 +389,41 @@ def _anderson_step(xs: list[Tensor], fs: list[Tensor], beta: float) -> Tensor:
     return x + beta * f - (dx + beta * df) @ gamma
 
 
+def fixed_point(g: Callable[[Tensor], tuple[Tensor, Any]], x0: Tensor,
+                done: Callable[[Tensor, Tensor, Any], bool], project: Callable[[Tensor], Tensor] | None = None,
+                accel: Literal["anderson", "none"] = "anderson", memory: int = 5, damping: float = 1.0,
+                max_iter: int = 1000) -> tuple[Tensor, Tensor, Any, bool]:
+    """Safeguarded Anderson mixing (or damped Picard iteration) for x = g(x) on flat vectors.
+
+    ``g(x)`` returns (g(x), aux); ``done(x, g(x), aux)`` is called once per iterate, in order,
+    and stops the iteration when True; ``project`` maps a proposal into the feasible set.
+    A mixing step whose residual |g(x) - x| exceeds the current one is replaced by the damped
+    plain step x + damping (g(x) - x) and the memory restarts: Anderson is not monotone on
+    nonlinear maps. Returns (x, g(x), aux) of the last iterate and whether ``done`` said so.
+    """
+    project = project if project is not None else (lambda z: z)
+    x = project(x0)
+    gx, aux = g(x)
+    xs: list[Tensor] = []
+    fs: list[Tensor] = []
+    for _ in range(max_iter):
+        if done(x, gx, aux):
+            return x, gx, aux, True
+        f = gx - x
+        if accel == "anderson":
+            xs, fs = (xs + [x])[-(memory + 1):], (fs + [f])[-(memory + 1):]
+            x_new = project(_anderson_step(xs, fs, damping))
+            if torch.isfinite(x_new).all():
+                g_new, aux_new = g(x_new)
+                if (g_new - x_new).norm() <= f.norm():
+                    x, gx, aux = x_new, g_new, aux_new
+                    continue
+            xs, fs = [], []
+        x = project(x + damping * f)
+        gx, aux = g(x)
+    return x, gx, aux, False
+
+
 def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise",
           learn: Learn = "both", init: tuple[Tensor, Tensor] | None = None, rule: Rule = "paper",
           covariance: Literal["diag", "full"] = "diag", isotropic_mean_step: bool = False,
@@ -526,55 +561,37 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         return pack(mu_n, s_n), value, (mu_n, s_n)
 
     result = FPIResult(means=m, variances=v, iterations=0, converged=False, lam=lam, lam_normalised=c)
+    threshold = RELEASED_TOL if stop == "released" else tol
 
-    def evaluate(x: Tensor) -> tuple[Tensor, Tensor, float, float]:
-        """g(x), the residual g(x) - x, the potential at x and the change the stopping rule uses."""
-        gx, value, mapped = g(x)
-        last[0] = mapped
+    def mapped(x: Tensor) -> tuple[Tensor, tuple[float, float, tuple[Tensor, Tensor]]]:
+        """g(x) and (potential at x, the change the stopping rule uses, the mapped mu and s)."""
+        gx, value, new = g(x)
         if not torch.isfinite(gx).all():
             raise FPIDivergenceError(
                 f"FPI produced non-finite values at iteration {result.iterations} (lambda={lam:g}, pi={pi}, "
                 f"learn={learn}). Lower lambda, tighten rho, or use accel='none' with damping < 1.")
-        f = gx - x
         if stop == "released":
-            change = _class_l2(unpack(x), mapped, upd_mu, upd_s)
+            change = _class_l2(unpack(x), new, upd_mu, upd_s)
         else:
-            change = _class_rms(f, k, d, upd_mu, upd_s)
-        return gx, f, value, change
+            change = _class_rms(gx - x, k, d, upd_mu, upd_s)
+        return gx, (value, change, new)
 
-    threshold = RELEASED_TOL if stop == "released" else tol
-    last: list[tuple[Tensor, Tensor]] = [(mu0, s0)]
-    x = project(pack(mu0, s0))
-    gx, f, value, change = evaluate(x)
-    xs: list[Tensor] = []
-    fs: list[Tensor] = []
-    for it in range(1, max_iter + 1):
-        result.history["objective"].append(value)
-        result.history["change"].append(change)
-        result.history["active_bounds"].append(active(x))
-        result.history["time"].append(time.perf_counter() - start)
-        result.iterations = it
-        if change <= threshold:
-            result.converged = True
-            x = gx
-            break
-        picard = project(x + damping * f)
-        if accel == "anderson":
-            xs, fs = (xs + [x])[-(memory + 1):], (fs + [f])[-(memory + 1):]
-            x_new = project(_anderson_step(xs, fs, damping))
-            if torch.isfinite(x_new).all():
-                kept = last[0]
-                g_new, f_new, v_new, c_new = evaluate(x_new)
-                # Safeguard: a mixing step that raises the residual is replaced by a plain
-                # step and the memory restarts (Anderson is not monotone on nonlinear maps).
-                if f_new.norm() <= f.norm():
-                    x, gx, f, value, change = x_new, g_new, f_new, v_new, c_new
-                    continue
-                last[0] = kept
-            xs, fs = [], []
-        x = picard
-        gx, f, value, change = evaluate(x)
-    mu, s = last[0] if result.converged else unpack(x)
+    def done(x: Tensor, gx: Tensor, aux: tuple[float, float, tuple[Tensor, Tensor]]) -> bool:
+        value, change, _ = aux
+        result.iterations += 1
+        h = result.history
+        h["objective"].append(value)
+        h["change"].append(change)
+        h["active_bounds"].append(active(x))
+        h["time"].append(time.perf_counter() - start)
+        return change <= threshold
+
+    x, gx, (_, _, new), result.converged = fixed_point(
+        mapped, pack(mu0, s0), done, project, accel, memory, damping, max_iter)
+    if result.converged:   # the mapped point itself (exact: no log/exp round trip)
+        (mu, s), x = new, gx
+    else:
+        mu, s = unpack(x)
     result.means, result.variances = mu, s
     result.bounds_active = active(x)
     if result.bounds_active:
