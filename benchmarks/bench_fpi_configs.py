@@ -59,13 +59,15 @@ def untrained_latent_stats(cfg: train.TrainConfig, per_class: int) -> fpi.ClassS
 
 
 # Released ablation lambdas named in the configs' comments (SPEC §4): same statistics, other blocks.
-ABLATIONS = {"cifar10": [("means", 5e5), ("variances", 1e5)], "cifar100": [("means", 7.5e6), ("variances", 2e6)]}
+ABLATIONS = {"cifar10": [("means", 5e5), ("variances", 1e5)],
+             "cifar100": [("means", 7.5e6), ("variances", 2e6)]}
 
 
 def distance(stats: fpi.ClassStats, g: train.GaussianConfig, lam: float, info: dict) -> float:
     """Max distance of a solve's result to the fixed point (a relative-tol 1e-13 solve): means
     in class-std units, variances relative."""
-    ref, _ = train._fit(dataclasses.replace(g, stop="relative", accel="anderson", tol=1e-13, max_iter=20_000), stats, lam)
+    tight = dataclasses.replace(g, stop="relative", accel="anderson", tol=1e-13, max_iter=20_000)
+    ref, _ = train._fit(tight, stats, lam)
     std = stats.var().sqrt()
     return max(float(((info["means"] - ref.means) / std).abs().max()),
                float(((info["variances"] - ref.variances) / ref.variances).abs().max()))
@@ -82,7 +84,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.configs or sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-    print("| config | K | D | lambda | rule | learn | stop | accel | iterations | final change | converged | seconds |"
+    print("| config | K | D | lambda | rule | learn | stop | accel | iterations | final change | converged "
+          "| seconds |"
           + (" distance to fixed point |" if args.distance else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.distance else ""))
     for name in names:
@@ -95,9 +98,11 @@ def main() -> None:
             if cached is not None:
                 torch.save((stats.count, stats.total, stats.total_sq), cached)
         own = cfg.gaussians
-        rows = [own] + [dataclasses.replace(own, learn=learn, lam=lam) for learn, lam in ABLATIONS.get(name, [])]
+        rows = [own] + [dataclasses.replace(own, learn=learn, lam=lam)
+                        for learn, lam in ABLATIONS.get(name, [])]
         # configs on the released solve also get the default one (Anderson, relative tol), for comparison
-        rows += [dataclasses.replace(g, stop="relative", accel="anderson") for g in rows if g.stop == "released"]
+        rows += [dataclasses.replace(g, stop="relative", accel="anderson")
+                 for g in rows if g.stop == "released"]
         for g in rows:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", fpi.FPIWarning)
@@ -108,7 +113,8 @@ def main() -> None:
                 if args.distance:
                     info.update(means=fitted.means, variances=fitted.variances)
                     extra = f" {distance(stats, g, g.lam, info):.1e} |"
-            print(f"| {name} | {stats.num_classes} | {stats.dim} | {g.lam:g} | {g.rule} | {g.learn} | {g.stop} | {g.accel} | "
+            print(f"| {name} | {stats.num_classes} | {stats.dim} | {g.lam:g} | {g.rule} | {g.learn} | "
+                  f"{g.stop} | {g.accel} | "
                   f"{info['iterations']} | {info['change']:.2g} | {info['converged']} | {seconds:.1f} |{extra}",
                   flush=True)
 

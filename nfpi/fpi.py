@@ -10,8 +10,10 @@ with pi held fixed during an update (Eq. 9 ``pi="pairwise"``: pi_yy' = KL_yy'; E
 ``pi="mean"``: the mean off-diagonal KL). The stationarity conditions give the closed-form
 updates of Eq. 5 (means) and Eqs. 6-7 (covariances, a matrix geometric mean
 Sigma = A^-1 # B; elementwise sqrt(B / A) for diagonal covariances). :func:`solve` iterates
-them to a fixed point with Anderson mixing, keeps variances inside ``[v/rho, v*rho]`` and
-reports when that bound is active, and never returns non-finite values.
+them to a fixed point with Anderson mixing (:func:`fixed_point`), keeps variances inside
+``[v/rho, v*rho]`` and reports when that bound is active, and never returns non-finite values.
+The released code's options (SPEC §3) are available for parity: its variance rule
+(``rule="released"``), its isotropic mean step and its stopping rule (``stop="released"``).
 
 All K x K quantities are built from (K, D) matrix products: O(K^2 D) time, O(K^2 + K D) memory.
 """
@@ -356,8 +358,10 @@ class FPIResult:
     """Solution of :func:`solve` (or of :func:`nfpi.gd.solve`).
 
     ``means`` (K, D), ``variances`` (K, D) or (K, D, D); ``history`` holds one entry per
-    iteration: ``objective`` (the potential of :func:`objective`), ``change`` (RMS change of
-    the normalised parameters), ``active_bounds`` (variance entries on a bound), ``time`` (s).
+    iteration: ``objective`` (the potential of :func:`objective`), ``change`` (what the stopping
+    rule compares: max per-class RMS change of the normalised parameters, or with
+    ``stop="released"`` the max per-class L2 change of mu and s), ``active_bounds`` (variance
+    entries on a bound), ``time`` (s); :func:`nfpi.gd.solve` adds ``lr``.
     """
 
     means: Tensor
@@ -390,7 +394,8 @@ def _anderson_step(xs: list[Tensor], fs: list[Tensor], beta: float) -> Tensor:
 
 
 def fixed_point(g: Callable[[Tensor], tuple[Tensor, Any]], x0: Tensor,
-                done: Callable[[Tensor, Tensor, Any], bool], project: Callable[[Tensor], Tensor] | None = None,
+                done: Callable[[Tensor, Tensor, Any], bool],
+                project: Callable[[Tensor], Tensor] | None = None,
                 accel: Literal["anderson", "none"] = "anderson", memory: int = 5, damping: float = 1.0,
                 max_iter: int = 1000) -> tuple[Tensor, Tensor, Any, bool]:
     """Safeguarded Anderson mixing (or damped Picard iteration) for x = g(x) on flat vectors.
@@ -442,6 +447,8 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         rule: "paper" (stationary Eqs. 6-7) or "released" (the authors' code, SPEC §3;
             diagonal only; its lambda=0 fixed point is v^(1/3), not v).
         covariance: "diag" or "full" (matrix geometric mean; for small D, e.g. the 2-D demo).
+        isotropic_mean_step: the released mean step: in Eq. 5 the precisions become their
+            means over dimensions and the outer s_y its mean (diagonal only).
         rho: variances are kept in [v/rho, v*rho] around the data variance v.
         tol: with ``stop="relative"``, stop when the RMS change of (means / data std, log
             variances) of every class is below tol (scale free).
@@ -602,7 +609,8 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
             FPIWarning, stacklevel=2)
     if not result.converged:
         msg = (f"FPI did not converge in {max_iter} iterations (last change "
-               f"{result.history['change'][-1]:.3g} > tol {threshold:g}, stop={stop!r}; lambda={lam:g}, pi={pi}, learn={learn}). "
+               f"{result.history['change'][-1]:.3g} > tol {threshold:g}, stop={stop!r}; lambda={lam:g}, "
+               f"pi={pi}, learn={learn}). "
                "Raise max_iter, use damping < 1, or lower lambda.")
         if on_fail == "raise":
             raise FPIDivergenceError(msg)
@@ -610,7 +618,8 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
     return result
 
 
-def _class_l2(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor], upd_mu: bool, upd_s: bool) -> float:
+def _class_l2(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor], upd_mu: bool,
+              upd_s: bool) -> float:
     """The released rule's change: max over classes of the L2 norms of the learned blocks' changes."""
     k = before[0].shape[0]
     blocks = [i for i, on in ((0, upd_mu), (1, upd_s)) if on]

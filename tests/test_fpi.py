@@ -369,7 +369,8 @@ def test_isotropic_mean_step_is_the_released_formula(pi):
         for j in range(k):
             if j != y:
                 d = mu[y] - mu[j]
-                iso[y] += c * s[y].mean() * (kmat[y, j] * (1 / s[j]).mean() + kmat[j, y] * (1 / s[y]).mean()) * d
+                prec = kmat[y, j] * (1 / s[j]).mean() + kmat[j, y] * (1 / s[y]).mean()
+                iso[y] += c * s[y].mean() * prec * d
                 eq5[y] += c * s[y] * (kmat[y, j] / s[j] + kmat[j, y] / s[y]) * d
     for isotropic, ref in ((True, iso), (False, eq5)):
         ours, s_new = fpi.update(stats, mu, s, lam, alpha, pi, learn="means", isotropic_mean_step=isotropic)
