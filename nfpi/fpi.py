@@ -37,8 +37,9 @@ RELEASED_TOL = 0.1  # the released stopping rule: per-class L2 change of mu and 
 
 __all__ = [
     "ClassStats", "FPIResult", "FPIWarning", "FPIDivergenceError",
-    "pairwise_kl", "kernel", "objective", "gradient_residual", "solve", "update", "fixed_point",
-    "unbounded_threshold", "RELEASED_TOL",
+    "update", "fixed_point", "RELEASED_TOL",
+    "pairwise_kl", "kernel", "objective", "gradient_residual", "solve",
+    "unbounded_threshold",
 ]
 
 
