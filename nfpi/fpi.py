@@ -10,8 +10,10 @@ with pi held fixed during an update (Eq. 9 ``pi="pairwise"``: pi_yy' = KL_yy'; E
 ``pi="mean"``: the mean off-diagonal KL). The stationarity conditions give the closed-form
 updates of Eq. 5 (means) and Eqs. 6-7 (covariances, a matrix geometric mean
 Sigma = A^-1 # B; elementwise sqrt(B / A) for diagonal covariances). :func:`solve` iterates
-them to a fixed point with Anderson mixing, keeps variances inside ``[v/rho, v*rho]`` and
-reports when that bound is active, and never returns non-finite values.
+them to a fixed point with Anderson mixing (:func:`fixed_point`), keeps variances inside
+``[v/rho, v*rho]`` and reports when that bound is active, and never returns non-finite values.
+The released code's options (SPEC §3) are available for parity: its variance rule
+(``rule="released"``), its isotropic mean step and its stopping rule (``stop="released"``).
 
 All K x K quantities are built from (K, D) matrix products: O(K^2 D) time, O(K^2 + K D) memory.
 """
@@ -21,7 +23,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -29,9 +31,13 @@ from torch import Tensor
 Pi = Literal["pairwise", "mean"]
 Learn = Literal["both", "means", "variances"]
 Rule = Literal["paper", "released"]
+Stop = Literal["relative", "released"]
+
+RELEASED_TOL = 0.1  # the released stopping rule: per-class L2 change of mu and of s <= 0.1
 
 __all__ = [
     "ClassStats", "FPIResult", "FPIWarning", "FPIDivergenceError",
+    "update", "fixed_point", "RELEASED_TOL",
     "pairwise_kl", "kernel", "objective", "gradient_residual", "solve",
     "unbounded_threshold", "check_solver_args",
 ]
@@ -192,10 +198,24 @@ def kernel(kl: Tensor, alpha: float, pi: Pi) -> Tensor:
     return torch.where(off, torch.exp(-kl / pa) / pa, torch.zeros_like(kl))
 
 
-def unbounded_threshold(num_classes: int, alpha: float = 10.0) -> float:
-    """Un-normalised lambda above which J is unbounded below for pi='pairwise' with learned
-    variances (SPEC §3): lambda * exp(-1/alpha) / (K alpha) > 1/2."""
-    return 0.5 * num_classes * alpha * math.exp(1.0 / alpha)
+def unbounded_threshold(num_classes: int, alpha: float = 10.0, pi: Pi = "pairwise") -> float:
+    """Un-normalised lambda above which one learned variance of the paper rule runs to its bound.
+
+    Let one variance s = s_y,d grow, c = lambda / (K (K-1)), and write 2 s dJ/ds = 1 - R(s).
+    - ``pi="pairwise"`` (SPEC §3): the potential has -c e^{-1/alpha}/alpha log KL_yy' with
+      KL_yy' ~ s / (2 s_y'), so R -> 2 c (K-1) e^{-1/alpha}/alpha: J is unbounded below once
+      lambda e^{-1/alpha} / (K alpha) > 1/2.
+    - ``pi="mean"``: pi = P, the mean KL, is held fixed in an update but grows with s,
+      P ~ s sum_y' 1/(2 s_y') / (K (K-1)). With equal s_y' over the other classes,
+      KL_yy' / P -> K and s K_yy' -> 2 K (K-1) e^{-K/alpha} / (alpha s_y'), so the update's
+      ratio s_new^2 / s^2 -> R = 2 lambda e^{-K/alpha} / alpha: above lambda = alpha e^{K/alpha} / 2
+      each update multiplies s by sqrt(R) > 1 once s is large.
+    """
+    if pi == "pairwise":
+        return 0.5 * num_classes * alpha * math.exp(1.0 / alpha)
+    if pi == "mean":
+        return 0.5 * alpha * math.exp(num_classes / alpha)
+    raise ValueError(f"pi must be 'pairwise' or 'mean', got {pi!r}")
 
 
 # ------------------------------------------------------------------------------- objective
@@ -251,12 +271,15 @@ def _diag_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, c: flo
     mu_new, s_new = mu, s
     if learn in ("both", "means"):
         s_m, p_m, kp = s, prec, prec_sum
-        if isotropic:  # released option: dimension-averaged variances in the mean step
-            s_m = s.mean(1, keepdim=True).expand_as(s)
-            p_m = prec.mean(1, keepdim=True).expand_as(s)
+        if isotropic:
+            # Released option, exactly as in the authors' code: each precision 1/s_y, 1/s_y'
+            # becomes its mean over dimensions (mean of reciprocals) and the outer s_y its mean:
+            #   mu_y <- m_y + c mean_d(s_y) sum_y' (K_yy' mean_d(1/s_y') + K_y'y mean_d(1/s_y)) d_yy'
+            s_m = s.mean(1, keepdim=True)
+            p_m = prec.mean(1, keepdim=True)
             kp = kmat @ p_m
         # sum_y' K_yy' d_yy'/s_y' + (1/s_y) sum_y' K_y'y d_yy', with d_yy' = mu_y - mu_y'
-        push = mu * kp - kmat @ (mu * p_m) + (mu * col - kt_mu) / s_m
+        push = mu * kp - kmat @ (mu * p_m) + (mu * col - kt_mu) * p_m
         mu_new = m + c * s_m * push
     if learn in ("both", "variances"):
         tau = c * (row - col)
@@ -277,6 +300,17 @@ def _diag_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, c: flo
         s_new = torch.where(a > 0, (b / a.clamp_min(torch.finfo(a.dtype).tiny)).sqrt(),
                             torch.full_like(s, math.inf))
     return mu_new, s_new
+
+
+def update(stats: ClassStats, means: Tensor, variances: Tensor, lam: float, alpha: float = 10.0,
+           pi: Pi = "pairwise", learn: Learn = "both", rule: Rule = "paper",
+           isotropic_mean_step: bool = False) -> tuple[Tensor, Tensor]:
+    """One undamped, unbounded update of :func:`solve` from (means (K, D), variances (K, D)):
+    Eqs. 5-7, or the released rules. A returned fixed point of :func:`solve` maps to itself."""
+    k = stats.num_classes
+    kl = pairwise_kl(means, variances)
+    return _diag_update(stats.mean(), stats.var(), means, variances, kl, lam / (k * (k - 1)), alpha, pi,
+                        learn, rule, isotropic_mean_step)
 
 
 def _spread(mu: Tensor) -> Tensor:
@@ -353,8 +387,10 @@ class FPIResult:
     """Solution of :func:`solve` (or of :func:`nfpi.gd.solve`).
 
     ``means`` (K, D), ``variances`` (K, D) or (K, D, D); ``history`` holds one entry per
-    iteration: ``objective`` (the potential of :func:`objective`), ``change`` (RMS change of
-    the normalised parameters), ``active_bounds`` (variance entries on a bound), ``time`` (s).
+    iteration: ``objective`` (the potential of :func:`objective`), ``change`` (what the stopping
+    rule compares: max per-class RMS change of the normalised parameters, or with
+    ``stop="released"`` the max per-class L2 change of mu and s), ``active_bounds`` (variance
+    entries on a bound), ``time`` (s); :func:`nfpi.gd.solve` adds ``lr``.
     """
 
     means: Tensor
@@ -386,10 +422,47 @@ def _anderson_step(xs: list[Tensor], fs: list[Tensor], beta: float) -> Tensor:
     return x + beta * f - (dx + beta * df) @ gamma
 
 
+def fixed_point(g: Callable[[Tensor], tuple[Tensor, Any]], x0: Tensor,
+                done: Callable[[Tensor, Tensor, Any], bool],
+                project: Callable[[Tensor], Tensor] | None = None,
+                accel: Literal["anderson", "none"] = "anderson", memory: int = 5, damping: float = 1.0,
+                max_iter: int = 1000) -> tuple[Tensor, Tensor, Any, bool]:
+    """Safeguarded Anderson mixing (or damped Picard iteration) for x = g(x) on flat vectors.
+
+    ``g(x)`` returns (g(x), aux); ``done(x, g(x), aux)`` is called once per iterate, in order,
+    and stops the iteration when True; ``project`` maps a proposal into the feasible set.
+    A mixing step whose residual |g(x) - x| exceeds the current one is replaced by the damped
+    plain step x + damping (g(x) - x) and the memory restarts: Anderson is not monotone on
+    nonlinear maps. Returns (x, g(x), aux) of the last iterate and whether ``done`` said so.
+    """
+    project = project if project is not None else (lambda z: z)
+    x = project(x0)
+    gx, aux = g(x)
+    xs: list[Tensor] = []
+    fs: list[Tensor] = []
+    for _ in range(max_iter):
+        if done(x, gx, aux):
+            return x, gx, aux, True
+        f = gx - x
+        if accel == "anderson":
+            xs, fs = (xs + [x])[-(memory + 1):], (fs + [f])[-(memory + 1):]
+            x_new = project(_anderson_step(xs, fs, damping))
+            if torch.isfinite(x_new).all():
+                g_new, aux_new = g(x_new)
+                if (g_new - x_new).norm() <= f.norm():
+                    x, gx, aux = x_new, g_new, aux_new
+                    continue
+            xs, fs = [], []
+        x = project(x + damping * f)
+        gx, aux = g(x)
+    return x, gx, aux, False
+
+
 def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise",
           learn: Learn = "both", init: tuple[Tensor, Tensor] | None = None, rule: Rule = "paper",
           covariance: Literal["diag", "full"] = "diag", isotropic_mean_step: bool = False,
-          rho: float = 1e3, tol: float = 1e-10, max_iter: int = 1000, accel: Literal["anderson", "none"] = "anderson",
+          rho: float = 1e3, tol: float = 1e-10, max_iter: int = 1000, stop: Stop = "relative",
+          accel: Literal["anderson", "none"] = "anderson",
           damping: float = 1.0, memory: int = 5, var_floor: float = 1e-8,
           on_fail: Literal["warn", "raise"] = "warn") -> FPIResult:
     """Fixed point of Eqs. 5-7 for the class Gaussians.
@@ -403,8 +476,14 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         rule: "paper" (stationary Eqs. 6-7) or "released" (the authors' code, SPEC §3;
             diagonal only; its lambda=0 fixed point is v^(1/3), not v).
         covariance: "diag" or "full" (matrix geometric mean; for small D, e.g. the 2-D demo).
+        isotropic_mean_step: the released mean step: in Eq. 5 the precisions become their
+            means over dimensions and the outer s_y its mean (diagonal only).
         rho: variances are kept in [v/rho, v*rho] around the data variance v.
-        tol: stop when the RMS change of (means / data std, log variances) is below tol.
+        tol: with ``stop="relative"``, stop when the RMS change of (means / data std, log
+            variances) of every class is below tol (scale free).
+        stop: "relative" (default, ``tol``) or "released": the authors' rule, max over classes
+            of the L2 change of the means and of the variances both <= RELEASED_TOL = 0.1 in the
+            latents' own units (``tol`` unused). The change is that of one undamped update.
         accel: "anderson" mixing (default) or "none" (damped Picard iteration).
         damping: eta of mu <- (1-eta) mu + eta mu_new, s <- s^(1-eta) s_new^eta.
         var_floor: data variances below var_floor * mean variance are raised to it (constant
@@ -454,12 +533,18 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         if mu0.shape != m.shape or s0.shape != v.shape:
             raise ValueError(f"init must have shapes {tuple(m.shape)} and {tuple(v.shape)}, "
                              f"got {tuple(mu0.shape)} and {tuple(s0.shape)}")
-    if learn != "means" and pi == "pairwise" and rule == "paper" and lam > unbounded_threshold(k, alpha):
+    if stop not in ("relative", "released"):
+        raise ValueError(f"stop must be 'relative' or 'released', got {stop!r}")
+    if learn != "means" and rule == "paper" and pi in ("pairwise", "mean") \
+            and lam > unbounded_threshold(k, alpha, pi):
+        why = ("J is unbounded below" if pi == "pairwise" else
+               "each update multiplies a large variance by sqrt(2 lambda e^{-K/alpha} / alpha) > 1, "
+               "so the variances are unbounded")
         warnings.warn(
-            f"lambda={lam:g} exceeds {unbounded_threshold(k, alpha):.4g}, above which J is unbounded "
-            f"below for pi='pairwise' with learned variances (K={k}, alpha={alpha}); variances "
-            f"will be held in [v/{rho:g}, v*{rho:g}]. Lower lambda, use learn='means', pi='mean' or "
-            "rule='released' for a bounded problem.", FPIWarning, stacklevel=2)
+            f"lambda={lam:g} exceeds {unbounded_threshold(k, alpha, pi):.4g}, above which {why} for "
+            f"pi={pi!r} with learned variances (K={k}, alpha={alpha}); variances will be held in "
+            f"[v/{rho:g}, v*{rho:g}]. Lower lambda, use learn='means' or rule='released' for a "
+            "bounded problem.", FPIWarning, stacklevel=2)
 
     std = vdiag.sqrt()
     log_lo, log_hi = vdiag.log() - math.log(rho), vdiag.log() + math.log(rho)
@@ -517,49 +602,37 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         return pack(mu_n, s_n), value, (mu_n, s_n)
 
     result = FPIResult(means=m, variances=v, iterations=0, converged=False, lam=lam, lam_normalised=c)
+    threshold = RELEASED_TOL if stop == "released" else tol
 
-    def evaluate(x: Tensor) -> tuple[Tensor, Tensor, float]:
-        gx, value, mapped = g(x)
-        last[0] = mapped
+    def mapped(x: Tensor) -> tuple[Tensor, tuple[float, float, tuple[Tensor, Tensor]]]:
+        """g(x) and (potential at x, the change the stopping rule uses, the mapped mu and s)."""
+        gx, value, new = g(x)
         if not torch.isfinite(gx).all():
             raise FPIDivergenceError(
                 f"FPI produced non-finite values at iteration {result.iterations} (lambda={lam:g}, pi={pi}, "
                 f"learn={learn}). Lower lambda, tighten rho, or use accel='none' with damping < 1.")
-        return gx, gx - x, value
+        if stop == "released":
+            change = _class_l2(unpack(x), new, upd_mu, upd_s)
+        else:
+            change = _class_rms(gx - x, k, d, upd_mu, upd_s)
+        return gx, (value, change, new)
 
-    last: list[tuple[Tensor, Tensor]] = [(mu0, s0)]
-    x = project(pack(mu0, s0))
-    gx, f, value = evaluate(x)
-    xs: list[Tensor] = []
-    fs: list[Tensor] = []
-    for it in range(1, max_iter + 1):
-        change = _class_rms(f, k, d, upd_mu, upd_s)
-        result.history["objective"].append(value)
-        result.history["change"].append(change)
-        result.history["active_bounds"].append(active(x))
-        result.history["time"].append(time.perf_counter() - start)
-        result.iterations = it
-        if change <= tol:
-            result.converged = True
-            x = gx
-            break
-        picard = project(x + damping * f)
-        if accel == "anderson":
-            xs, fs = (xs + [x])[-(memory + 1):], (fs + [f])[-(memory + 1):]
-            x_new = project(_anderson_step(xs, fs, damping))
-            if torch.isfinite(x_new).all():
-                kept = last[0]
-                g_new, f_new, v_new = evaluate(x_new)
-                # Safeguard: a mixing step that raises the residual is replaced by a plain
-                # step and the memory restarts (Anderson is not monotone on nonlinear maps).
-                if f_new.norm() <= f.norm():
-                    x, gx, f, value = x_new, g_new, f_new, v_new
-                    continue
-                last[0] = kept
-            xs, fs = [], []
-        x = picard
-        gx, f, value = evaluate(x)
-    mu, s = last[0] if result.converged else unpack(x)
+    def done(x: Tensor, gx: Tensor, aux: tuple[float, float, tuple[Tensor, Tensor]]) -> bool:
+        value, change, _ = aux
+        result.iterations += 1
+        h = result.history
+        h["objective"].append(value)
+        h["change"].append(change)
+        h["active_bounds"].append(active(x))
+        h["time"].append(time.perf_counter() - start)
+        return change <= threshold
+
+    x, gx, (_, _, new), result.converged = fixed_point(
+        mapped, pack(mu0, s0), done, project, accel, memory, damping, max_iter)
+    if result.converged:   # the mapped point itself (exact: no log/exp round trip)
+        (mu, s), x = new, gx
+    else:
+        mu, s = unpack(x)
     result.means, result.variances = mu, s
     result.bounds_active = active(x)
     if result.bounds_active:
@@ -570,12 +643,21 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
             FPIWarning, stacklevel=2)
     if not result.converged:
         msg = (f"FPI did not converge in {max_iter} iterations (last change "
-               f"{result.history['change'][-1]:.3g} > tol {tol:g}; lambda={lam:g}, pi={pi}, learn={learn}). "
+               f"{result.history['change'][-1]:.3g} > tol {threshold:g}, stop={stop!r}; lambda={lam:g}, "
+               f"pi={pi}, learn={learn}). "
                "Raise max_iter, use damping < 1, or lower lambda.")
         if on_fail == "raise":
             raise FPIDivergenceError(msg)
         warnings.warn(msg, FPIWarning, stacklevel=2)
     return result
+
+
+def _class_l2(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor], upd_mu: bool,
+              upd_s: bool) -> float:
+    """The released rule's change: max over classes of the L2 norms of the learned blocks' changes."""
+    k = before[0].shape[0]
+    blocks = [i for i, on in ((0, upd_mu), (1, upd_s)) if on]
+    return max(float((after[i] - before[i]).reshape(k, -1).norm(dim=1).max()) for i in blocks)
 
 
 def _class_rms(f: Tensor, k: int, d: int, upd_mu: bool, upd_s: bool) -> float:

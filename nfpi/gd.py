@@ -47,7 +47,7 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         tol: stop early when the RMS parameter change of a step is below tol (0: never).
         seconds: stop after this wall time (for equal-time comparisons).
     Returns:
-        FPIResult; ``history`` has the potential, change, and time of every step.
+        FPIResult; ``history`` has the potential, change, time and learning rate of every step.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown lr policy {policy!r}; choose one of {sorted(POLICIES)}")
@@ -83,6 +83,7 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         return m + u * std, s
 
     result = FPIResult(means=m, variances=v, iterations=0, converged=False, lam=lam, lam_normalised=cc)
+    result.history["lr"] = []
     for step in range(1, steps + 1):
         before = [p.detach().clone() for p in params]
         mu, s = current()
@@ -91,10 +92,11 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
             raise FloatingPointError(f"gradient descent hit a non-finite objective at step {step}; lower lr")
         opt.zero_grad()
         loss.backward()
+        h = result.history
+        h["lr"].append(opt.param_groups[0]["lr"])     # the rate this step uses: lr0 (1 - t/T)^p, t = step - 1
         opt.step()
         sched.step()
         change = math.sqrt(sum(float((p.detach() - q).pow(2).mean()) for p, q in zip(params, before)))
-        h = result.history
         h["objective"].append(float(loss.detach()))
         h["change"].append(change)
         h["active_bounds"].append(0)

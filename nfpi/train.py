@@ -175,8 +175,10 @@ class GaussianConfig:
     """How and when the class Gaussians are set (SPEC §4-§5; see the module docstring).
 
     ``lam`` is the un-normalised lambda (divided by K(K-1) inside the solver). ``alpha``,
-    ``pi``, ``learn``, ``rule``, ``isotropic_mean_step``, ``rho``, ``tol``, ``max_iter`` go to
-    :func:`nfpi.fpi.solve`; ``gd_policy``, ``gd_steps``, ``gd_lr`` to :func:`nfpi.gd.solve`.
+    ``pi``, ``learn``, ``rule``, ``isotropic_mean_step``, ``rho``, ``tol``, ``max_iter``, ``stop``,
+    ``accel`` go to :func:`nfpi.fpi.solve` (``stop: released`` with ``accel: none`` is the
+    authors' plain iteration and stopping rule);
+    ``gd_policy``, ``gd_steps``, ``gd_lr`` to :func:`nfpi.gd.solve`.
     ``means_only_identity``: with ``learn="means"`` the variances stay at identity (released
     configs) instead of the data variances. ``warm_start``: a solve starts from the current
     Gaussians instead of the data statistics (GLEM's alternating M-steps); ``lam_decay``,
@@ -197,6 +199,8 @@ class GaussianConfig:
     rho: float = 1e3
     tol: float = 1e-10
     max_iter: int = 1000
+    stop: str = "relative"
+    accel: str = "anderson"
     solve_epoch: int = 0
     resolve_every: int | None = None
     dg_fraction: float | None = None
@@ -215,6 +219,8 @@ class GaussianConfig:
         _check_choice("gaussians.pi", self.pi, ("pairwise", "mean"))
         _check_choice("gaussians.learn", self.learn, ("both", "means", "variances"))
         _check_choice("gaussians.rule", self.rule, ("paper", "released"))
+        _check_choice("gaussians.stop", self.stop, ("relative", "released"))
+        _check_choice("gaussians.accel", self.accel, ("anderson", "none"))
         _check_choice("gaussians.gd_policy", self.gd_policy, tuple(gd.POLICIES))
         if self.lam < 0 or not math.isfinite(self.lam):
             raise ValueError(f"gaussians.lam must be finite and >= 0, got {self.lam}")
@@ -647,7 +653,7 @@ def _fit(g: GaussianConfig, stats: ClassStats, lam: float,
     lambda ``lam``, iterating from ``start`` when given (else the data statistics)."""
     if g.prior == "data":
         return ClassGaussians.from_stats(stats), {"iterations": 0, "converged": True, "bounds_active": 0,
-                                                  "lam_normalised": 0.0}
+                                                  "lam_normalised": 0.0, "change": 0.0}
     init = None
     if start is not None:
         init = (start.means.double().cpu(), start.variances.double().cpu())
@@ -656,7 +662,8 @@ def _fit(g: GaussianConfig, stats: ClassStats, lam: float,
     if g.prior == "fpi":
         res = fpi.solve(stats, lam, alpha=g.alpha, pi=g.pi, learn=g.learn, init=init, rule=g.rule,
                         isotropic_mean_step=g.isotropic_mean_step, rho=g.rho, tol=g.tol,
-                        max_iter=g.max_iter, on_fail="warn")
+                        max_iter=g.max_iter, stop=g.stop, accel=g.accel,
+                        on_fail="warn")
     elif g.prior == "gd":
         res = gd.solve(stats, lam, alpha=g.alpha, pi=g.pi, learn=g.learn, init=init, policy=g.gd_policy,
                        steps=g.gd_steps, lr=g.gd_lr)
@@ -669,7 +676,8 @@ def _fit(g: GaussianConfig, stats: ClassStats, lam: float,
         variances = init[1]
     return ClassGaussians(res.means, variances), {"iterations": res.iterations, "converged": res.converged,
                                              "bounds_active": res.bounds_active,
-                                             "lam_normalised": res.lam_normalised}
+                                             "lam_normalised": res.lam_normalised,
+                                             "change": res.history["change"][-1]}
 
 
 def _initial_prior(cfg: TrainConfig, stats: ClassStats) -> ClassGaussians:

@@ -328,3 +328,188 @@ def test_released_rule_does_not_warn_about_the_paper_rules_bound():
         warnings.simplefilter("always")
         fpi.solve(stats, 1e3, rule="released")
     assert not any("unbounded below" in str(r.message) for r in record)
+
+
+# ------------------------------------------------- released options: defining properties
+def direct_kernel(mu, s, alpha, pi):
+    """K_yy' pair by pair from torch.distributions' KL (SPEC §2), independent of the library."""
+    k = mu.shape[0]
+    dists = [Independent(Normal(mu[i], s[i].sqrt()), 1) for i in range(k)]
+    kl = torch.stack([torch.stack([kl_divergence(p, q) for q in dists]) for p in dists])
+    scale = kl if pi == "pairwise" else torch.full_like(kl, float(kl.sum()) / (k * (k - 1)))
+    out = torch.zeros(k, k)
+    for i in range(k):
+        for j in range(k):
+            if i != j:
+                out[i, j] = torch.exp(-kl[i, j] / (scale[i, j] * alpha)) / (scale[i, j] * alpha)
+    return out
+
+
+def spread_stats(k=5, d=6, seed=4):
+    """Statistics with variances spread over two decades (as in flow latents) and a perturbed
+    iterate (mu, s) away from them, so every term of the updates matters."""
+    g = torch.Generator().manual_seed(seed)
+    stats = make_stats(k=k, d=d, sep=0.4, seed=seed)
+    mu = stats.mean() + 0.2 * torch.randn(k, d, generator=g)
+    s = 10 ** (2 * torch.rand(k, d, generator=g) - 1)
+    return stats, mu, s
+
+
+@pytest.mark.parametrize("pi", ["pairwise", "mean"])
+def test_isotropic_mean_step_is_the_released_formula(pi):
+    """mu_y <- m_y + c mean_d(s_y) sum_y' (K_yy' mean_d(1/s_y') + K_y'y mean_d(1/s_y)) (mu_y - mu_y'),
+    evaluated pair by pair; the plain step is Eq. 5 with the same loops."""
+    stats, mu, s = spread_stats()
+    k, lam, alpha = 5, 40.0, 10.0
+    c = lam / (k * (k - 1))
+    kmat = direct_kernel(mu, s, alpha, pi)
+    m = stats.mean()
+    iso, eq5 = m.clone(), m.clone()
+    for y in range(k):
+        for j in range(k):
+            if j != y:
+                d = mu[y] - mu[j]
+                prec = kmat[y, j] * (1 / s[j]).mean() + kmat[j, y] * (1 / s[y]).mean()
+                iso[y] += c * s[y].mean() * prec * d
+                eq5[y] += c * s[y] * (kmat[y, j] / s[j] + kmat[j, y] / s[y]) * d
+    for isotropic, ref in ((True, iso), (False, eq5)):
+        ours, s_new = fpi.update(stats, mu, s, lam, alpha, pi, learn="means", isotropic_mean_step=isotropic)
+        assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
+        assert torch.equal(s_new, s)
+    # the two steps differ by much more than the tolerance on such variances
+    assert (iso - m - (eq5 - m)).abs().max() > 0.1 * (eq5 - m).abs().max()
+
+
+def test_released_variance_rule_is_the_released_formula():
+    """s_y <- sqrt(b / a), a = (1 + tau_y) s_y + c sum_y' K_y'y (q_y' + s_y'),
+    b = v_y + c s_y^2 sum_y' K_yy' / s_y', q_y' = sum_l (mu_y' - mu_l)^2 (SPEC §3), pair by pair."""
+    stats, mu, s = spread_stats(seed=5)
+    k, lam, alpha = 5, 40.0, 10.0
+    c = lam / (k * (k - 1))
+    kmat = direct_kernel(mu, s, alpha, "pairwise")
+    v = stats.var()
+    ref = torch.empty_like(s)
+    for y in range(k):
+        tau = c * sum(kmat[y, j] - kmat[j, y] for j in range(k))
+        a = (1 + tau) * s[y]
+        b = v[y].clone()
+        for j in range(k):
+            if j != y:
+                q = sum((mu[j] - mu[l]) ** 2 for l in range(k))
+                a = a + c * kmat[j, y] * (q + s[j])
+                b = b + c * s[y] ** 2 * kmat[y, j] / s[j]
+        ref[y] = (b / a).sqrt()
+    mu_new, ours = fpi.update(stats, mu, s, lam, alpha, learn="variances", rule="released")
+    assert torch.allclose(ours, ref, rtol=1e-10) and torch.equal(mu_new, mu)
+
+
+@pytest.mark.parametrize("isotropic", [False, True])
+@pytest.mark.parametrize("learn", ["both", "means", "variances"])
+@pytest.mark.parametrize("rule", ["released", "paper"])
+def test_solution_is_a_fixed_point_of_its_own_update(rule, learn, isotropic):
+    """One more undamped update from the returned point changes it by ~0 (relative)."""
+    stats = make_stats(k=10, d=8, sep=0.3)
+    lam = 1e3 if rule == "released" else 30.0
+    res = fpi.solve(stats, lam, learn=learn, rule=rule, isotropic_mean_step=isotropic, tol=1e-12)
+    assert res.converged and res.bounds_active == 0
+    mu, s = fpi.update(stats, res.means, res.variances, lam, learn=learn, rule=rule,
+                       isotropic_mean_step=isotropic)
+    std = stats.var().sqrt()
+    assert ((mu - res.means) / std).abs().max() <= 1e-10
+    assert ((s - res.variances) / res.variances).abs().max() <= 1e-10
+    assert (res.means - stats.mean()).abs().max() > 1e-3 or learn == "variances"   # it did move
+
+
+@pytest.mark.parametrize("learn", ["both", "variances"])
+def test_released_stop_is_the_released_rule(learn):
+    """stop='released' with plain iteration stops at the first step whose per-class L2 change of
+    mu and of s are both <= 0.1, exactly as a direct loop over fpi.update does."""
+    stats = make_stats(k=10, d=8, sep=0.3)
+    stats = ClassStats(stats.count, stats.total * 3, stats.total_sq * 9)  # absolute units matter
+    lam = 1e3
+    res = fpi.solve(stats, lam, learn=learn, rule="released", stop="released", accel="none", rho=1e6)
+    mu, s = stats.mean(), stats.var()
+    for it in range(1, 1001):
+        mu_n, s_n = fpi.update(stats, mu, s, lam, learn=learn, rule="released")
+        change = max(float((mu_n - mu).norm(dim=1).max()), float((s_n - s).norm(dim=1).max()))
+        mu, s = mu_n, s_n
+        if change <= fpi.RELEASED_TOL:
+            break
+    assert res.converged and res.iterations == it > 1
+    assert res.history["change"][-1] == pytest.approx(change, rel=1e-9)
+    assert all(ch > fpi.RELEASED_TOL for ch in res.history["change"][:-1])
+    assert torch.allclose(res.means, mu, rtol=1e-10) and torch.allclose(res.variances, s, rtol=1e-10)
+    with pytest.raises(ValueError, match="stop must be"):
+        fpi.solve(stats, lam, stop="l2")
+
+
+def test_mean_pi_threshold_separates_bounded_and_runaway_variances():
+    """pi='mean', paper rule: one variance started far out (1000 v) returns below
+    unbounded_threshold(K, alpha, 'mean') and runs to its bound above it (5% either side)."""
+    k, d = 10, 4
+    g = torch.Generator().manual_seed(0)
+    mean = 0.3 * torch.randn(k, d, generator=g)
+    n = torch.full((k,), 100.0)
+    stats = ClassStats(n, mean * 100, (1 + mean ** 2) * 100)      # unit variances in every class
+    s0 = torch.ones(k, d)
+    s0[0, 0] = 1e3
+    threshold = fpi.unbounded_threshold(k, 10.0, pi="mean")
+    assert threshold == pytest.approx(5 * math.e)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FPIWarning)
+        below = fpi.solve(stats, 0.95 * threshold, pi="mean", init=(stats.mean(), s0), rho=1e6)
+    assert below.converged and below.bounds_active == 0 and below.variances.max() < 1e3
+    assert stationarity(stats, below, 0.95 * threshold, 10.0, "mean", "both") <= 1e-6
+    with pytest.warns(FPIWarning, match="variances are unbounded") as record:
+        above = fpi.solve(stats, 1.05 * threshold, pi="mean", init=(stats.mean(), s0), rho=1e6)
+    assert above.bounds_active == 1 and above.variances[0, 0] == pytest.approx(1e6)
+    assert any("sit on the bound" in str(r.message) for r in record)
+
+
+@pytest.mark.parametrize("policy", sorted(gd.POLICIES))
+def test_gradient_descent_lr_policy_schedule(policy):
+    """lr_t = lr0 (1 - t/T)^p with the README's exponent for each policy, t = 0 .. T-1."""
+    p = {"constant": 0.0, "sublinear_v1": 0.5, "sublinear_v2": 0.75, "linear": 1.0,
+         "superlinear_v1": 1.5, "superlinear_v2": 2.0}[policy]
+    steps, lr0 = 40, 0.03
+    res = gd.solve(make_stats(k=3, d=2), 1.0, policy=policy, steps=steps, lr=lr0)
+    assert len(res.history["lr"]) == steps
+    for t in (0, 1, 10, 20, 33, 39):
+        assert res.history["lr"][t] == pytest.approx(lr0 * (1 - t / steps) ** p, rel=1e-12, abs=0)
+
+
+# ------------------------------------------------------------------ the generic iteration
+@pytest.mark.parametrize("accel", ["anderson", "none"])
+def test_fixed_point_iteration_on_a_linear_contraction(accel):
+    """x = A x + b with spectral radius 0.95: the fixed point (I - A)^-1 b. Anderson with memory
+    >= n is a Krylov method on a linear map: x0, one plain step and n mixing steps reach it (one
+    more for rounding), where plain iteration needs log(1e-12) / log(0.95) ~ 540 iterates."""
+    n = 6
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+    a = q @ torch.diag(torch.linspace(-0.95, 0.95, n)) @ q.T
+    b = torch.randn(n, generator=g)
+    exact = torch.linalg.solve(torch.eye(n) - a, b)
+    seen = []
+
+    def done(x, gx, aux):
+        seen.append(aux)
+        return float((gx - x).norm()) <= 1e-12
+
+    x, gx, aux, ok = fpi.fixed_point(lambda x: (a @ x + b, len(seen)), torch.zeros(n), done, accel=accel,
+                                     memory=n, max_iter=2000)
+    assert ok and torch.allclose(x, exact, atol=1e-10)
+    assert seen == list(range(len(seen)))          # done sees every iterate once, in order
+    assert len(seen) <= (n + 3 if accel == "anderson" else 2000) and (accel == "anderson" or len(seen) > 400)
+
+
+def test_fixed_point_iteration_respects_projection_and_budget():
+    """Proposals are projected (here onto x >= 0) and the budget ends with converged=False."""
+    calls = []
+
+    def g(x):
+        calls.append(x.clone())
+        return -2.0 * x + 1.0, None                     # expanding: no convergence
+
+    x, _, _, ok = fpi.fixed_point(g, torch.ones(3), lambda *_: False, lambda z: z.clamp_min(0.0), max_iter=5)
+    assert not ok and all((c >= 0).all() for c in calls)

@@ -101,6 +101,27 @@ def test_shipped_configs_load(path):
     assert cfg.to_dict() == TrainConfig.from_dict(yaml.safe_load(text)).to_dict()
 
 
+def test_released_solve_keys_reach_the_solver():
+    """gaussians.stop / accel: 'released' / 'none' give the released plain iteration and stopping
+    rule (fewer iterations than the default relative tolerance), and bad values are refused."""
+    from nfpi.train import _fit
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(4).repeat_interleave(30)
+    z = torch.randn(120, 6, generator=g, dtype=torch.float64) + 0.3 * torch.randn(4, 6, generator=g)[y]
+    stats = fpi.ClassStats.from_latents(z, y, 4)
+    released = GaussianConfig(lam=100.0, rule="released", stop="released", accel="none")
+    fitted, info = _fit(released, stats, 100.0)
+    ref = fpi.solve(stats, 100.0, rule="released", stop="released", accel="none")
+    torch.testing.assert_close(fitted.means, ref.means.float())
+    assert info["iterations"] == ref.iterations and info["change"] <= fpi.RELEASED_TOL
+    _, default = _fit(GaussianConfig(lam=100.0, rule="released"), stats, 100.0)
+    assert default["change"] <= 1e-10 < info["change"] and default["iterations"] > info["iterations"]
+    with pytest.raises(ValueError, match="gaussians.stop must be one of"):
+        tiny(**{"gaussians.stop": "l2"})
+    with pytest.raises(ValueError, match="gaussians.accel must be one of"):
+        tiny(**{"gaussians.accel": "broyden"})
+
+
 # ------------------------------------------------------------------------------ outputs
 def test_short_run_writes_outputs(finished):
     run_dir, final = finished

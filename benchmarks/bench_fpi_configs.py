@@ -1,0 +1,123 @@
+"""Convergence of the fixed-point solver in the regimes of the shipped configs (configs/*.yaml).
+
+Each config's class statistics are those its training run solves for at SPEC §4 step 3, taken
+before training: the latents of the config's own untrained flow (ActNorm data init on
+``init_images`` images, zero-initialised couplings) on real images, with the seeded
+dequantisation noise of the statistics. CIFAR-100 is not on this machine: its K = 100
+classes are built from CIFAR-10 latents by splitting every class into 10 deciles of its
+projection on a random direction (same latent scale and spread, distinct class means), and
+for time the flow is the small one of cifar10_cpu.yaml (an untrained flow's couplings are the
+identity, so it differs from the paper-size one only by its random 1x1 convolutions).
+The solve is :func:`nfpi.train._fit`, i.e. exactly what training calls with the config's
+``gaussians:`` section; one row per config:
+
+    config, lambda, rule, learn, stop, accel, iterations, final change, converged, seconds
+
+    NFPI_DATA=/work/shared/data python benchmarks/bench_fpi_configs.py [--per-class 500] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from nfpi import data, fpi, train
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def untrained_latent_stats(cfg: train.TrainConfig, per_class: int) -> fpi.ClassStats:
+    """Statistics of the latents of ``cfg``'s untrained flow on its training images (for configs
+    that train on a whole dataset: ``per_class`` images per class; digits: all 1,438)."""
+    pseudo = cfg.dataset == "cifar100"
+    if pseudo:   # not available offline: CIFAR-10 images, 10 pseudo-classes per class (see above)
+        small = train.TrainConfig.from_yaml(CONFIGS / "cifar10_cpu.yaml").to_dict()["model"]
+        cfg = cfg.replace(dataset="cifar10", download=False, **{f"model.{k}": v for k, v in small.items()})
+    if cfg.per_class is None and cfg.dataset != "digits":   # full-set configs: a class-balanced share
+        cfg = cfg.replace(per_class=per_class * (10 if pseudo else 1))
+    torch.manual_seed(cfg.seed)
+    arrays, _ = train.load_data(cfg)
+    model = train._build_model(cfg, arrays.shape)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    idx = torch.randperm(len(arrays), generator=gen)[:cfg.init_images]
+    with torch.no_grad():   # data-dependent ActNorm init (SPEC §4 step 1)
+        model(data.dequantize(data.quantize(arrays.x[idx], cfg.bits), cfg.bits, noise=True, generator=gen))
+    if not pseudo:
+        return train.class_stats(model, arrays, cfg.bits, 250, noise=cfg.seed)
+    z, _ = train.encode(model, arrays, cfg.bits, 250, noise=cfg.seed)
+    z = z.double()
+    labels = torch.empty_like(arrays.y)
+    for c in range(arrays.num_classes):
+        rows = (arrays.y == c).nonzero().flatten()
+        proj = z[rows] @ torch.randn(z.shape[1], generator=gen, dtype=torch.float64)
+        labels[rows[proj.argsort()]] = c * 10 + torch.arange(len(rows)) * 10 // len(rows)
+    return fpi.ClassStats.from_latents(z, labels, 10 * arrays.num_classes)
+
+
+# Released ablation lambdas named in the configs' comments (SPEC §4): same statistics, other blocks.
+ABLATIONS = {"cifar10": [("means", 5e5), ("variances", 1e5)],
+             "cifar100": [("means", 7.5e6), ("variances", 2e6)]}
+
+
+def distance(stats: fpi.ClassStats, g: train.GaussianConfig, lam: float, info: dict) -> float:
+    """Max distance of a solve's result to the fixed point (a relative-tol 1e-13 solve): means
+    in class-std units, variances relative."""
+    tight = dataclasses.replace(g, stop="relative", accel="anderson", tol=1e-13, max_iter=20_000)
+    ref, _ = train._fit(tight, stats, lam)
+    std = stats.var().sqrt()
+    return max(float(((info["means"] - ref.means) / std).abs().max()),
+               float(((info["variances"] - ref.variances) / ref.variances).abs().max()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--per-class", type=int, default=500,
+                    help="images per class for the statistics of full-dataset configs")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", help="folder to keep the statistics in between runs")
+    ap.add_argument("--distance", action="store_true", help="also the distance to the fixed point (slow)")
+    ap.add_argument("configs", nargs="*", help="config names (default: all in configs/)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.configs or sorted(p.stem for p in CONFIGS.glob("*.yaml"))
+    print("| config | K | D | lambda | rule | learn | stop | accel | iterations | final change | converged "
+          "| seconds |"
+          + (" distance to fixed point |" if args.distance else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.distance else ""))
+    for name in names:
+        cfg = train.TrainConfig.from_yaml(CONFIGS / f"{name}.yaml")
+        cached = Path(args.cache) / f"{name}_{args.per_class}.pt" if args.cache else None
+        if cached is not None and cached.exists():
+            stats = fpi.ClassStats(*torch.load(cached, weights_only=True))
+        else:
+            stats = untrained_latent_stats(cfg, args.per_class)
+            if cached is not None:
+                torch.save((stats.count, stats.total, stats.total_sq), cached)
+        own = cfg.gaussians
+        rows = [own] + [dataclasses.replace(own, learn=learn, lam=lam)
+                        for learn, lam in ABLATIONS.get(name, [])]
+        # configs on the released solve also get the default one (Anderson, relative tol), for comparison
+        rows += [dataclasses.replace(g, stop="relative", accel="anderson")
+                 for g in rows if g.stop == "released"]
+        for g in rows:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", fpi.FPIWarning)
+                start = time.perf_counter()
+                fitted, info = train._fit(g, stats, g.lam)
+                seconds = time.perf_counter() - start
+                extra = ""
+                if args.distance:
+                    info.update(means=fitted.means, variances=fitted.variances)
+                    extra = f" {distance(stats, g, g.lam, info):.1e} |"
+            print(f"| {name} | {stats.num_classes} | {stats.dim} | {g.lam:g} | {g.rule} | {g.learn} | "
+                  f"{g.stop} | {g.accel} | "
+                  f"{info['iterations']} | {info['change']:.2g} | {info['converged']} | {seconds:.1f} |{extra}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
