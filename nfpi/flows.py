@@ -9,6 +9,16 @@ but the last -- with the two 1x1 convolutions named there:
 * ``"matexp"``: W = expm(M) (Matrix Exponential Flow, Xiao & Liu 2020, the
   paper's backbone, Sec. 5), log|det| = H W trace(M).
 
+and three couplings: Glow's affine and additive ones and the Matrix Exponential
+Flow's (``"matexp"``, SPEC §4): per pixel x2 <- expm(W(x1)) x2 + b(x1), with W
+full (c2 x c2) or low-rank W = A B, expm(A B) = I + A phi(B A) B.
+
+``Glow(..., memory="reversible")`` trains with activation memory that does not
+grow with the number of steps per level: each level's steps run under a custom
+autograd function (:class:`_ReversibleSteps`) that keeps only the level's output
+and, in backward, rebuilds every step's input with ``inverse`` and recomputes the
+step (as in i-RevNet / memcnn / Glow's memory-saving mode).
+
 Every layer maps x to ``(y, log|det dy/dx|)`` so that the change-of-variables
 term of the paper's Eqs. (1)-(2), log p(x|y) = log p_Z(f(x)|y) + log|det J_f(x)|,
 is the sum of the per-layer terms. The split-off halves get no prior of their
@@ -40,11 +50,13 @@ __all__ = [
     "InvConv1x1MatExp",
     "AffineCoupling",
     "AdditiveCoupling",
+    "MatExpCoupling",
     "CouplingNet",
     "FlowStep",
     "Glow",
     "CONVS",
     "COUPLINGS",
+    "MEMORY_MODES",
 ]
 
 
@@ -143,6 +155,12 @@ class ActNorm(FlowLayer):
         super()._load_from_state_dict(*args, **kwargs)
         self._initialized_cache = False
 
+    def is_initialized(self) -> bool:
+        """Whether the data-dependent init has run (reads the buffer once after a load)."""
+        if not self._initialized_cache:
+            self._initialized_cache = bool(self.initialized)
+        return self._initialized_cache
+
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
         mean = x.mean(dim=(0, 2, 3), keepdim=True)
@@ -155,9 +173,8 @@ class ActNorm(FlowLayer):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, C, H, W) -> (y (B, C, H, W), logdet (B,))."""
         self._check_input(x)
-        if not self._initialized_cache:
-            if not bool(self.initialized):
-                self._initialize(x)
+        if not self.is_initialized():
+            self._initialize(x)
             self._initialized_cache = True
         y = torch.addcmul(self.bias, x, self.log_scale.exp())
         logdet = (self.log_scale.sum() * (x.shape[2] * x.shape[3])).repeat(x.shape[0])
@@ -302,14 +319,17 @@ class _Coupling(FlowLayer):
 
     _params_per_channel: int
 
-    def __init__(self, channels: int, hidden: int = 128, blocks: int = 1) -> None:
+    def __init__(
+        self, channels: int, hidden: int = 128, blocks: int = 1, net_out: int | None = None
+    ) -> None:
         super().__init__()
         if channels < 2:
             raise ValueError(f"A coupling needs at least 2 channels to split; got {channels}.")
         self.channels = channels
         self.split = channels // 2
-        out = self._params_per_channel * (channels - self.split)
-        self.net = CouplingNet(self.split, out, hidden, blocks)
+        if net_out is None:
+            net_out = self._params_per_channel * (channels - self.split)
+        self.net = CouplingNet(self.split, net_out, hidden, blocks)
 
     def _transform(self, x2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -377,8 +397,118 @@ class AdditiveCoupling(_Coupling):
         return y2 - h
 
 
+def _phi(x: Tensor) -> Tensor:
+    """phi(X) = sum_n X^n / (n+1)! of square matrices (..., k, k) -> (..., k, k).
+
+    Read off expm([[X, I], [0, 0]]) = [[expm(X), phi(X)], [0, I]], so it inherits
+    matrix_exp's scaling and squaring: accurate for any norm, unlike a truncated series.
+    """
+    k = x.shape[-1]
+    block = x.new_zeros(*x.shape[:-2], 2 * k, 2 * k)
+    block[..., :k, :k] = x
+    block[..., :k, k:] = torch.eye(k, dtype=x.dtype, device=x.device)
+    return torch.linalg.matrix_exp(block)[..., :k, k:]
+
+
+class MatExpCoupling(_Coupling):
+    """Matrix Exponential Flow coupling (Xiao & Liu 2020; SPEC §4): per pixel x2 <- expm(W) x2 + b.
+
+    The net predicts, from x1 and per pixel, a shift b (c2) and W (c2 x c2, c2 = channels
+    of x2) whose raw entries r are bounded elementwise as W = a tanh(s r + t) + u with
+    learned scalars (a, s, t, u), so |W_ij| <= |a| + |u| and expm(W) stays finite.
+    log|det| = sum over pixels of trace(W); the inverse is x2 = expm(-W) (y2 - b).
+
+    For c2 > ``low_rank_above`` (24, as released) W = A B with A (c2 x k), B (k x c2),
+    k = ``rank`` (3, as released), each factor bounded with its own scalars. Then
+    expm(A B) = I + A phi(B A) B, phi(X) = sum_n X^n/(n+1)!, expm(-A B) = I - A phi(-B A) B
+    and log|det| = sum over pixels of trace(B A): only k x k exponentials, O(c2 k) per pixel.
+
+    Init: (s, t, u) = (1, 0, 0) and the zero output conv give W = 0 (full) or B = 0
+    (low rank), so the layer is exactly the identity. a starts at 1/c2 (full; 1/k for A
+    and 1/c2 for B), so that ||W||_inf <= 1: expm(W) and its inverse then have norms
+    <= e and the layer is well conditioned. With a = 1, a W saturated at +-1 has an
+    eigenvalue up to c2 and expm(W) a condition number up to e^(2 c2) (~1e20 at c2 = 24;
+    the float64 inverse then loses every digit). The released initial scalars are not
+    recorded in SPEC §4. Learned, a and u still bound ||W||_inf <= c2 (|a| + |u|) (low rank:
+    k c2 (|a_A| + |u_A|)(|a_B| + |u_B|)), so the layer stays finite. In the low-rank form the output
+    conv's bias for A is drawn at random (A = tanh(bias) != 0): with A = B = 0 both
+    factors' gradients, B^T dL/dW and A^T dL/dW, would vanish for ever.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        hidden: int = 128,
+        blocks: int = 1,
+        low_rank_above: int = 24,
+        rank: int = 3,
+    ) -> None:
+        c2 = channels - channels // 2
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1; got {rank}.")
+        low_rank = c2 > low_rank_above
+        matrix = 2 * rank * c2 if low_rank else c2 * c2
+        super().__init__(channels, hidden, blocks, net_out=c2 + matrix)
+        self.rank = rank if low_rank else None
+        # Rows: (a, s, t, u) of W, or of A and of B in the low-rank form; a such that
+        # ||W||_inf <= 1 while u = 0 (see the class docstring).
+        scales = [1.0 / rank, 1.0 / c2] if low_rank else [1.0 / c2]
+        self.bound = nn.Parameter(torch.tensor([[a, 1.0, 0.0, 0.0] for a in scales]))
+        if low_rank:
+            with torch.no_grad():
+                bias_a = self.net.conv_out.bias[c2 : c2 + rank * c2]
+                bias_a.copy_(torch.randn(rank * c2) / math.sqrt(rank))
+
+    @staticmethod
+    def _bounded(raw: Tensor, scalars: Tensor) -> Tensor:
+        a, s, t, u = scalars
+        return a * torch.tanh(s * raw + t) + u
+
+    def _matrices(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """h (B, c2 + matrix, H, W) -> shift (B, H, W, c2), W or A (B, H, W, c2, c2 or k), B or None."""
+        c2 = self.channels - self.split
+        # Under bf16/fp16 autocast the net output is half precision, in which matrix_exp's
+        # backward gives NaN: the matrix part always runs in float32 or better.
+        h = h.to(torch.promote_types(h.dtype, torch.float32))
+        h = h.permute(0, 2, 3, 1).contiguous()  # matrix_exp needs contiguous matrices
+        shift, raw = h[..., :c2], h[..., c2:]
+        if self.rank is None:
+            return shift, self._bounded(raw.unflatten(-1, (c2, c2)), self.bound[0]), None
+        k = self.rank
+        a = self._bounded(raw[..., : k * c2].unflatten(-1, (c2, k)), self.bound[0])
+        b = self._bounded(raw[..., k * c2 :].unflatten(-1, (k, c2)), self.bound[1])
+        return shift, a, b
+
+    def _apply_expm(self, x2: Tensor, w: Tensor, b: Tensor | None, sign: float) -> Tensor:
+        """expm(sign * W) v per pixel, v = x2 as (B, H, W, c2, 1)."""
+        if b is None:
+            return torch.linalg.matrix_exp(sign * w) @ x2
+        # A is fed to phi(sign B A) unscaled and applied with its sign.
+        return x2 + sign * (w @ (_phi(sign * (b @ w)) @ (b @ x2)))
+
+    def _transform(self, x2: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.autocast(h.device.type, enabled=False):
+            shift, w, b = self._matrices(h)
+            v = x2.permute(0, 2, 3, 1).to(w.dtype).unsqueeze(-1)
+            y2 = self._apply_expm(v, w, b, 1.0).squeeze(-1) + shift
+            if b is None:
+                trace = torch.diagonal(w, dim1=-2, dim2=-1).sum(-1)
+            else:
+                trace = (w * b.transpose(-1, -2)).sum((-2, -1))  # trace(A B) = trace(B A)
+        return y2.permute(0, 3, 1, 2), trace.flatten(1).sum(1)
+
+    def _untransform(self, y2: Tensor, h: Tensor) -> Tensor:
+        with torch.autocast(h.device.type, enabled=False):
+            shift, w, b = self._matrices(h)
+            v = (y2.permute(0, 2, 3, 1).to(w.dtype) - shift).unsqueeze(-1)
+            return self._apply_expm(v, w, b, -1.0).squeeze(-1).permute(0, 3, 1, 2)
+
+
 CONVS: dict[str, type[FlowLayer]] = {"lu": InvConv1x1LU, "matexp": InvConv1x1MatExp}
-COUPLINGS: dict[str, type[_Coupling]] = {"affine": AffineCoupling, "additive": AdditiveCoupling}
+COUPLINGS: dict[str, type[_Coupling]] = {
+    "affine": AffineCoupling, "additive": AdditiveCoupling, "matexp": MatExpCoupling,
+}
+MEMORY_MODES = ("standard", "reversible")
 
 
 def _lookup(table: dict[str, type], name: str, what: str) -> type:
@@ -390,7 +520,8 @@ def _lookup(table: dict[str, type], name: str, what: str) -> type:
 class FlowStep(FlowSequence):
     """One Glow step of flow (SPEC §4): ActNorm -> invertible 1x1 conv -> coupling.
 
-    ``conv`` is ``"lu"`` or ``"matexp"``; ``coupling`` is ``"affine"`` or ``"additive"``.
+    ``conv`` is ``"lu"`` or ``"matexp"``; ``coupling`` is ``"affine"``, ``"additive"`` or
+    ``"matexp"``.
     Shapes: (B, channels, H, W) -> (B, channels, H, W).
     """
 
@@ -410,6 +541,66 @@ class FlowStep(FlowSequence):
         self.channels = channels
 
 
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class _ReversibleSteps(torch.autograd.Function):
+    """Run a :class:`FlowSequence` keeping only its output; backward rebuilds the inputs.
+
+    ``forward(x, layers, *params) -> (y, logdet)`` runs under ``no_grad``, so none of the
+    layers' intermediate activations is stored: only y (which the caller holds anyway).
+    ``backward`` walks the layers from last to first: x = layer.inverse(y), then the layer
+    is re-run on x under autograd, both under the forward's autocast state, and
+    ``torch.autograd.grad`` gives the gradients of x and of the layer's parameters.
+    Peak memory is then one layer's activations plus y, independent of the depth.
+    Gradients are exact up to the reconstruction error of the inverses (float64:
+    ~1e-13 relative; float32: see the README). ``params`` must be every parameter of
+    ``layers`` that requires grad, so that autograd routes their gradients (and DDP's hooks).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layers: FlowSequence, *params: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.layers, ctx.params = layers, params
+        ctx.autocast = (x.device.type, *_autocast_state(x.device.type))
+        with torch.no_grad():
+            y, logdet = layers(x)
+        ctx.save_for_backward(y)
+        return y, logdet
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor | None, grad_logdet: Tensor | None):
+        (y,) = ctx.saved_tensors
+        device_type, autocast, autocast_dtype = ctx.autocast
+        grad_y = torch.zeros_like(y) if grad_y is None else grad_y
+        if grad_logdet is None:
+            grad_logdet = y.new_zeros(y.shape[0])
+        index = {id(p): i for i, p in enumerate(ctx.params)}
+        grads: list[Tensor | None] = [None] * len(ctx.params)
+        # The forward's autocast state for both the inverse and the recomputation: a coupling
+        # can only be undone with the very net output (same precision) its forward used.
+        amp = torch.autocast(device_type, autocast_dtype, autocast)
+        for layer in reversed(ctx.layers.layers):
+            with torch.no_grad(), amp:
+                x = layer.inverse(y)
+            params = [p for p in layer.parameters() if id(p) in index]
+            with torch.enable_grad(), amp:
+                x = x.detach().requires_grad_(True)
+                out, logdet = layer(x)
+                # A volume-preserving layer's log-det (e.g. Squeeze's zeros) has no graph.
+                pairs = [(t, g) for t, g in ((out, grad_y), (logdet, grad_logdet)) if t.requires_grad]
+                outputs, out_grads = zip(*pairs)
+                layer_grads = torch.autograd.grad(
+                    outputs, (x, *params), out_grads, allow_unused=True
+                )
+            grad_y, y = layer_grads[0], x.detach()
+            for p, g in zip(params, layer_grads[1:]):
+                i = index[id(p)]
+                if g is not None:
+                    grads[i] = g if grads[i] is None else grads[i] + g
+        return (grad_y, None, *grads)
+
+
 class Glow(nn.Module):
     """Multi-scale Glow mapping images (B, C, H, W) to one flat latent (B, C*H*W) (SPEC §4).
 
@@ -424,8 +615,14 @@ class Glow(nn.Module):
         steps: flow steps per level K (paper: 8).
         hidden: hidden channels of the coupling nets (paper: 128).
         conv: ``"lu"`` (Glow) or ``"matexp"`` (Matrix Exponential Flow).
-        coupling: ``"affine"`` or ``"additive"``.
-        blocks: residual blocks per coupling net.
+        coupling: ``"affine"``, ``"additive"`` or ``"matexp"`` (:class:`MatExpCoupling`).
+        blocks: residual blocks per coupling net: one int for every level, or one per
+            level (released configs: ``[8, 4, 2]``).
+        memory: ``"standard"`` (autograd stores every activation) or ``"reversible"``
+            (while gradients are recorded, each level's steps run under
+            :class:`_ReversibleSteps`: activation memory independent of ``steps``, at the
+            cost of one extra forward and one inverse per step in backward). ActNorm's
+            data-dependent init always runs in a standard forward.
 
     Attributes: ``in_shape``, ``latent_dim`` (D), ``part_shapes`` (the (C, H, W)
     of each block of z, in order), ``config`` (the constructor arguments:
@@ -440,18 +637,28 @@ class Glow(nn.Module):
         hidden: int = 128,
         conv: str = "lu",
         coupling: str = "affine",
-        blocks: int = 1,
+        blocks: int | Sequence[int] = 1,
+        memory: str = "standard",
     ) -> None:
         super().__init__()
         in_shape = tuple(int(s) for s in in_shape)
         if len(in_shape) != 3 or min(in_shape) < 1:
             raise ValueError(f"in_shape must be (C, H, W) with positive sizes; got {in_shape}.")
-        for name, value, low in (("levels", levels, 1), ("steps", steps, 1),
-                                 ("hidden", hidden, 1), ("blocks", blocks, 0)):
+        for name, value, low in (("levels", levels, 1), ("steps", steps, 1), ("hidden", hidden, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}.")
+        level_blocks = [blocks] * levels if isinstance(blocks, int) else blocks
+        if not isinstance(level_blocks, (list, tuple)) or len(level_blocks) != levels or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in level_blocks
+        ):
+            raise ValueError(
+                f"blocks must be an integer >= 0 or a list of {levels} such integers (one per "
+                f"level); got {blocks!r}."
+            )
         _lookup(CONVS, conv, "conv")
         _lookup(COUPLINGS, coupling, "coupling")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"Unknown memory mode {memory!r}; choose one of {list(MEMORY_MODES)}.")
         c, h, w = in_shape
         if h % 2**levels or w % 2**levels:
             raise ValueError(
@@ -462,7 +669,8 @@ class Glow(nn.Module):
         self.latent_dim = c * h * w
         # Constructor arguments, so a checkpoint can store how to rebuild the model.
         self.config = dict(in_shape=in_shape, levels=levels, steps=steps, hidden=hidden,
-                           conv=conv, coupling=coupling, blocks=blocks)
+                           conv=conv, coupling=coupling, blocks=blocks, memory=memory)
+        self.memory = memory
 
         levels_list = []
         #: (C, H, W) of each factored-out part, then of the final output, in latent order.
@@ -472,7 +680,8 @@ class Glow(nn.Module):
             levels_list.append(
                 FlowSequence(
                     [Squeeze()]
-                    + [FlowStep(c, hidden, conv, coupling, blocks) for _ in range(steps)]
+                    + [FlowStep(c, hidden, conv, coupling, level_blocks[level])
+                       for _ in range(steps)]
                 )
             )
             if level < levels - 1:
@@ -481,6 +690,19 @@ class Glow(nn.Module):
         self.part_shapes.append((c, h, w))
         self.level_flows = nn.ModuleList(levels_list)
         self._part_sizes = [math.prod(s) for s in self.part_shapes]
+        self._actnorms = [m for m in self.modules() if isinstance(m, ActNorm)]
+
+    def _run_level(self, level: FlowSequence, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One level's squeeze and steps, through :class:`_ReversibleSteps` when it saves memory."""
+        params = [p for p in level.parameters() if p.requires_grad]
+        reversible = (
+            self.memory == "reversible" and torch.is_grad_enabled() and bool(params)
+            # The ActNorm init needs a standard forward (it reads the batch once, no inverse).
+            and all(m.is_initialized() for m in self._actnorms)
+        )
+        if reversible:
+            return _ReversibleSteps.apply(x, level, *params)
+        return level(x)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x: (B, C, H, W) -> (z (B, D), logdet (B,)), D = C*H*W."""
@@ -493,7 +715,7 @@ class Glow(nn.Module):
         logdet = x.new_zeros(x.shape[0])
         last = len(self.level_flows) - 1
         for index, level in enumerate(self.level_flows):
-            x, level_logdet = level(x)
+            x, level_logdet = self._run_level(level, x)
             logdet = logdet + level_logdet
             if index < last:
                 keep = x.shape[1] // 2

@@ -91,7 +91,7 @@ from tqdm import tqdm
 
 from . import data, fpi, gd
 from .classifiers import topk_accuracy
-from .flows import Glow
+from .flows import MEMORY_MODES, Glow
 from .fpi import ClassStats
 from .glem import ClassCodes, CodeConfig
 from .priors import ClassGaussians
@@ -125,14 +125,25 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 
 @dataclass
 class ModelConfig:
-    """The Glow of :class:`nfpi.flows.Glow` (paper: 3 levels x 8 steps, 128 hidden channels)."""
+    """The Glow of :class:`nfpi.flows.Glow` (paper: 3 levels x 8 steps, 128 hidden channels).
+
+    ``blocks``: residual blocks per coupling net, one int or one per level (released: [8, 4, 2]).
+    ``memory``: ``"standard"`` or ``"reversible"`` (activations rebuilt by inverses in backward).
+    """
 
     levels: int = 3
     steps: int = 8
     hidden: int = 128
     conv: str = "lu"
     coupling: str = "affine"
-    blocks: int = 1
+    blocks: int | list[int] = 1
+    memory: str = "standard"
+
+    def __post_init__(self) -> None:
+        _check_choice("model.memory", self.memory, MEMORY_MODES)
+        if isinstance(self.blocks, list) and len(self.blocks) != self.levels:
+            raise ValueError(f"model.blocks must be one int or a list of model.levels = {self.levels} "
+                             f"ints (one per level), got {self.blocks}")
 
 
 @dataclass
@@ -349,7 +360,11 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if type(None) in args:
             return None
         raise ValueError(f"{name} may not be null")
-    base = next((a for a in args if a is not type(None)), hint)
+    list_hint = next((a for a in args if typing.get_origin(a) is list), None)
+    if list_hint is not None and isinstance(value, (list, tuple)):
+        (item,) = typing.get_args(list_hint)
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    base = next((a for a in args if a is not type(None) and a is not list_hint), hint)
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -655,7 +670,7 @@ def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") 
 def _build_model(cfg: TrainConfig, shape: tuple[int, int, int]) -> Glow:
     m = cfg.model
     return Glow(shape, levels=m.levels, steps=m.steps, hidden=m.hidden, conv=m.conv,
-                coupling=m.coupling, blocks=m.blocks)
+                coupling=m.coupling, blocks=m.blocks, memory=m.memory)
 
 
 def load_checkpoint(path: str | os.PathLike[str], ema: bool = True,

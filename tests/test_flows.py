@@ -4,7 +4,8 @@ One generic battery (inverse round trip, log-determinant against the autograd
 Jacobian of paper Eq. 1, output shapes and batch independence, gradients to every
 parameter, state-dict round trip) runs in float64 over every layer type and over
 whole Glow models, after moving all parameters away from their identity init so
-that the checks are not satisfied trivially.
+that the checks are not satisfied trivially. The reversible (memory-lean) mode is
+checked against standard backprop over the same cases.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from nfpi.flows import (
     ActNorm,
     AdditiveCoupling,
     AffineCoupling,
+    FlowSequence,
     FlowStep,
     Glow,
     InvConv1x1LU,
     InvConv1x1MatExp,
+    MatExpCoupling,
     Squeeze,
+    _phi,
+    _ReversibleSteps,
 )
 
 DTYPE = torch.float64
@@ -50,7 +55,17 @@ CASES = {
     "coupling-additive": Case(
         lambda: AdditiveCoupling(4, hidden=8), (4, 4, 4), (4, 4, 4), volume_preserving=True
     ),
+    "coupling-matexp": Case(lambda: MatExpCoupling(4, hidden=8), (4, 3, 3), (4, 3, 3)),
+    "coupling-matexp-odd": Case(
+        lambda: MatExpCoupling(5, hidden=8, blocks=2), (5, 3, 3), (5, 3, 3)
+    ),
+    "coupling-matexp-low-rank": Case(
+        lambda: MatExpCoupling(9, hidden=8, low_rank_above=3, rank=2), (9, 2, 3), (9, 2, 3)
+    ),
     "step-lu-affine": Case(lambda: FlowStep(4, 8, "lu", "affine"), (4, 3, 3), (4, 3, 3)),
+    "step-matexp-matexp": Case(
+        lambda: FlowStep(6, 8, "matexp", "matexp"), (6, 3, 3), (6, 3, 3)
+    ),
     "step-matexp-additive": Case(
         lambda: FlowStep(6, 8, "matexp", "additive", blocks=0), (6, 3, 3), (6, 3, 3)
     ),
@@ -67,6 +82,17 @@ CASES = {
     ),
     "glow-3x16x16-blocks-2": Case(
         lambda: Glow((3, 16, 16), levels=3, steps=1, hidden=8, blocks=2), (3, 16, 16), (768,)
+    ),
+    "glow-mef-blocks-8-4-2": Case(
+        lambda: Glow(
+            (3, 8, 8), levels=3, steps=2, hidden=8, conv="matexp", coupling="matexp",
+            blocks=[8, 4, 2],
+        ),
+        (3, 8, 8),
+        (192,),
+    ),
+    "glow-mef-low-rank": Case(  # level channels 64: c2 = 32 > 24, rank-3 W
+        lambda: Glow((16, 4, 4), levels=1, steps=2, hidden=8, coupling="matexp"), (16, 4, 4), (256,)
     ),
     "glow-1-level": Case(
         lambda: Glow((2, 4, 4), levels=1, steps=2, hidden=8, conv="matexp"), (2, 4, 4), (32,)
@@ -216,7 +242,13 @@ def test_loading_an_uninitialised_state_reenables_actnorm_init() -> None:
 
 def test_couplings_and_matexp_conv_start_as_identity_or_rotation() -> None:
     x = sample((4, 3, 3), 2, seed=10)
-    for layer in (AffineCoupling(4, hidden=8), AdditiveCoupling(4, hidden=8)):
+    couplings = (
+        AffineCoupling(4, hidden=8),
+        AdditiveCoupling(4, hidden=8),
+        MatExpCoupling(4, hidden=8),
+        MatExpCoupling(4, hidden=8, low_rank_above=1, rank=2),
+    )
+    for layer in couplings:
         y, logdet = layer.to(DTYPE)(x)
         assert torch.equal(y, x) and torch.equal(logdet, torch.zeros(2, dtype=DTYPE))
     conv = InvConv1x1MatExp(4).to(DTYPE)
@@ -272,6 +304,10 @@ def test_float32_model_round_trip() -> None:
         (dict(in_shape=(8, 8)), "in_shape"),
         (dict(in_shape=(1, 8, 8), levels=0), "levels"),
         (dict(in_shape=(1, 8, 8), hidden=0), "hidden"),
+        (dict(in_shape=(1, 8, 8), blocks=[8, 4]), "one per level"),
+        (dict(in_shape=(1, 8, 8), blocks=[8, 4, -1]), "one per level"),
+        (dict(in_shape=(1, 8, 8), blocks=2.0), "blocks"),
+        (dict(in_shape=(1, 8, 8), memory="checkpoint"), "Unknown memory mode"),
     ],
 )
 def test_glow_rejects_bad_arguments(kwargs, message) -> None:
@@ -317,3 +353,202 @@ def test_layers_reject_bad_inputs(layer: nn.Module, x: Tensor) -> None:
     if not isinstance(layer, Squeeze):
         with pytest.raises(ValueError, match="expects"):
             layer.inverse(x)
+
+
+# ------------------------------------------------------------------ matrix-exponential coupling
+def test_low_rank_matrix_exponential_identity() -> None:
+    """expm(A B) = I + A phi(B A) B, also for -A B and for large norms (phi via matrix_exp)."""
+    gen = torch.Generator().manual_seed(12)
+    a = torch.randn(4, 30, 3, generator=gen, dtype=DTYPE)
+    b = torch.randn(4, 3, 30, generator=gen, dtype=DTYPE)
+    eye = torch.eye(30, dtype=DTYPE)
+    for scale in (0.1, 1.0):  # |B A| ~ 1 and ~ 30
+        for sign in (1.0, -1.0):
+            sa, sb = scale * a, scale * b
+            expected = torch.linalg.matrix_exp(sign * sa @ sb)
+            low_rank = eye + sign * sa @ _phi(sign * sb @ sa) @ sb
+            torch.testing.assert_close(low_rank, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_matexp_coupling_threshold_and_bounded_matrices() -> None:
+    assert MatExpCoupling(48, hidden=4).rank is None  # c2 = 24: full, as released
+    assert MatExpCoupling(50, hidden=4).rank == 3  # c2 = 25 > 24: rank 3
+    assert MatExpCoupling(50, hidden=4, low_rank_above=30).rank is None
+    with pytest.raises(ValueError, match="rank"):
+        MatExpCoupling(50, hidden=4, rank=0)
+    for layer in (MatExpCoupling(48, hidden=4), MatExpCoupling(50, hidden=4)):
+        layer = layer.to(DTYPE)
+        with torch.no_grad():  # saturate every raw entry: |W_ij| = a, ||W||_inf <= 1
+            layer.net.conv_out.bias.fill_(1e6)
+        x = sample((layer.channels, 2, 2), 2, seed=13)
+        with torch.no_grad():
+            y, logdet = layer(x)
+            x_back = layer.inverse(y)
+        assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
+        # |trace W| <= ||W||_inf <= 1 per pixel (a = 1/c2 rounded to float32: 1e-6 slack).
+        assert logdet.abs().max() <= 4 * (1.0 + 1e-6)
+        assert (x_back - x).abs().max().item() < 1e-10
+
+
+def test_low_rank_factors_both_learn_from_the_identity_init() -> None:
+    """With A = B = 0 at init both factors' gradients would vanish for ever."""
+    layer = MatExpCoupling(8, hidden=8, low_rank_above=2, rank=2).to(DTYPE)
+    x = sample((8, 3, 3), 4, seed=14)
+    y, logdet = layer(x)
+    (0.5 * y.pow(2).sum() - logdet.sum()).backward()
+    grad = layer.net.conv_out.weight.grad.abs().flatten(1).sum(1)  # per output channel
+    c2, k = 4, 2
+    assert (grad[c2 + k * c2 :] > 0).all(), "B gets no gradient at init"
+    assert (grad[:c2] > 0).all(), "shift gets no gradient at init"
+
+
+def test_glow_builds_per_level_block_counts() -> None:
+    model = Glow((3, 8, 8), levels=3, steps=2, hidden=4, blocks=[3, 1, 0])
+    counts = [
+        [len(step.layers[2].net.blocks) for step in level.layers[1:]] for level in model.level_flows
+    ]
+    assert counts == [[3, 3], [1, 1], [0, 0]]
+    assert Glow(**model.config).config["blocks"] == [3, 1, 0]
+    uniform = Glow((3, 8, 8), levels=3, steps=1, hidden=4, blocks=2)
+    assert [len(level.layers[1].layers[2].net.blocks) for level in uniform.level_flows] == [2, 2, 2]
+
+
+# ------------------------------------------------------------------ reversible (memory-lean) mode
+def reversible_twin(model: nn.Module) -> nn.Module:
+    """The same map run through _ReversibleSteps: Glow rebuilt with memory="reversible",
+    any other layer wrapped as a one-layer sequence."""
+    if isinstance(model, Glow):
+        twin = Glow(**{**model.config, "memory": "reversible"}).to(DTYPE)
+        twin.load_state_dict(model.state_dict())
+        return twin
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.flow = FlowSequence([model])
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            return _ReversibleSteps.apply(x, self.flow, *self.flow.parameters())
+
+    return Wrapped()
+
+
+def graph_nodes(*outputs: Tensor) -> set[str]:
+    """Names of every autograd node behind ``outputs``."""
+    names, seen = set(), set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return names
+
+
+def loss_gradients(model: nn.Module, x: Tensor, seed: int, reversible: bool) -> list[Tensor]:
+    """Gradients of a random linear functional of (y, logdet) w.r.t. x and every parameter."""
+    x = x.clone().requires_grad_(True)
+    y, logdet = model(x)
+    assert reversible == ("_ReversibleStepsBackward" in graph_nodes(y, logdet))
+    gen = torch.Generator().manual_seed(seed)
+    loss = (torch.randn(y.shape, generator=gen, dtype=y.dtype) * y).sum()
+    loss = loss + (torch.randn(logdet.shape, generator=gen, dtype=y.dtype) * logdet).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return list(torch.autograd.grad(loss, [x, *params]))
+
+
+@case_params
+def test_reversible_gradients_equal_standard_backprop(case: Case) -> None:
+    model = prepare(case)
+    twin = reversible_twin(model)
+    x = sample(case.in_shape, 3, seed=15)
+    expected = loss_gradients(model, x, seed=16, reversible=False)
+    got = loss_gradients(twin, x, seed=16, reversible=True)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert e.abs().max() > 0
+        assert ((g - e).norm() / e.norm()).item() <= 1e-8
+
+
+def saved_activation_bytes(model: Glow, x: Tensor) -> int:
+    """Bytes of non-parameter tensors autograd keeps for backward of one training loss."""
+    params = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        z, logdet = model(x)
+        loss = 0.5 * z.pow(2).sum() - logdet.sum()
+    loss.backward()
+    return total
+
+
+def test_reversible_mode_keeps_activations_independent_of_depth() -> None:
+    x = sample((3, 8, 8), 4, seed=17)
+    saved = {}
+    for memory in ("standard", "reversible"):
+        for steps in (2, 6):
+            torch.manual_seed(0)
+            model = Glow((3, 8, 8), levels=2, steps=steps, hidden=16, memory=memory).to(DTYPE)
+            with torch.no_grad():
+                model(x)  # ActNorm init
+            saved[memory, steps] = saved_activation_bytes(model, x)
+    assert saved["reversible", 6] == saved["reversible", 2]
+    assert saved["standard", 6] > 2.5 * saved["standard", 2]
+    assert saved["standard", 6] > 20 * saved["reversible", 6]
+
+
+def test_reversible_model_runs_actnorm_init_in_a_standard_forward() -> None:
+    x = sample((3, 8, 8), 8, seed=18)
+    models = {}
+    for memory in ("standard", "reversible"):
+        torch.manual_seed(0)
+        models[memory] = Glow((3, 8, 8), levels=2, steps=2, hidden=8, memory=memory).to(DTYPE)
+        z, logdet = models[memory](x)  # with gradients on: the init must still happen
+        (z.sum() + logdet.sum()).backward()
+    standard, reversible = models["standard"], models["reversible"]
+    assert all(bool(m.initialized) for m in reversible.modules() if isinstance(m, ActNorm))
+    for (name, p), q in zip(standard.named_parameters(), reversible.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_reversible_mode_under_bf16_autocast() -> None:
+    """Under autocast reversible gradients are as accurate as standard ones (CPU bf16).
+
+    Guarantee: the inverse and the recomputation run under the forward's autocast state
+    (a coupling can only be undone with the same-precision net output), so reversible mode
+    adds bf16 reconstruction error of the same order as bf16 itself: over all parameters,
+    the relative distance to float32 gradients measured 2.4-3.1% in standard and 2.7-3.5%
+    in reversible mode (ratio <= 1.32; asserted <= 2). The matrix-exponential coupling
+    runs its matrix part in float32 (bf16 gave NaN gradients through matrix_exp).
+    """
+    for coupling in ("affine", "matexp"):
+        torch.manual_seed(0)
+        model = Glow((3, 8, 8), levels=2, steps=2, hidden=16, coupling=coupling)
+        x = sample((3, 8, 8), 4, seed=19).float()
+        with torch.no_grad():
+            model(x)
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+        twin = Glow(**{**model.config, "memory": "reversible"})
+        twin.load_state_dict(model.state_dict())
+        grads = []
+        for m, amp in ((model, False), (model, True), (twin, True)):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                z, logdet = m(x)
+                loss = (0.5 * z.float().pow(2).sum() - logdet.float().sum()) / z.numel()
+            grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(m.parameters()))]))
+        exact, standard, reversible = grads
+        assert torch.isfinite(reversible).all()
+        standard_error = ((standard - exact).norm() / exact.norm()).item()
+        reversible_error = ((reversible - exact).norm() / exact.norm()).item()
+        assert 0 < standard_error < 0.1
+        assert reversible_error <= 2 * standard_error, (coupling, standard_error, reversible_error)
