@@ -472,6 +472,11 @@ def test_reversible_gradients_equal_standard_backprop(case: Case) -> None:
         assert ((g - e).norm() / e.norm()).item() <= 1e-8
 
 
+def flat_grad(loss: Tensor, model: nn.Module) -> Tensor:
+    """All parameter gradients of ``loss`` as one flat vector."""
+    return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
+
+
 def saved_activation_bytes(model: Glow, x: Tensor) -> int:
     """Bytes of non-parameter tensors autograd keeps for backward of one training loss."""
     params = {p.data_ptr() for p in model.parameters()}
@@ -545,7 +550,7 @@ def test_reversible_mode_under_bf16_autocast() -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 z, logdet = m(x)
                 loss = (0.5 * z.float().pow(2).sum() - logdet.float().sum()) / z.numel()
-            grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(m.parameters()))]))
+            grads.append(flat_grad(loss, m))
         exact, standard, reversible = grads
         assert torch.isfinite(reversible).all()
         standard_error = ((standard - exact).norm() / exact.norm()).item()
@@ -594,7 +599,7 @@ def test_float32_reconstruction_drift_at_paper_depth(coupling: str, hidden: int)
     for m, xx in ((exact, x.to(DTYPE)), (model, x), (twin, x)):
         z, logdet = m(xx)
         loss = (0.5 * z.pow(2).sum(1) - logdet).mean() / z.shape[1]
-        grads.append(torch.cat([g.flatten().double() for g in torch.autograd.grad(loss, list(m.parameters()))]))
+        grads.append(flat_grad(loss, m).double())
     reference, standard, reversible = grads
     with torch.no_grad():
         round_trip = (model.inverse(model(x)[0]) - x).abs().max().item()
