@@ -16,6 +16,21 @@ The machine's float32 matmul rate (large ``torch.mm``) is measured too, and
 the fraction of it reached by our training step is reported, with the step's
 FLOPs counted by ``torch.utils.flop_counter.FlopCounterMode``.
 
+Our Glow is timed in both memory modes (``memory="standard"`` and
+``"reversible"``, same weights) alongside normflows. Peak memory of one training
+step is measured for all three, each in a fresh subprocess: the rise of the
+process's peak resident set (VmHWM, reset through /proc/self/clear_refs just
+before the step) above its resident set after model, gradients and optimizer
+state exist, with glibc's mmap threshold fixed so that freed tensors go back to
+the OS. From the per-image bytes the largest batch that fits a 24 GB and an 80 GB
+GPU is estimated (no GPU here: CPU-measured activations, plus weights, gradients,
+two Adamax states and the EMA copy; cuDNN workspaces not counted).
+
+``--coupling-cost`` times a training step with the matrix-exponential coupling
+(``coupling="matexp"``) against the affine one, and the batched matrix
+exponential of bounded c2 x c2 matrices by ``torch.linalg.matrix_exp`` against a
+scaling-and-squaring Taylor series (accuracy against float64, forward+backward time).
+
 Timing alternates the two models step by step and reports the median and the
 best step of each, so load from other processes affects both alike; the ratio
 is also given by process CPU time, which time spent descheduled does not
@@ -23,14 +38,18 @@ inflate. On a busy machine ``--threads 1`` gives the steadiest numbers (two
 OpenMP threads stall whenever the other core is taken).
 
     python benchmarks/bench_flow.py                 # CPU-sized, ~1-2 minutes
-    python benchmarks/bench_flow.py --paper         # paper size: 3 levels, 8 steps, 128 hidden
+    python benchmarks/bench_flow.py --paper --batch 8   # paper size: 3 levels, 8 steps, 128 hidden
+    python benchmarks/bench_flow.py --coupling-cost     # MEF coupling and matrix exponential
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -133,48 +152,108 @@ def matmul_flop_rate(n: int, seconds: float) -> float:
     return 2 * n**3 / best
 
 
-def main() -> None:
-    """Parse arguments, build both models, time them alternately and print the report."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--shape", type=int, nargs=3, default=(3, 32, 32), metavar=("C", "H", "W"))
-    parser.add_argument("--levels", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=4, help="flow steps per level")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--conv", choices=("lu", "matexp"), default="lu",
-                        help="our 1x1 conv (normflows always uses LU)")
-    parser.add_argument("--paper", action="store_true",
-                        help="paper size: levels=3, steps=8, hidden=128")
-    parser.add_argument("--iters", type=int, default=8,
-                        help="timed training steps per model (the models alternate step by step)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--mm-size", type=int, default=2048)
-    parser.add_argument("--no-normflows", action="store_true", help="time only our Glow")
-    args = parser.parse_args()
-    if args.paper:
-        args.levels, args.steps, args.hidden = 3, 8, 128
+MODES = ("standard", "reversible", "normflows")
+GPU_BYTES = {"24 GB": 24e9, "80 GB": 80e9}
 
+
+def build(mode: str, args: argparse.Namespace) -> nn.Module:
+    """Our Glow in memory ``mode`` ("standard" / "reversible") or normflows' Glow."""
+    in_shape = tuple(args.shape)
+    if mode == "normflows":
+        return NormflowsGlow(in_shape, args.levels, args.steps, args.hidden)
+    return Glow(in_shape, args.levels, args.steps, args.hidden, conv=args.conv,
+                coupling=args.coupling, blocks=args.blocks, memory=mode)
+
+
+def _vm_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def probe(mode: str, args: argparse.Namespace) -> None:
+    """Subprocess body: print JSON with the peak-memory rise (bytes) of one training step."""
     torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build(mode, args)
+    x = torch.rand(args.batch, *args.shape) * 2 - 1
+    with torch.no_grad():
+        model(x)  # ActNorm data-dependent init
+    optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3)
+
+    def step(batch: Tensor) -> None:
+        optimizer.zero_grad(set_to_none=False)  # keep the gradient buffers in the baseline
+        nll(*model(batch)).backward()
+        optimizer.step()
+
+    step(x[:1])  # gradients and optimizer state now exist
+    base = _vm_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    start = time.perf_counter()
+    step(x)
+    seconds = time.perf_counter() - start
+    peak = _vm_kib("VmHWM")
+    params = sum(p.numel() for p in model.parameters())
+    print(json.dumps({"bytes": (peak - base) * 1024, "seconds": seconds, "params": params}))
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
+    """Run :func:`probe` for every mode in a fresh subprocess; {mode: its JSON}."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
+    argv = [sys.executable, __file__, "--batch", str(args.batch), "--shape", *map(str, args.shape),
+            "--levels", str(args.levels), "--steps", str(args.steps), "--hidden", str(args.hidden),
+            "--conv", args.conv, "--coupling", args.coupling, "--threads", str(args.threads),
+            "--blocks", *map(str, args.blocks if isinstance(args.blocks, list) else [args.blocks])]
+    results = {}
+    for mode in MODES:
+        out = subprocess.run(argv + ["--probe", mode], env=env, capture_output=True, text=True,
+                             check=True)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+def report_memory(args: argparse.Namespace) -> None:
+    """Print peak step memory per mode, ratios, and the largest batch per GPU size."""
+    results = measure_memory(args)
+    print(f"peak memory of one training step above the steady state (batch {args.batch}, "
+          "fresh process each, VmHWM):")
+    for mode, r in results.items():
+        per_image = r["bytes"] / args.batch
+        fixed = 5 * 4 * r["params"]  # float32 weights, gradients, 2 Adamax states, EMA copy
+        fits = ", ".join(f"{name}: batch {int((cap - fixed) // per_image)}"
+                         for name, cap in GPU_BYTES.items())
+        print(f"{mode:>10}: {r['bytes'] / 2**20:8.1f} MiB = {per_image / 2**20:6.2f} MiB per image, "
+              f"step {r['seconds']:.2f} s; largest batch (estimate) {fits}")
+    standard, reversible = results["standard"]["bytes"], results["reversible"]["bytes"]
+    print(f"memory ratio standard/reversible: {standard / reversible:.2f}x, "
+          f"normflows/reversible: {results['normflows']['bytes'] / reversible:.2f}x, "
+          f"standard/normflows: {standard / results['normflows']['bytes']:.2f}")
+
+
+def report_throughput(args: argparse.Namespace) -> None:
+    """Time standard, reversible and normflows training steps alternately and print ratios."""
     torch.manual_seed(0)
     in_shape = tuple(args.shape)
     x = torch.rand(args.batch, *in_shape) * 2 - 1
-
-    models = {"nfpi": Glow(in_shape, args.levels, args.steps, args.hidden, conv=args.conv)}
+    models = {"nfpi": build("standard", args), "nfpi-rev": build("reversible", args)}
+    models["nfpi-rev"].load_state_dict(models["nfpi"].state_dict())  # same weights
     if not args.no_normflows:
-        models["normflows"] = NormflowsGlow(in_shape, args.levels, args.steps, args.hidden)
-    print(f"config: batch={args.batch} shape={in_shape} levels={args.levels} steps={args.steps} "
-          f"hidden={args.hidden} conv={args.conv} threads={args.threads} torch={torch.__version__}")
+        models["normflows"] = build("normflows", args)
 
     flops, steps_fn = {}, {}
     for name, model in models.items():
         with torch.no_grad():
             model(x)  # ActNorm data-dependent init
         params = sum(p.numel() for p in model.parameters())
-        flops[name] = step_flops(model, x)
+        # FlopCounterMode's module hooks cannot follow autograd.grad inside a backward, so the
+        # reversible step (standard FLOPs + one more forward and one inverse) is not counted.
+        flops[name] = step_flops(model, x) if name != "nfpi-rev" else None
         steps_fn[name] = make_step(model, x, lr=1e-3)
         steps_fn[name]()  # warm-up
-        print(f"{name:>9}: {params / 1e6:.3f} M parameters, "
-              f"{flops[name] / args.batch / 1e9:.3f} GFLOP per image per step")
+        counted = "" if flops[name] is None else f", {flops[name] / args.batch / 1e9:.3f} GFLOP"
+        print(f"{name:>9}: {params / 1e6:.3f} M parameters{counted} per image per step")
 
     times: dict[str, list[float]] = {name: [] for name in models}
     cpu_times: dict[str, list[float]] = {name: [] for name in models}
@@ -191,15 +270,124 @@ def main() -> None:
     for name in models:
         median, best = statistics.median(times[name]), min(times[name])
         rate[name], best_rate[name] = args.batch / median, args.batch / best
-        achieved = flops[name] / median
+        achieved = "" if flops[name] is None else (
+            f", {flops[name] / median / 1e9:.1f} GFLOP/s = {flops[name] / median / mm_rate:.1%} "
+            "of matmul rate")
         print(f"{name:>9}: {rate[name]:8.1f} images/s median ({best_rate[name]:.1f} best step), "
-              f"median step {median * 1e3:.1f} ms, {achieved / 1e9:.1f} GFLOP/s "
-              f"= {achieved / mm_rate:.1%} of matmul rate")
+              f"median step {median * 1e3:.1f} ms{achieved}")
+    cpu = {name: statistics.median(cpu_times[name]) for name in models}
+    print(f"step time reversible/standard: {rate['nfpi'] / rate['nfpi-rev']:.3f} median, "
+          f"{best_rate['nfpi'] / best_rate['nfpi-rev']:.3f} best step, "
+          f"{cpu['nfpi-rev'] / cpu['nfpi']:.3f} by median CPU time per step")
     if "normflows" in rate:
-        cpu = {name: statistics.median(cpu_times[name]) for name in models}
         print(f"ratio nfpi/normflows (images/s): {rate['nfpi'] / rate['normflows']:.3f} median, "
               f"{best_rate['nfpi'] / best_rate['normflows']:.3f} best step, "
               f"{cpu['normflows'] / cpu['nfpi']:.3f} by median CPU time per step")
+
+
+def expm_series(w: Tensor, terms: int = 12) -> Tensor:
+    """expm of (..., n, n) by per-matrix scaling and squaring of a Taylor series.
+
+    Each matrix is scaled by 2^-s so that its 1-norm is <= 1/2 (truncation < 1e-14 with
+    12 terms), expanded by Horner's rule, then squared s times.
+    """
+    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+    norm = w.abs().sum(-2).amax(-1)
+    squarings = torch.log2(norm / 0.5).ceil().clamp_min(0)
+    x = w / (2.0 ** squarings)[..., None, None]
+    result = eye.expand_as(w)
+    for k in range(terms, 0, -1):
+        result = eye + x @ result / k
+    for i in range(int(squarings.max().item()) if squarings.numel() else 0):
+        result = torch.where((squarings > i)[..., None, None], result @ result, result)
+    return result
+
+
+def report_coupling_cost(args: argparse.Namespace) -> None:
+    """Step time matexp vs affine coupling, and matrix_exp vs series on bounded W."""
+    torch.manual_seed(0)
+    x = torch.rand(args.batch, *args.shape) * 2 - 1
+    steps_fn = {}
+    for coupling in ("affine", "matexp"):
+        model = Glow(tuple(args.shape), args.levels, args.steps, args.hidden, conv=args.conv,
+                     coupling=coupling, blocks=args.blocks)
+        with torch.no_grad():
+            model(x)
+        steps_fn[coupling] = make_step(model, x, lr=1e-3)
+        steps_fn[coupling]()
+    times: dict[str, list[float]] = {name: [] for name in steps_fn}
+    for _ in range(args.iters):
+        for name, step in steps_fn.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f"training step, coupling matexp vs affine: {median['matexp'] * 1e3:.1f} ms vs "
+          f"{median['affine'] * 1e3:.1f} ms = {median['matexp'] / median['affine']:.2f}x")
+
+    print("batched expm of bounded W = tanh(r) / c2 + saturated rows (float32, fwd+bwd time, "
+          "max rel. error vs float64 matrix_exp):")
+    for c2, pixels in ((6, 64 * 16 * 16), (12, 64 * 8 * 8), (24, 64 * 4 * 4)):
+        raw = 3 * torch.randn(pixels, c2, c2, dtype=torch.float64)
+        w = torch.tanh(raw) / c2  # the MEF bound at init: ||W||_inf <= 1
+        w[: pixels // 8] = 1.0 / c2  # saturated: one eigenvalue of exactly 1
+        exact = torch.linalg.matrix_exp(w)
+        cells = []
+        for name, fn in (("matrix_exp", torch.linalg.matrix_exp), ("series", expm_series)):
+            w32 = w.float().requires_grad_(True)
+            best = math.inf
+            for _ in range(5):
+                start = time.perf_counter()
+                out = fn(w32)
+                out.sum().backward()
+                best = min(best, time.perf_counter() - start)
+            error = ((out.double() - exact).abs().amax((-2, -1)) / exact.abs().amax((-2, -1))).max()
+            cells.append(f"{name} {best * 1e3:6.1f} ms, err {error.item():.1e}")
+        print(f"  c2={c2:2d}, {pixels} matrices: " + "; ".join(cells))
+
+
+def main() -> None:
+    """Parse arguments and run the requested reports."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--shape", type=int, nargs=3, default=(3, 32, 32), metavar=("C", "H", "W"))
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="flow steps per level")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[1],
+                        help="residual blocks per coupling net: one count, or one per level")
+    parser.add_argument("--conv", choices=("lu", "matexp"), default="lu",
+                        help="our 1x1 conv (normflows always uses LU)")
+    parser.add_argument("--coupling", choices=("affine", "additive", "matexp"), default="affine",
+                        help="our coupling (normflows always uses affine)")
+    parser.add_argument("--paper", action="store_true",
+                        help="paper size: levels=3, steps=8, hidden=128")
+    parser.add_argument("--iters", type=int, default=8,
+                        help="timed training steps per model (the models alternate step by step)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--mm-size", type=int, default=2048)
+    parser.add_argument("--no-normflows", action="store_true", help="time only our Glow")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
+    parser.add_argument("--coupling-cost", action="store_true",
+                        help="only: matexp vs affine coupling and matrix_exp vs series")
+    parser.add_argument("--probe", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.paper:
+        args.levels, args.steps, args.hidden = 3, 8, 128
+    args.blocks = args.blocks[0] if len(args.blocks) == 1 else args.blocks
+    torch.set_num_threads(args.threads)
+    if args.probe:
+        probe(args.probe, args)
+        return
+    print(f"config: batch={args.batch} shape={tuple(args.shape)} levels={args.levels} "
+          f"steps={args.steps} hidden={args.hidden} blocks={args.blocks} conv={args.conv} "
+          f"coupling={args.coupling} threads={args.threads} torch={torch.__version__}")
+    if args.coupling_cost:
+        report_coupling_cost(args)
+        return
+    report_throughput(args)
+    if not args.no_memory:
+        report_memory(args)
 
 
 if __name__ == "__main__":

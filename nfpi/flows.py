@@ -72,6 +72,18 @@ class FlowLayer(nn.Module):
         """Inverse map y -> x, same shapes as the corresponding forward."""
         raise NotImplementedError
 
+    def recompute(self, y: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        """Rebuild the input of output y and re-run the forward on it under autograd.
+
+        Returns (parts, y', logdet): x = cat(parts, dim=1), each part a fresh leaf that
+        requires grad, and (y', logdet) = forward(x) with its graph (used by
+        :class:`_ReversibleSteps`). Here x = inverse(y) as one part.
+        """
+        with torch.no_grad():
+            x = self.inverse(y)
+        x = x.detach().requires_grad_(True)
+        return [x], *self(x)
+
     def _check_input(self, x: Tensor) -> None:
         """Raise a ValueError naming the expected shape instead of a deep torch error."""
         if x.dim() != 4 or (self.channels is not None and x.shape[1] != self.channels):
@@ -350,6 +362,18 @@ class _Coupling(FlowLayer):
         y1, y2 = y[:, : self.split], y[:, self.split :]
         return torch.cat((y1, self._untransform(y2, self.net(y1))), dim=1)
 
+    def recompute(self, y: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+        """As :meth:`FlowLayer.recompute`, parts (x1, x2), with one net evaluation: x1 = y1,
+        so the net output that undoes y2 is the one the recomputed forward needs."""
+        self._check_input(y)
+        x1 = y[:, : self.split].detach().requires_grad_(True)
+        h = self.net(x1)
+        with torch.no_grad():
+            x2 = self._untransform(y[:, self.split :], h.detach())
+        x2 = x2.detach().requires_grad_(True)
+        y2, logdet = self._transform(x2, h)
+        return [x1, x2], torch.cat((x1, y2), dim=1), logdet
+
 
 class AffineCoupling(_Coupling):
     """Affine coupling x2 <- x2 * exp(log_s(x1)) + t(x1) (paper Sec. 3, Glow).
@@ -545,15 +569,24 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
+def _leaf_layers(layer: FlowLayer) -> list[FlowLayer]:
+    """The layers of nested FlowSequences in forward order (Squeeze, ActNorm, conv, coupling, ...)."""
+    if isinstance(layer, FlowSequence):
+        return [leaf for child in layer.layers for leaf in _leaf_layers(child)]
+    return [layer]
+
+
 class _ReversibleSteps(torch.autograd.Function):
     """Run a :class:`FlowSequence` keeping only its output; backward rebuilds the inputs.
 
     ``forward(x, layers, *params) -> (y, logdet)`` runs under ``no_grad``, so none of the
     layers' intermediate activations is stored: only y (which the caller holds anyway).
-    ``backward`` walks the layers from last to first: x = layer.inverse(y), then the layer
-    is re-run on x under autograd, both under the forward's autocast state, and
-    ``torch.autograd.grad`` gives the gradients of x and of the layer's parameters.
-    Peak memory is then one layer's activations plus y, independent of the depth.
+    ``backward`` walks the single layers (ActNorm, conv, coupling, ...) from last to first:
+    :meth:`FlowLayer.recompute` rebuilds the layer's input from its output with the inverse
+    and re-runs the layer under autograd (a coupling evaluates its net once for both), under
+    the forward's autocast state, and ``torch.autograd.grad`` gives the gradients of the
+    input and of the layer's parameters. Peak memory is then one layer's activations plus
+    y, independent of the depth; the extra cost is about one forward of the flow.
     Gradients are exact up to the reconstruction error of the inverses (float64:
     ~1e-13 relative; float32: see the README). ``params`` must be every parameter of
     ``layers`` that requires grad, so that autograd routes their gradients (and DDP's hooks).
@@ -570,7 +603,7 @@ class _ReversibleSteps(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor | None, grad_logdet: Tensor | None):
-        (y,) = ctx.saved_tensors
+        y = ctx.saved_tensors[0].detach()
         device_type, autocast, autocast_dtype = ctx.autocast
         grad_y = torch.zeros_like(y) if grad_y is None else grad_y
         if grad_logdet is None:
@@ -580,21 +613,21 @@ class _ReversibleSteps(torch.autograd.Function):
         # The forward's autocast state for both the inverse and the recomputation: a coupling
         # can only be undone with the very net output (same precision) its forward used.
         amp = torch.autocast(device_type, autocast_dtype, autocast)
-        for layer in reversed(ctx.layers.layers):
-            with torch.no_grad(), amp:
-                x = layer.inverse(y)
+        for layer in reversed(_leaf_layers(ctx.layers)):
             params = [p for p in layer.parameters() if id(p) in index]
             with torch.enable_grad(), amp:
-                x = x.detach().requires_grad_(True)
-                out, logdet = layer(x)
+                parts, out, logdet = layer.recompute(y)
                 # A volume-preserving layer's log-det (e.g. Squeeze's zeros) has no graph.
                 pairs = [(t, g) for t, g in ((out, grad_y), (logdet, grad_logdet)) if t.requires_grad]
                 outputs, out_grads = zip(*pairs)
                 layer_grads = torch.autograd.grad(
-                    outputs, (x, *params), out_grads, allow_unused=True
+                    outputs, (*parts, *params), out_grads, allow_unused=True
                 )
-            grad_y, y = layer_grads[0], x.detach()
-            for p, g in zip(params, layer_grads[1:]):
+            part_grads = [torch.zeros_like(t) if g is None else g
+                          for t, g in zip(parts, layer_grads[: len(parts)])]
+            grad_y = part_grads[0] if len(parts) == 1 else torch.cat(part_grads, dim=1)
+            y = parts[0].detach() if len(parts) == 1 else torch.cat(parts, dim=1).detach()
+            for p, g in zip(params, layer_grads[len(parts) :]):
                 i = index[id(p)]
                 if g is not None:
                     grads[i] = g if grads[i] is None else grads[i] + g
