@@ -26,7 +26,7 @@ the OS. From the per-image bytes the largest batch that fits a 24 GB and an 80 G
 GPU is estimated (no GPU here: CPU-measured activations, plus weights, gradients,
 two Adamax states and the EMA copy; cuDNN workspaces not counted).
 
-``--coupling-cost`` times a training step with the matrix-exponential coupling
+``--report coupling`` times a training step with the matrix-exponential coupling
 (``coupling="matexp"``) against the affine one, and the batched matrix
 exponential of bounded c2 x c2 matrices by ``torch.linalg.matrix_exp`` against a
 scaling-and-squaring Taylor series (accuracy against float64, forward+backward time).
@@ -39,7 +39,7 @@ OpenMP threads stall whenever the other core is taken).
 
     python benchmarks/bench_flow.py                 # CPU-sized, ~1-2 minutes
     python benchmarks/bench_flow.py --paper --batch 8   # paper size: 3 levels, 8 steps, 128 hidden
-    python benchmarks/bench_flow.py --coupling-cost     # MEF coupling and matrix exponential
+    python benchmarks/bench_flow.py --report coupling   # MEF coupling and matrix exponential
 """
 
 from __future__ import annotations
@@ -214,8 +214,37 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
     return results
 
 
+def saved_bytes(mode: str, args: argparse.Namespace, batch: int = 2) -> float:
+    """Bytes per image of the non-parameter tensors autograd saves for backward (hooks)."""
+    torch.manual_seed(0)
+    model = build(mode, args)
+    x = torch.rand(batch, *args.shape) * 2 - 1
+    with torch.no_grad():
+        model(x)
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:  # a tensor saved by several nodes counts once
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nll(*model(x))
+    loss.backward()
+    return total / batch
+
+
 def report_memory(args: argparse.Namespace) -> None:
     """Print peak step memory per mode, ratios, and the largest batch per GPU size."""
+    saved = {mode: saved_bytes(mode, args) for mode in ("standard", "reversible")}
+    print(f"saved for backward (autograd hooks) per image: standard {saved['standard'] / 2**20:.2f} "
+          f"MiB, reversible {saved['reversible'] / 2**20:.3f} MiB "
+          f"({saved['standard'] / saved['reversible']:.0f}x; the reversible recomputation adds "
+          "one layer's activations during backward, counted in the peak below)")
     results = measure_memory(args)
     print(f"peak memory of one training step above the steady state (batch {args.batch}, "
           "fresh process each, VmHWM):")
@@ -367,9 +396,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--mm-size", type=int, default=2048)
     parser.add_argument("--no-normflows", action="store_true", help="time only our Glow")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probes")
-    parser.add_argument("--coupling-cost", action="store_true",
-                        help="only: matexp vs affine coupling and matrix_exp vs series")
+    parser.add_argument("--report", choices=("default", "throughput", "memory", "coupling"),
+                        default="default", help="default: throughput and memory; coupling: MEF "
+                        "coupling vs affine and matrix_exp vs series")
     parser.add_argument("--probe", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.paper:
@@ -382,11 +411,11 @@ def main() -> None:
     print(f"config: batch={args.batch} shape={tuple(args.shape)} levels={args.levels} "
           f"steps={args.steps} hidden={args.hidden} blocks={args.blocks} conv={args.conv} "
           f"coupling={args.coupling} threads={args.threads} torch={torch.__version__}")
-    if args.coupling_cost:
+    if args.report == "coupling":
         report_coupling_cost(args)
-        return
-    report_throughput(args)
-    if not args.no_memory:
+    if args.report in ("default", "throughput"):
+        report_throughput(args)
+    if args.report in ("default", "memory"):
         report_memory(args)
 
 

@@ -545,7 +545,8 @@ class FlowStep(FlowSequence):
     """One Glow step of flow (SPEC §4): ActNorm -> invertible 1x1 conv -> coupling.
 
     ``conv`` is ``"lu"`` or ``"matexp"``; ``coupling`` is ``"affine"``, ``"additive"`` or
-    ``"matexp"``.
+    ``"matexp"``; ``coupling_options`` are extra keyword arguments of the coupling class
+    (e.g. ``rank``, ``low_rank_above`` of :class:`MatExpCoupling`).
     Shapes: (B, channels, H, W) -> (B, channels, H, W).
     """
 
@@ -556,12 +557,12 @@ class FlowStep(FlowSequence):
         conv: str = "lu",
         coupling: str = "affine",
         blocks: int = 1,
+        coupling_options: dict | None = None,
     ) -> None:
         conv_cls = _lookup(CONVS, conv, "conv")
         coupling_cls = _lookup(COUPLINGS, coupling, "coupling")
-        super().__init__(
-            [ActNorm(channels), conv_cls(channels), coupling_cls(channels, hidden, blocks)]
-        )
+        coupling_layer = coupling_cls(channels, hidden, blocks, **(coupling_options or {}))
+        super().__init__([ActNorm(channels), conv_cls(channels), coupling_layer])
         self.channels = channels
 
 
@@ -651,6 +652,9 @@ class Glow(nn.Module):
         coupling: ``"affine"``, ``"additive"`` or ``"matexp"`` (:class:`MatExpCoupling`).
         blocks: residual blocks per coupling net: one int for every level, or one per
             level (released configs: ``[8, 4, 2]``).
+        matexp_rank, matexp_low_rank_above: with ``coupling="matexp"``, W is low-rank
+            (rank ``matexp_rank``) when the transformed half has more than
+            ``matexp_low_rank_above`` channels (released: 3 and 24).
         memory: ``"standard"`` (autograd stores every activation) or ``"reversible"``
             (while gradients are recorded, each level's steps run under
             :class:`_ReversibleSteps`: activation memory independent of ``steps``, at the
@@ -671,6 +675,8 @@ class Glow(nn.Module):
         conv: str = "lu",
         coupling: str = "affine",
         blocks: int | Sequence[int] = 1,
+        matexp_rank: int = 3,
+        matexp_low_rank_above: int = 24,
         memory: str = "standard",
     ) -> None:
         super().__init__()
@@ -702,9 +708,12 @@ class Glow(nn.Module):
         self.latent_dim = c * h * w
         # Constructor arguments, so a checkpoint can store how to rebuild the model.
         self.config = dict(in_shape=in_shape, levels=levels, steps=steps, hidden=hidden,
-                           conv=conv, coupling=coupling, blocks=blocks, memory=memory)
+                           conv=conv, coupling=coupling, blocks=blocks, matexp_rank=matexp_rank,
+                           matexp_low_rank_above=matexp_low_rank_above, memory=memory)
         self.memory = memory
 
+        options = (dict(rank=matexp_rank, low_rank_above=matexp_low_rank_above)
+                   if coupling == "matexp" else None)
         levels_list = []
         #: (C, H, W) of each factored-out part, then of the final output, in latent order.
         self.part_shapes: list[tuple[int, int, int]] = []
@@ -713,7 +722,7 @@ class Glow(nn.Module):
             levels_list.append(
                 FlowSequence(
                     [Squeeze()]
-                    + [FlowStep(c, hidden, conv, coupling, level_blocks[level])
+                    + [FlowStep(c, hidden, conv, coupling, level_blocks[level], options)
                        for _ in range(steps)]
                 )
             )

@@ -128,6 +128,8 @@ class ModelConfig:
     """The Glow of :class:`nfpi.flows.Glow` (paper: 3 levels x 8 steps, 128 hidden channels).
 
     ``blocks``: residual blocks per coupling net, one int or one per level (released: [8, 4, 2]).
+    ``matexp_rank``, ``matexp_low_rank_above``: with ``coupling: matexp``, W = A B of rank
+    ``matexp_rank`` when the transformed half has more channels than ``matexp_low_rank_above``.
     ``memory``: ``"standard"`` or ``"reversible"`` (activations rebuilt by inverses in backward).
     """
 
@@ -137,6 +139,8 @@ class ModelConfig:
     conv: str = "lu"
     coupling: str = "affine"
     blocks: int | list[int] = 1
+    matexp_rank: int = 3
+    matexp_low_rank_above: int = 24
     memory: str = "standard"
 
     def __post_init__(self) -> None:
@@ -670,7 +674,8 @@ def _config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") 
 def _build_model(cfg: TrainConfig, shape: tuple[int, int, int]) -> Glow:
     m = cfg.model
     return Glow(shape, levels=m.levels, steps=m.steps, hidden=m.hidden, conv=m.conv,
-                coupling=m.coupling, blocks=m.blocks, memory=m.memory)
+                coupling=m.coupling, blocks=m.blocks, matexp_rank=m.matexp_rank,
+                matexp_low_rank_above=m.matexp_low_rank_above, memory=m.memory)
 
 
 def load_checkpoint(path: str | os.PathLike[str], ema: bool = True,

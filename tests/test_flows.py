@@ -94,6 +94,12 @@ CASES = {
     "glow-mef-low-rank": Case(  # level channels 64: c2 = 32 > 24, rank-3 W
         lambda: Glow((16, 4, 4), levels=1, steps=2, hidden=8, coupling="matexp"), (16, 4, 4), (256,)
     ),
+    "glow-mef-rank-2-above-4": Case(  # level channels 12, 24: c2 = 6, 12 > 4, rank-2 W
+        lambda: Glow((3, 8, 8), levels=2, steps=1, hidden=8, coupling="matexp", matexp_rank=2,
+                     matexp_low_rank_above=4),
+        (3, 8, 8),
+        (192,),
+    ),
     "glow-1-level": Case(
         lambda: Glow((2, 4, 4), levels=1, steps=2, hidden=8, conv="matexp"), (2, 4, 4), (32,)
     ),
@@ -402,6 +408,13 @@ def test_low_rank_factors_both_learn_from_the_identity_init() -> None:
     assert (grad[:c2] > 0).all(), "shift gets no gradient at init"
 
 
+def test_glow_passes_low_rank_settings_to_matexp_couplings() -> None:
+    model = Glow((3, 8, 8), levels=2, steps=1, hidden=4, coupling="matexp", matexp_rank=2,
+                 matexp_low_rank_above=6)
+    ranks = [level.layers[1].layers[2].rank for level in model.level_flows]
+    assert ranks == [None, 2]  # c2 = 6 (not > 6), then 12
+
+
 def test_glow_builds_per_level_block_counts() -> None:
     model = Glow((3, 8, 8), levels=3, steps=2, hidden=4, blocks=[3, 1, 0])
     counts = [
@@ -479,13 +492,15 @@ def flat_grad(loss: Tensor, model: nn.Module) -> Tensor:
 
 def saved_activation_bytes(model: Glow, x: Tensor) -> int:
     """Bytes of non-parameter tensors autograd keeps for backward of one training loss."""
-    params = {p.data_ptr() for p in model.parameters()}
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
     total = 0
 
     def pack(t: Tensor) -> Tensor:
         nonlocal total
-        if t.data_ptr() not in params:
-            total += t.numel() * t.element_size()
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:  # a tensor saved by several nodes counts once
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -633,3 +648,28 @@ def test_reversible_training_run_matches_standard(tmp_path) -> None:
         assert reversible[key] == pytest.approx(standard[key], rel=1e-4), key
     for key in ("acc_top1", "acc_top5"):
         assert abs(reversible[key] - standard[key]) <= 100 / 359 + 1e-9, key
+
+
+# ------------------------------------------------------------------ paper configs (SPEC §4)
+# The released model settings, as recorded in SPEC §4 (README "Paper settings" gives sources).
+RELEASED_MODEL = dict(levels=3, steps=8, hidden=128, conv="matexp", coupling="matexp",
+                      blocks=[8, 4, 2], matexp_rank=3, matexp_low_rank_above=24)
+RELEASED_TRAINING = {"bits": 8, "epochs": 500, "batch_size": 512, "optim.lr": 1e-2,
+                     "optim.warmup": 1000, "optim.ema": 0.9999}
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist"])
+def test_paper_configs_match_the_released_settings(name: str) -> None:
+    from pathlib import Path
+
+    from nfpi.train import TrainConfig, _build_model
+
+    cfg = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    for key, value in RELEASED_MODEL.items():
+        assert getattr(cfg.model, key) == value, f"{name}: model.{key}"
+    for key, value in RELEASED_TRAINING.items():
+        section, _, field = key.rpartition(".")
+        assert getattr(getattr(cfg, section) if section else cfg, field) == value, f"{name}: {key}"
+    model = _build_model(cfg, (1 if name == "mnist" else 3, 32, 32))
+    assert model.config["blocks"] == [8, 4, 2]
+    assert sum(isinstance(m, MatExpCoupling) for m in model.modules()) == 24
