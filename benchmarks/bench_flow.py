@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nfpi.flows import Glow  # noqa: E402
+from nfpi.flows import Glow, expm_series  # noqa: E402
 
 
 class NormflowsGlow(nn.Module):
@@ -312,24 +312,6 @@ def report_throughput(args: argparse.Namespace) -> None:
         print(f"ratio nfpi/normflows (images/s): {rate['nfpi'] / rate['normflows']:.3f} median, "
               f"{best_rate['nfpi'] / best_rate['normflows']:.3f} best step, "
               f"{cpu['normflows'] / cpu['nfpi']:.3f} by median CPU time per step")
-
-
-def expm_series(w: Tensor, terms: int = 12) -> Tensor:
-    """expm of (..., n, n) by per-matrix scaling and squaring of a Taylor series.
-
-    Each matrix is scaled by 2^-s so that its 1-norm is <= 1/2 (truncation < 1e-14 with
-    12 terms), expanded by Horner's rule, then squared s times.
-    """
-    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
-    norm = w.abs().sum(-2).amax(-1)
-    squarings = torch.log2(norm / 0.5).ceil().clamp_min(0)
-    x = w / (2.0 ** squarings)[..., None, None]
-    result = eye.expand_as(w)
-    for k in range(terms, 0, -1):
-        result = eye + x @ result / k
-    for i in range(int(squarings.max().item()) if squarings.numel() else 0):
-        result = torch.where((squarings > i)[..., None, None], result @ result, result)
-    return result
 
 
 def report_coupling_cost(args: argparse.Namespace) -> None:

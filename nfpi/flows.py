@@ -57,6 +57,7 @@ __all__ = [
     "CONVS",
     "COUPLINGS",
     "MEMORY_MODES",
+    "expm_series",
 ]
 
 
@@ -421,6 +422,28 @@ class AdditiveCoupling(_Coupling):
         return y2 - h
 
 
+def expm_series(w: Tensor, terms: int = 12) -> Tensor:
+    """expm of a batch of matrices (..., n, n) -> (..., n, n): scaling and squaring of a Taylor series.
+
+    Each matrix is scaled by 2^-s so that its 1-norm is <= 1/2 (truncation error
+    < 0.5^13/13! ~ 2e-14 with 12 terms), expanded by Horner's rule, then squared s times.
+    For the many small bounded matrices of the MEF coupling it is as accurate as
+    ``torch.linalg.matrix_exp`` and 1.2-4x faster forward+backward (``benchmarks/bench_flow.py
+    --report coupling``), whose backward is a matrix_exp of a 2n x 2n block matrix.
+    """
+    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+    # The scaling is a constant for autograd (log2 of a zero norm would give NaN gradients).
+    norm = w.detach().abs().sum(-2).amax(-1)
+    squarings = torch.log2(norm / 0.5).ceil().clamp_min(0)
+    x = w / (2.0 ** squarings)[..., None, None]
+    result = eye.expand_as(w)
+    for k in range(terms, 0, -1):
+        result = eye + x @ result / k
+    for i in range(int(squarings.max().item()) if squarings.numel() else 0):
+        result = torch.where((squarings > i)[..., None, None], result @ result, result)
+    return result
+
+
 def _phi(x: Tensor) -> Tensor:
     """phi(X) = sum_n X^n / (n+1)! of square matrices (..., k, k) -> (..., k, k).
 
@@ -506,7 +529,7 @@ class MatExpCoupling(_Coupling):
     def _apply_expm(self, x2: Tensor, w: Tensor, b: Tensor | None, sign: float) -> Tensor:
         """expm(sign * W) v per pixel, v = x2 as (B, H, W, c2, 1)."""
         if b is None:
-            return torch.linalg.matrix_exp(sign * w) @ x2
+            return expm_series(sign * w) @ x2
         # A is fed to phi(sign B A) unscaled and applied with its sign.
         return x2 + sign * (w @ (_phi(sign * (b @ w)) @ (b @ x2)))
 

@@ -396,6 +396,14 @@ def test_matexp_coupling_threshold_and_bounded_matrices() -> None:
         assert (x_back - x).abs().max().item() < 1e-10
 
 
+def test_full_matexp_coupling_has_finite_gradients_at_the_identity_init() -> None:
+    layer = MatExpCoupling(6, hidden=8).to(DTYPE)
+    y, logdet = layer(sample((6, 3, 3), 4, seed=14))
+    (0.5 * y.pow(2).sum() - logdet.sum()).backward()
+    grad = layer.net.conv_out.weight.grad
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
 def test_low_rank_factors_both_learn_from_the_identity_init() -> None:
     """With A = B = 0 at init both factors' gradients would vanish for ever."""
     layer = MatExpCoupling(8, hidden=8, low_rank_above=2, rank=2).to(DTYPE)
