@@ -174,7 +174,8 @@ def _vm_kib(field: str) -> int:
 
 
 def probe(mode: str, args: argparse.Namespace) -> None:
-    """Subprocess body: print JSON with the peak-memory rise (bytes) of one training step."""
+    """Subprocess body: print JSON with the peak-memory rise (bytes) of a training step at
+    half and at the full batch, and the parameter count."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build(mode, args)
@@ -184,19 +185,18 @@ def probe(mode: str, args: argparse.Namespace) -> None:
     optimizer = torch.optim.Adamax(model.parameters(), lr=1e-3)
 
     def step(batch: Tensor) -> None:
-        optimizer.zero_grad(set_to_none=False)  # keep the gradient buffers in the baseline
         nll(*model(batch)).backward()
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # as nfpi.train: gradients live only in a step
 
-    step(x[:1])  # gradients and optimizer state now exist
-    base = _vm_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    start = time.perf_counter()
-    step(x)
-    seconds = time.perf_counter() - start
-    peak = _vm_kib("VmHWM")
-    params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"bytes": (peak - base) * 1024, "seconds": seconds, "params": params}))
+    step(x[:1])  # the optimizer state now exists
+    result = {"params": sum(p.numel() for p in model.parameters())}
+    for name, batch in (("half", x[: args.batch // 2]), ("full", x)):
+        base = _vm_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+        step(batch)  # timed by report_throughput, alternating with its peers, not here
+        result[name] = (_vm_kib("VmHWM") - base) * 1024
+    print(json.dumps(result))
 
 
 def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
@@ -246,19 +246,23 @@ def report_memory(args: argparse.Namespace) -> None:
           f"({saved['standard'] / saved['reversible']:.0f}x; the reversible recomputation adds "
           "one layer's activations during backward, counted in the peak below)")
     results = measure_memory(args)
-    print(f"peak memory of one training step above the steady state (batch {args.batch}, "
-          "fresh process each, VmHWM):")
+    half = args.batch // 2
+    print(f"peak-memory rise of one training step in a fresh process (VmHWM), at batch {half} and "
+          f"{args.batch}; per image = slope between the two, fixed = the rest (parameter gradients):")
+    per_image = {}
     for mode, r in results.items():
-        per_image = r["bytes"] / args.batch
-        fixed = 5 * 4 * r["params"]  # float32 weights, gradients, 2 Adamax states, EMA copy
-        fits = ", ".join(f"{name}: batch {int((cap - fixed) // per_image)}"
+        per_image[mode] = (r["full"] - r["half"]) / (args.batch - half)
+        fixed = r["full"] - per_image[mode] * args.batch
+        state = 4 * 4 * r["params"]  # float32 weights, 2 Adamax states, EMA copy
+        fits = ", ".join(f"{name}: batch {int((cap - state - fixed) // per_image[mode])}"
                          for name, cap in GPU_BYTES.items())
-        print(f"{mode:>10}: {r['bytes'] / 2**20:8.1f} MiB = {per_image / 2**20:6.2f} MiB per image, "
-              f"step {r['seconds']:.2f} s; largest batch (estimate) {fits}")
-    standard, reversible = results["standard"]["bytes"], results["reversible"]["bytes"]
-    print(f"memory ratio standard/reversible: {standard / reversible:.2f}x, "
-          f"normflows/reversible: {results['normflows']['bytes'] / reversible:.2f}x, "
-          f"standard/normflows: {standard / results['normflows']['bytes']:.2f}")
+        print(f"{mode:>10}: {r['full'] / 2**20:7.1f} MiB at batch {args.batch}, "
+              f"{per_image[mode] / 2**20:6.2f} MiB per image + {fixed / 2**20:6.1f} MiB fixed; "
+              f"largest batch (estimate) {fits}")
+    print(f"per-image memory ratio standard/reversible: "
+          f"{per_image['standard'] / per_image['reversible']:.2f}x, normflows/reversible: "
+          f"{per_image['normflows'] / per_image['reversible']:.2f}x, standard/normflows: "
+          f"{per_image['standard'] / per_image['normflows']:.2f}")
 
 
 def report_throughput(args: argparse.Namespace) -> None:
