@@ -16,8 +16,8 @@ full (c2 x c2) or low-rank W = A B, expm(A B) = I + A phi(B A) B.
 ``Glow(..., memory="reversible")`` trains with activation memory that does not
 grow with the number of steps per level: each level's steps run under a custom
 autograd function (:class:`_ReversibleSteps`) that keeps only the level's output
-and, in backward, rebuilds every step's input with ``inverse`` and recomputes the
-step (as in i-RevNet / memcnn / Glow's memory-saving mode).
+and, in backward, rebuilds each layer's input with its inverse and recomputes the
+layer (as in i-RevNet / memcnn / Glow's memory-saving mode).
 
 Every layer maps x to ``(y, log|det dy/dx|)`` so that the change-of-variables
 term of the paper's Eqs. (1)-(2), log p(x|y) = log p_Z(f(x)|y) + log|det J_f(x)|,
