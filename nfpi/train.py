@@ -99,7 +99,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import data, fpi, gd, repro
 from ._progress import tqdm
 from .classifiers import topk_accuracy
-from .flows import Glow
+from .flows import MEMORY_MODES, Glow
 from .fpi import ClassStats, FPIDivergenceError, _check_choice
 from .glem import ClassCodes, CodeConfig
 from .priors import ClassGaussians
@@ -140,14 +140,29 @@ class RunDirError(RuntimeError):
 
 @dataclass
 class ModelConfig:
-    """The Glow of :class:`nfpi.flows.Glow` (paper: 3 levels x 8 steps, 128 hidden channels)."""
+    """The Glow of :class:`nfpi.flows.Glow` (paper: 3 levels x 8 steps, 128 hidden channels).
+
+    ``blocks``: residual blocks per coupling net, one int or one per level (released: [8, 4, 2]).
+    ``matexp_rank``, ``matexp_low_rank_above``: with ``coupling: matexp``, W = A B of rank
+    ``matexp_rank`` when the transformed half has more channels than ``matexp_low_rank_above``.
+    ``memory``: ``"standard"`` or ``"reversible"`` (activations rebuilt by inverses in backward).
+    """
 
     levels: int = 3
     steps: int = 8
     hidden: int = 128
     conv: str = "lu"
     coupling: str = "affine"
-    blocks: int = 1
+    blocks: int | list[int] = 1
+    matexp_rank: int = 3
+    matexp_low_rank_above: int = 24
+    memory: str = "standard"
+
+    def __post_init__(self) -> None:
+        _check_choice("model.memory", self.memory, MEMORY_MODES)
+        if isinstance(self.blocks, list) and len(self.blocks) != self.levels:
+            raise ValueError(f"model.blocks must be one int or a list of model.levels = {self.levels} "
+                             f"ints (one per level), got {self.blocks}")
 
 
 @dataclass
@@ -405,7 +420,11 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if type(None) in args:
             return None
         raise ValueError(f"{name} may not be null")
-    base = next((a for a in args if a is not type(None)), hint)
+    list_hint = next((a for a in args if typing.get_origin(a) is list), None)
+    if list_hint is not None and isinstance(value, (list, tuple)):
+        (item,) = typing.get_args(list_hint)
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    base = next((a for a in args if a is not type(None) and a is not list_hint), hint)
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -831,7 +850,8 @@ def _check_levels(cfg: TrainConfig, shape: tuple[int, int, int]) -> None:
 def _build_model(cfg: TrainConfig, shape: tuple[int, int, int]) -> Glow:
     m = cfg.model
     return Glow(shape, levels=m.levels, steps=m.steps, hidden=m.hidden, conv=m.conv,
-                coupling=m.coupling, blocks=m.blocks)
+                coupling=m.coupling, blocks=m.blocks, matexp_rank=m.matexp_rank,
+                matexp_low_rank_above=m.matexp_low_rank_above, memory=m.memory)
 
 
 def load_checkpoint(path: str | os.PathLike[str], ema: bool = True,
