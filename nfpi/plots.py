@@ -334,7 +334,8 @@ def metric_grid(table: pd.DataFrame, x: str, metrics: Sequence[str], row: str | 
     elif kind == "bar":
         # Horizontal bars: long setting names stay readable; one category axis for all panels.
         common.update(x="value", y=x, height=0.25 * long[x].nunique() + 1.0)
-        grid = sns.catplot(kind="bar", errorbar="sd", sharex=False, sharey=True, aspect=3.0 / (0.25 * long[x].nunique() + 1.0),
+        grid = sns.catplot(kind="bar", errorbar="sd", sharex=False, sharey=True,
+                           aspect=3.0 / (0.25 * long[x].nunique() + 1.0),
                            palette=palette, **common)
     else:
         raise ValueError(f"kind must be 'line' or 'bar', got {kind!r}")

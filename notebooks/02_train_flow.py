@@ -46,7 +46,7 @@ overrides = {}                         # config overrides, e.g. {"epochs": 20}
 runs = "../runs"
 results = "../results"
 figures = "../figures"
-progress = False
+progress = True
 
 # %%
 from pathlib import Path

@@ -38,7 +38,7 @@ pairs = [[0, 0], [3, 3], [1, 7], [4, 9], [5, 6]]  # class pairs to interpolate b
 steps = 8
 seed = 0                               # of the samples, t-SNE and interpolation partners
 figures = "../figures"
-progress = False
+progress = True
 
 # %%
 from pathlib import Path

@@ -53,7 +53,7 @@ beta_a = 0.4
 grid_variants = 3           # Fig. 2: augmented variants shown per original
 figures = "../figures"
 results = "../results"
-progress = False
+progress = True
 
 # %%
 from pathlib import Path
