@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nfpi.flows import Glow, expm_series  # noqa: E402
+from nfpi.flows import Glow, expm_series, saved_activation_bytes  # noqa: E402
 
 
 class NormflowsGlow(nn.Module):
@@ -221,21 +221,7 @@ def saved_bytes(mode: str, args: argparse.Namespace, batch: int = 2) -> float:
     x = torch.rand(batch, *args.shape) * 2 - 1
     with torch.no_grad():
         model(x)
-    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    total = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal total
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:  # a tensor saved by several nodes counts once
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = nll(*model(x))
-    loss.backward()
-    return total / batch
+    return saved_activation_bytes(model, x) / batch
 
 
 def report_memory(args: argparse.Namespace) -> None:

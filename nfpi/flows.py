@@ -58,6 +58,7 @@ __all__ = [
     "COUPLINGS",
     "MEMORY_MODES",
     "expm_series",
+    "saved_activation_bytes",
 ]
 
 
@@ -808,3 +809,27 @@ class Glow(nn.Module):
                 x = torch.cat((x, parts[index]), dim=1)
             x = self.level_flows[index].inverse(x)
         return x
+
+
+def saved_activation_bytes(model: nn.Module, x: Tensor) -> int:
+    """Bytes of the non-parameter tensors autograd keeps for the backward pass of one training
+    loss ``0.5 |z|^2 - logdet`` on ``x`` (B, C, H, W): what ``memory="reversible"`` reduces.
+
+    Counted with saved-tensor hooks; a storage saved by several nodes counts once.
+    """
+    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t: Tensor) -> Tensor:
+        nonlocal total
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        z, logdet = model(x)
+        loss = 0.5 * z.pow(2).sum() - logdet.sum()
+    loss.backward()
+    return total

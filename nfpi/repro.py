@@ -184,14 +184,18 @@ def markdown_summary(table: pd.DataFrame, metrics: Sequence[str], by: str = "set
     return "\n".join(lines)
 
 
-_BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(\n<!-- /results -->)", re.S)
+_BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 
 
 def _render_block(spec: str, root: Path) -> str:
-    """The table of one README marker: ``<csv> metrics=a,b [by=setting] [baseline=x] [settings=x,y]``."""
+    """The table of one README marker: ``<csv> metrics=a,b [by=setting] [baseline=x]
+    [settings=x,y] [<column>=<value> ...]``; other ``column=value`` options keep only the rows
+    where that column holds that value (e.g. one evaluation, ``eval=nf``)."""
     path, *options = spec.split()
     args = dict(option.split("=", 1) for option in options)
     table = pd.read_csv(root / path)
+    for column in set(args) - {"metrics", "by", "baseline", "settings"}:
+        table = table[table[column].astype(str) == args[column]]
     settings = args["settings"].split(",") if "settings" in args else None
     return markdown_summary(table, args["metrics"].split(","), by=args.get("by", "setting"),
                             baseline=args.get("baseline"), settings=settings)
@@ -199,7 +203,7 @@ def _render_block(spec: str, root: Path) -> str:
 
 def render_readme(text: str, root: str | os.PathLike[str]) -> str:
     """``text`` with every results block regenerated from its CSV (paths relative to ``root``)."""
-    return _BLOCK.sub(lambda m: m.group(1) + _render_block(m.group("spec"), Path(root)) + m.group(4), text)
+    return _BLOCK.sub(lambda m: m.group(1) + _render_block(m.group("spec"), Path(root)) + "\n" + m.group(4), text)
 
 
 if __name__ == "__main__":  # python -m nfpi.repro README.md: regenerate its results tables

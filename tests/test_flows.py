@@ -33,6 +33,7 @@ from nfpi.flows import (
     _phi,
     expm_series,
     _ReversibleSteps,
+    saved_activation_bytes,
 )
 
 DTYPE = torch.float64
@@ -499,26 +500,6 @@ def test_reversible_gradients_equal_standard_backprop(case: Case) -> None:
 def flat_grad(loss: Tensor, model: nn.Module) -> Tensor:
     """All parameter gradients of ``loss`` as one flat vector."""
     return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
-
-
-def saved_activation_bytes(model: Glow, x: Tensor) -> int:
-    """Bytes of non-parameter tensors autograd keeps for backward of one training loss."""
-    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    total = 0
-
-    def pack(t: Tensor) -> Tensor:
-        nonlocal total
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:  # a tensor saved by several nodes counts once
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        z, logdet = model(x)
-        loss = 0.5 * z.pow(2).sum() - logdet.sum()
-    loss.backward()
-    return total
 
 
 def test_reversible_mode_keeps_activations_independent_of_depth() -> None:

@@ -104,3 +104,6 @@ def test_markdown_summary_and_readme_blocks(tmp_path):
     fresh = repro.render_readme(stale, tmp_path)
     assert "| old |" not in fresh and "| fpi | 3 | 93.00 ± 1.00" in fresh and fresh.endswith("<!-- /results -->\nmore\n")
     assert repro.render_readme(fresh, tmp_path) == fresh
+    # Further column=value options keep only the matching rows (here one seed: std is NaN).
+    one = repro.render_readme("<!-- results: r.csv metrics=acc seed=2 -->\n<!-- /results -->", tmp_path)
+    assert "| fpi | 1 | 93.00 ± nan |" in one and "| data | 1 | 92.00 ± nan |" in one
