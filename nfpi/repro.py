@@ -141,7 +141,9 @@ def expect_recorded(fresh: pd.DataFrame, recorded: pd.DataFrame | None, floors: 
     order, a perturbation that training amplifies at most to a reseeding). ``floors`` give
     each metric's resolution (e.g. one test image in %). A setting with fewer than 2 recorded
     seeds has no measured spread and is refused. Without a recorded table, or for a setting
-    it lacks, nothing is compared and the line says so.
+    it lacks, nothing is compared and the line says so. A metric that is NaN in every fresh and
+    every recorded row of a setting (one it does not produce) is skipped; NaN on one side only
+    fails.
     """
     by = [by] if isinstance(by, str) else list(by)
     for setting, group in fresh.groupby(by, sort=False):
@@ -157,6 +159,8 @@ def expect_recorded(fresh: pd.DataFrame, recorded: pd.DataFrame | None, floors: 
         if n_old < 2:
             raise ValueError(f"{name}: the record holds {n_old} seed; a tolerance needs the spread of >= 2")
         for metric, floor in floors.items():
+            if group[metric].isna().all() and old[metric].isna().all():
+                continue  # a metric this setting does not produce (e.g. CNN-Acc of an NF-only row)
             spread = float(old[metric].std())
             tol = max(floor, sigmas * spread * math.sqrt(1 / n_new + 1 / n_old))
             expect(f"{name} {metric} (mean of {n_new} seeds)", group[metric].mean(), float(old[metric].mean()),

@@ -235,36 +235,29 @@ plt.show()
 # %% [markdown]
 # ## Reading
 #
-# Digits, 4 epochs, one flow per setting. NF accuracy differences below ~1 point are 1-3 of the
-# 359 test images. CNN-Acc has a seed spread of about +-5 points (notebook 04), so the oracle
-# metrics (FID, Coverage, Label Reliability; spread <= 1.5) carry the comparisons.
+# Digits, 4 epochs, 3 seeds per setting (mean ± std); NF accuracy differences below ~1.5 points
+# are within the paired 95 % intervals. Numbers from `results/05_ablations.csv`.
 #
-# * **NFPI Table 3 ordering holds, with small margins.** NF-Acc: both 95.26 > means 94.99 >
-#   variances 94.71 > data init 94.43, the paper's order. The generated-data metrics agree:
-#   FID 8.1 / 10.1 / 13.6 / 12.2 and Label Reliability 86.0 / 81.8 / 75.4 / 75.8. So learning
-#   the variances alone does not help generation, as the paper argues. Learning the means or
-#   both does.
-# * **NFPI Table 1 ordering does not hold.** The paper's rule at lambda = 1000 is past the
-#   point where J is unbounded (SPEC §3). FPI ends with 26 variances on their bound and reaches
-#   NF-Acc 93.87. Every gradient-descent policy reaches 94.15-94.43, the same as data init, and
-#   the five policies cannot be told apart. The paper's 3-point FPI advantage on CIFAR-100 is
-#   not reproduced at this scale.
-# * **The variance rule matters more than the solver.** At the same lambda, the paper's
-#   stationary rule collapses generation: CNN-Acc 35.9, FID 32.5, Label Reliability 43.4. The
-#   released rule gives 88.3 / 8.1 / 86.0. pi = mean and pi = pairwise are close (FID 9.1 vs 8.1,
-#   Label Reliability 83.0 vs 86.0). Random Gaussians fail on every metric (NF-Acc 73.8, Label
-#   Reliability 13.4), as in GLEM Table 7.
+# * **NFPI Table 3: the NF-Acc ordering does not hold here; the generation ordering does.**
+#   NF-Acc: variances only 93.5, both 93.1, means only 92.3, data init 92.1, and every paired
+#   difference to data init has an interval that includes 0. For generation, learning both is
+#   best (FID 11.0, Label Reliability 81.6, against 13.0 / 74.0 for data init), and learning
+#   the variances alone is worse than data init (FID 15.9, Label Reliability 68.8): as the
+#   paper argues, the variances alone do not help generation.
+# * **NFPI Table 1 does not hold at this scale.** With the paper's variance rule at lambda = 1e3
+#   (past the point where J is unbounded, SPEC §3) FPI ends with ~22 variances on their bound
+#   and reaches 91.1 ± 2.0; the five gradient-descent policies reach 90.6-90.8 and cannot be
+#   told apart; none beats data init (92.1).
+# * **The variance rule matters more than the solver.** At the same lambda the paper's
+#   stationary rule collapses generation (CNN-Acc 53.6 ± 15.9, FID 30.9) where the released
+#   rule gives 81.5 / 11.0. pi = mean and pi = pairwise are close (FID 11.6 vs 11.0). Random
+#   Gaussians fail on every metric (NF-Acc 66.9, Label Reliability 12.5), as in GLEM Table 7.
 # * **GLEM Table 5 holds in direction.** Lowering the temperature from 1.2 to 0.8 raises Label
-#   Reliability (80.0 -> 90.6) and lowers FID (9.7 -> 7.3); the paper shows the same trends.
-#   Coverage peaks at T = 1 (the paper: 0.8-0.9). RFCM improves every metric: NF-Acc 98.05,
-#   FID 4.2, Coverage 96.1, Label Reliability 89.6. GLEM reports the same gains except NF-Acc.
-# * **GLEM Tables 1-2 hold in part.** GLEM's EM training (gradient-descent M-steps on 14 images
-#   per class, lambda annealed 1000 -> 250) is worse than one FPI solve on every metric (NF-Acc
-#   86.1 vs 95.3, FID 12.1 vs 8.1), in line with NFPI's claim over GLEM. RFCM on the EM flow
-#   recovers (NF-Acc 97.8, FID 6.0).
-#   CEGLEM cannot classify test images with random code rows: NF-Acc 14.2, near GLEM's 12.8 on
-#   CIFAR-10. Its codes name the conditioning class for 100 % of samples, as GLEM reports.
-#   CE does not reproduce GLEM: after 4 epochs the monomodal flow does not tie the code to the
-#   image, so Label Reliability is 13.2 %, near chance. GLEM reports 75.5 CNN-Acc on CIFAR-10.
-#   CEGLEM's CNN-Acc (85.0) beats GLEM EM's (71.0), the reverse of GLEM Table 1; the gap is
-#   larger than the seed spread.
+#   Reliability (74.1 -> 88.8) and lowers FID (11.7 -> 10.6). RFCM improves every metric:
+#   NF-Acc 98.1, FID 4.0, Coverage 95.2.
+# * **GLEM Tables 1-2, in part.** GLEM's EM schedule (gradient-descent M-steps on D_G, lambda
+#   annealed) is worse than one FPI solve in NF accuracy (89.0 vs 93.1) but not in generation
+#   (FID 9.4 vs 11.0, Label Reliability 80.8 vs 81.6). CEGLEM cannot classify test images with
+#   random code rows (NF-Acc 12.4, near GLEM's 12.8 on CIFAR-10) and its codes name the
+#   conditioning class for every sample. CE does not reproduce GLEM: in 4 epochs the monomodal
+#   flow does not tie the code to the image (Label Reliability 14.1 %, near chance).

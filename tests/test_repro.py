@@ -86,6 +86,11 @@ def test_expect_recorded_derives_tolerances_from_the_recorded_spread(capsys):
     assert "a acc (mean of 3 seeds): 96.80, recorded 92.00 +- 4.90" in out and out.count(": ok") == 2
     with pytest.raises(ResultMismatch, match="b acc"):
         expect_recorded(recorded.assign(acc=recorded["acc"] + pd.Series([0.0] * 3 + [0.6] * 3)), recorded, {"acc": 0.5})
+    # A metric a setting does not produce (NaN on both sides) is skipped; NaN on one side fails.
+    both_nan = recorded.assign(acc=float("nan"))
+    expect_recorded(both_nan, both_nan, {"acc": 0.5})
+    with pytest.raises(ResultMismatch, match="OUTSIDE"):
+        expect_recorded(both_nan, recorded, {"acc": 0.5})
     expect_recorded(recorded, None, {"acc": 0.5})  # nothing recorded yet: reported, not failed
     assert "nothing recorded yet" in capsys.readouterr().out
     with pytest.raises(ValueError, match="needs the spread of >= 2"):
