@@ -156,8 +156,9 @@ plt.show()
 # ## Reading
 #
 # *Does NFA help at this scale?* Not measurably. In the run above NFA's paired gain over the
-# baseline (`top1_gain_mean` ± `top1_gain_std`, over three seeds) is far smaller than the
-# seed-to-seed spread of the baseline itself; the per-seed gains change sign. Earlier flows of
+# baseline is +1.3 ± 4.7 points (`top1_diff_mean` ± `top1_diff_std` over three seeds; 95 %
+# interval ± 11.7), far smaller than the seed-to-seed spread, and the per-seed gains change
+# sign. Earlier flows of
 # the same pipeline (other lambda / variance settings of `mnist_cpu.yaml`, and a flow trained
 # only on the classifier's own 200 images) gave mean NFA gains between about -1 and +3.5 points
 # with similar spreads: the sign depends on the flow and the seed. Three seeds cannot resolve
@@ -165,7 +166,7 @@ plt.show()
 # CIFAR with a Swin).
 #
 # Standard augmentation (timm's DeiT-style RandAugment m9 + RandomErasing 0.25, as in the
-# paper's SA) costs ~19 points here: a 0.2M-parameter transformer trained from scratch for 10
+# paper's SA) costs ~20 points here: a 0.2M-parameter transformer trained from scratch for 10
 # short epochs on 200 digits cannot fit the heavily distorted images (its training loss stays
 # near 1.9, against ~0.1-0.3 without SA); RandAugment's Invert/Solarize/Posterize ops are also
 # harsh on binary-looking digits. NFA on top of SA does not rescue it.
@@ -173,5 +174,5 @@ plt.show()
 # Differences from the paper's setting that matter: a from-scratch toy transformer instead of a
 # pretrained 87M-parameter EVA02 fine-tuned at lr 1e-5; 200 MNIST training images instead of
 # 1.28M ImageNet images; a 15-epoch CPU flow instead of a 500-epoch GPU flow; and the flow has
-# seen 3,000 labelled training images while the classifier sees 200 of them (NFA carries some
+# seen 2,700 labelled training images while the classifier sees 200 of them (NFA carries some
 # of that extra data; the flow-on-200-images control removes it).
