@@ -46,5 +46,5 @@ def test_training_logs_one_line_per_epoch(tmp_path, monkeypatch: pytest.MonkeyPa
                                  "model": {"levels": 1, "steps": 1, "hidden": 8}})
     train(cfg, tmp_path, progress=True)
     lines = capsys.readouterr().err.splitlines()
-    assert [line.split(" test_bpd=")[0] for line in lines] == ["training 1/2", "training 2/2"]
+    assert [line.split(" bpd=")[0] for line in lines] == ["training 1/2", "training 2/2"]
     assert all(" acc=" in line for line in lines)
