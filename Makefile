@@ -39,15 +39,17 @@ quick: venv
 	$(BIN)/python -m pytest tests -q -m "not slow"
 
 # nbval re-executes the committed notebooks and compares the cells marked NBVAL_CHECK_OUTPUT.
+# Progress as one line per epoch, as `make reproduce` ran them (widget bars would flood nbval's
+# message loop, which gives up after 5 s without a message).
 nbval: venv
-	cd notebooks && ../$(BIN)/python -m pytest --nbval-lax --nbval-sanitize-with sanitize.cfg \
+	cd notebooks && NFPI_PROGRESS=log ../$(BIN)/python -m pytest --nbval-lax --nbval-sanitize-with sanitize.cfg \
 		-p no:cacheprovider -q $(notdir $(EXECUTED))
 
 reproduce: venv
 	@for id in $(NB_IDS); do $(MAKE) --no-print-directory nb-$$id || exit 1; done
 
 # One notebook: jupytext source -> papermill into a temporary file (one progress line per epoch)
-# -> volatile metadata stripped -> the .ipynb written only if its bytes change, then the .py
+# -> stream outputs merged (the kernel's chunking depends on timing) -> volatile metadata stripped -> the .ipynb written only if its bytes change, then the .py
 # touched so that jupytext (JupyterLab) never finds the .ipynb newer than its source.
 $(addprefix nb-,$(NB_IDS)): nb-%: venv
 	@src=$$(ls notebooks/$*_*.py 2>/dev/null | head -n 1); \
@@ -59,6 +61,7 @@ $(addprefix nb-,$(NB_IDS)): nb-%: venv
 	$(BIN)/jupytext --quiet --to ipynb --output "$$tmp/$$name.ipynb" "$$src" && \
 	NFPI_PROGRESS=log $(BIN)/papermill --cwd notebooks -k python3 --log-level WARNING --no-progress-bar \
 		$(if $(strip $(P)),-p figures ../runs/notebooks/figures) $(P) "$$tmp/$$name.ipynb" "$$tmp/executed.ipynb" && \
+	$(BIN)/python scripts/merge_streams.py "$$tmp/executed.ipynb" && \
 	$(BIN)/python -m nfpi._notebooks "$$tmp/executed.ipynb" "$$out" $(if $(strip $(P)),,"$$src")
 
 # JupyterLab from the virtualenv, in the repository root (NFPI_DATA exported above).

@@ -129,7 +129,7 @@ table.insert(0, "flow_run", flow_run.name)
 table.insert(1, "flow_per_class", flow_cfg.per_class)
 table.insert(2, "code", repro.code_fingerprint())
 Path(results).mkdir(parents=True, exist_ok=True)
-table.to_csv(table_path, index=False)
+table.drop(columns=["seconds"]).to_csv(table_path, index=False)  # wall times change on every run
 
 # %%
 print(table.pivot_table(index="seed", columns="setting", values="top1")[settings].round(1).to_string())
