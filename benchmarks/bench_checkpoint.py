@@ -1,12 +1,12 @@
 """Cost of the training checkpoint's SHA-256 (issue 13) against plain ``torch.save`` / ``torch.load``.
 
 The checkpoint of :mod:`nfpi.train` holds the flow, its EMA copy, the Adamax state and the
-class Gaussians; its checksum hashes every tensor's bytes (:func:`nfpi.train._checksum`). This
+class Gaussians; its checksum hashes every tensor's bytes (:func:`nfpi.runs.checksum`). This
 script builds that checkpoint for a Glow (default: the paper's CIFAR-10 size, 3 levels x 8
 steps, 128 hidden channels) and times, alternating, in the same run:
 
 - save: ``torch.save`` to memory, and ``torch.save`` + checksum (what ``_Run.save`` does);
-- load: ``torch.load`` of the file, and ``_read_checkpoint`` (load + verify).
+- load: ``torch.load`` of the file, and ``read_checkpoint`` (load + verify).
 
 It prints the medians and the ratios (with / without the checksum).
 
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from nfpi.flows import Glow
-from nfpi.train import CHECKPOINT_FORMAT, _checksum, _read_checkpoint
+from nfpi.runs import CHECKPOINT_FORMAT, checksum, read_checkpoint
 
 
 def build(small: bool) -> dict:
@@ -57,7 +57,7 @@ def main() -> None:
             torch.save(ckpt, io.BytesIO())
             times["save"].append(time.perf_counter() - start)
             start = time.perf_counter()
-            signed = {**ckpt, "sha256": _checksum(ckpt)}
+            signed = {**ckpt, "sha256": checksum(ckpt)}
             buffer = io.BytesIO()
             torch.save(signed, buffer)
             times["save+sha256"].append(time.perf_counter() - start)
@@ -66,7 +66,7 @@ def main() -> None:
             torch.load(path, map_location="cpu", weights_only=True)
             times["load"].append(time.perf_counter() - start)
             start = time.perf_counter()
-            _read_checkpoint(path)
+            read_checkpoint(path)
             times["load+verify"].append(time.perf_counter() - start)
         file_mb = path.stat().st_size / 2**20
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -8,8 +8,8 @@ classes are built from CIFAR-10 latents by splitting every class into 10 deciles
 projection on a random direction (same latent scale and spread, distinct class means), and
 for time the flow is the small one of cifar10_cpu.yaml (an untrained flow's couplings are the
 identity, so it differs from the paper-size one only by its random 1x1 convolutions).
-The solve is :func:`nfpi.train._fit`, i.e. exactly what training calls with the config's
-``gaussians:`` section; one row per config:
+The solve is :func:`nfpi.schedule.fit`, i.e. exactly what training calls with the config's
+``gaussians:`` and ``solver:`` sections; one row per config:
 
     config, lambda, rule, learn, stop, accel, iterations, final change, converged, seconds
 
@@ -18,37 +18,41 @@ The solve is :func:`nfpi.train._fit`, i.e. exactly what training calls with the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-from nfpi import data, fpi, train
+from nfpi import data, fpi
+from nfpi.config import TrainConfig
+from nfpi.latents import class_stats, encode
+from nfpi.runs import build_flow
+from nfpi.schedule import fit
+from nfpi.splits import load_data
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def untrained_latent_stats(cfg: train.TrainConfig, per_class: int) -> fpi.ClassStats:
+def untrained_latent_stats(cfg: TrainConfig, per_class: int) -> fpi.ClassStats:
     """Statistics of the latents of ``cfg``'s untrained flow on its training images (for configs
     that train on a whole dataset: ``per_class`` images per class; digits: all 1,438)."""
     pseudo = cfg.dataset == "cifar100"
     if pseudo:   # not available offline: CIFAR-10 images, 10 pseudo-classes per class (see above)
-        small = train.TrainConfig.from_yaml(CONFIGS / "cifar10_cpu.yaml").to_dict()["model"]
+        small = TrainConfig.from_yaml(CONFIGS / "cifar10_cpu.yaml").to_dict()["model"]
         cfg = cfg.replace(dataset="cifar10", download=False, **{f"model.{k}": v for k, v in small.items()})
     if cfg.per_class is None and cfg.dataset != "digits":   # full-set configs: a class-balanced share
         cfg = cfg.replace(per_class=per_class * (10 if pseudo else 1))
     torch.manual_seed(cfg.seed)
-    arrays, _ = train.load_data(cfg)
-    model = train._build_model(cfg, arrays.shape)
+    arrays, _ = load_data(cfg)
+    model = build_flow(cfg.model, arrays.shape)
     gen = torch.Generator().manual_seed(cfg.seed)
     idx = torch.randperm(len(arrays), generator=gen)[:cfg.init_images]
     with torch.no_grad():   # data-dependent ActNorm init (SPEC §4 step 1)
         model(data.dequantize(data.quantize(arrays.x[idx], cfg.bits), cfg.bits, noise=True, generator=gen))
     if not pseudo:
-        return train.class_stats(model, arrays, cfg.bits, 250, noise=cfg.seed)
-    z, _ = train.encode(model, arrays, cfg.bits, 250, noise=cfg.seed)
+        return class_stats(model, arrays, cfg.bits, 250, noise=cfg.seed)
+    z, _ = encode(model, arrays, cfg.bits, 250, noise=cfg.seed)
     z = z.double()
     labels = torch.empty_like(arrays.y)
     for c in range(arrays.num_classes):
@@ -63,11 +67,12 @@ ABLATIONS = {"cifar10": [("means", 5e5), ("variances", 1e5)],
              "cifar100": [("means", 7.5e6), ("variances", 2e6)]}
 
 
-def distance(stats: fpi.ClassStats, g: train.GaussianConfig, lam: float, info: dict) -> float:
+def distance(stats: fpi.ClassStats, cfg: TrainConfig, lam: float, info: dict) -> float:
     """Max distance of a solve's result to the fixed point (a relative-tol 1e-13 solve): means
     in class-std units, variances relative."""
-    tight = dataclasses.replace(g, stop="relative", accel="anderson", tol=1e-13, max_iter=20_000)
-    ref, _ = train._fit(tight, stats, lam)
+    tight = cfg.replace(**{"solver.stop": "relative", "solver.accel": "anderson", "solver.tol": 1e-13,
+                           "solver.max_iter": 20_000})
+    ref, _ = fit(tight, stats, lam)
     std = stats.var().sqrt()
     return max(float(((info["means"] - ref.means) / std).abs().max()),
                float(((info["variances"] - ref.variances) / ref.variances).abs().max()))
@@ -89,7 +94,7 @@ def main() -> None:
           + (" distance to fixed point |" if args.distance else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.distance else ""))
     for name in names:
-        cfg = train.TrainConfig.from_yaml(CONFIGS / f"{name}.yaml")
+        cfg = TrainConfig.from_yaml(CONFIGS / f"{name}.yaml")
         cached = Path(args.cache) / f"{name}_{args.per_class}.pt" if args.cache else None
         if cached is not None and cached.exists():
             stats = fpi.ClassStats(*torch.load(cached, weights_only=True))
@@ -97,24 +102,24 @@ def main() -> None:
             stats = untrained_latent_stats(cfg, args.per_class)
             if cached is not None:
                 torch.save((stats.count, stats.total, stats.total_sq), cached)
-        own = cfg.gaussians
-        rows = [own] + [dataclasses.replace(own, learn=learn, lam=lam)
+        rows = [cfg] + [cfg.replace(**{"gaussians.learn": learn, "gaussians.lam": lam})
                         for learn, lam in ABLATIONS.get(name, [])]
         # configs on the released solve also get the default one (Anderson, relative tol), for comparison
-        rows += [dataclasses.replace(g, stop="relative", accel="anderson")
-                 for g in rows if g.stop == "released"]
-        for g in rows:
+        rows += [row.replace(**{"solver.stop": "relative", "solver.accel": "anderson"})
+                 for row in rows if row.solver.stop == "released"]
+        for row in rows:
+            gs, solver = row.gaussians, row.solver
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", fpi.FPIWarning)
                 start = time.perf_counter()
-                fitted, info = train._fit(g, stats, g.lam)
+                fitted, info = fit(row, stats, gs.lam)
                 seconds = time.perf_counter() - start
                 extra = ""
                 if args.distance:
                     info.update(means=fitted.means, variances=fitted.variances)
-                    extra = f" {distance(stats, g, g.lam, info):.1e} |"
-            print(f"| {name} | {stats.num_classes} | {stats.dim} | {g.lam:g} | {g.rule} | {g.learn} | "
-                  f"{g.stop} | {g.accel} | "
+                    extra = f" {distance(stats, row, gs.lam, info):.1e} |"
+            print(f"| {name} | {stats.num_classes} | {stats.dim} | {gs.lam:g} | {solver.rule} | {gs.learn} | "
+                  f"{solver.stop} | {solver.accel} | "
                   f"{info['iterations']} | {info['change']:.2g} | {info['converged']} | {seconds:.1f} |{extra}",
                   flush=True)
 

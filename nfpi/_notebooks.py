@@ -18,6 +18,8 @@ from pathlib import Path
 
 import nbformat
 
+from ._util import atomic_write
+
 __all__ = ["KERNELSPEC", "NOTEBOOK_KEYS", "CELL_KEYS", "finish", "strip"]
 
 # ipykernel's own kernel: the name every Python environment with ipykernel provides and the
@@ -66,9 +68,7 @@ def finish(executed: str | os.PathLike[str], target: str | os.PathLike[str],
     changed = not target.is_file() or target.read_text(encoding="utf-8") != text
     if changed:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, target)
+        atomic_write(target, text.encode("utf-8"))
     if source is not None:
         os.utime(source)  # the pair's text file must not be older than the notebook
     return changed

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,9 @@ from torch.utils.data import Dataset
 
 from . import data
 from ._progress import tqdm
+from ._util import atomic_write, check_labels, derive_seed, eval_mode
 from .flows import ActNorm
+from .latents import encode
 from .priors import ClassGaussians
 
 __all__ = ["AugmentConfig", "ClassPCA", "NFADataset", "NFAugmenter", "generate_dataset",
@@ -97,19 +98,6 @@ class AugmentConfig:
             raise ValueError(f"temperature must be > 0; got {self.temperature}")
 
 
-def _check_labels(y: Tensor, n: int, num_classes: int, what: str = "labels") -> Tensor:
-    """y as int64 (n,), or a ValueError that names the valid range."""
-    if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != n:
-        shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-        raise ValueError(f"{what} must be a 1-D tensor of {n} class indices; got {shape}")
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"{what} must be integer class indices; got dtype {y.dtype}")
-    if n and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{what} must lie in [0, {num_classes}) for {num_classes} classes; got values in "
-                         f"[{int(y.min())}, {int(y.max())}]")
-    return y.long()
-
-
 # ------------------------------------------------------------------------------------ PCA
 @dataclass(frozen=True)
 class ClassPCA:
@@ -150,7 +138,7 @@ class ClassPCA:
         if not isinstance(z, Tensor) or z.dim() != 2 or not z.is_floating_point():
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
             raise ValueError(f"z must be a float tensor of latents (N, D); got {shape}")
-        y = _check_labels(y, z.shape[0], num_classes)
+        y = check_labels(y, z.shape[0], num_classes)
         dim = z.shape[1]
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dim:
             raise ValueError(f"k must be an integer in [1, D={dim}] (the latent dimension); got {k!r}")
@@ -191,7 +179,7 @@ def mix(z: Tensor, y: Tensor, z_partner: Tensor, pca: ClassPCA, beta: Tensor | f
     if z.shape[1] != pca.dim:
         raise ValueError(f"latents have D={z.shape[1]} but the PCA was fitted on D={pca.dim}; "
                          "fit ClassPCA on latents of the same flow")
-    y = _check_labels(y, z.shape[0], pca.num_classes)
+    y = check_labels(y, z.shape[0], pca.num_classes)
     beta = torch.as_tensor(beta, dtype=z.dtype, device=z.device)
     if beta.dim() > 1 or (beta.dim() == 1 and beta.shape[0] != z.shape[0]):
         raise ValueError(f"beta must be a scalar or one weight per latent ({z.shape[0]},); got {tuple(beta.shape)}")
@@ -264,7 +252,7 @@ class NFAugmenter:
         one index ``offset[y] + floor(u * count[y])`` without a Python loop per sample."""
         if z.dim() != 2 or z.shape[1] != dim:
             raise ValueError(f"bank latents must be (N, {dim}); got {tuple(z.shape)}")
-        y = _check_labels(y, z.shape[0], self.num_classes, "bank labels")
+        y = check_labels(y, z.shape[0], self.num_classes, "bank labels")
         counts = torch.bincount(y, minlength=self.num_classes)
         if (counts == 0).any():
             missing = (counts == 0).nonzero().flatten().tolist()
@@ -278,8 +266,6 @@ class NFAugmenter:
                     prior: ClassGaussians | None = None, batch_size: int = 500) -> "NFAugmenter":
         """Encode the training images ``arrays`` (+0.5 dequantisation at ``bits``), fit the
         class-wise PCA on their latents and keep them as the partner bank."""
-        from .train import encode  # nfpi.train imports the training stack; only needed here
-
         cfg = cfg or AugmentConfig()
         if tuple(arrays.shape) != tuple(flow.in_shape):
             raise ValueError(f"images have shape {arrays.shape} but the flow expects {tuple(flow.in_shape)}; "
@@ -291,7 +277,7 @@ class NFAugmenter:
     def sample_partners(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One same-class partner latent per label y (B,) (CPU int64): a random bank latent of
         class y_i, or a sample of N(mu_y, T^2 s_y) without a bank; (B, D) on the flow's device."""
-        y = _check_labels(y.cpu() if isinstance(y, Tensor) else y, len(y), self.num_classes)
+        y = check_labels(y.cpu() if isinstance(y, Tensor) else y, len(y), self.num_classes)
         if self._bank is None:
             means, variances = self.prior.means.double().cpu()[y], self.prior.variances.double().cpu()[y]
             eps = torch.randn(y.shape[0], means.shape[1], generator=generator, dtype=torch.float64)
@@ -315,17 +301,13 @@ class NFAugmenter:
             raise ValueError(f"images must be (B, {', '.join(map(str, self.in_shape))}) to match the flow; got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"images must be floats in [-1, 1] (nfpi.data.dequantize); got dtype {x.dtype}")
-        y = _check_labels(y.cpu() if isinstance(y, Tensor) else y, x.shape[0], self.num_classes)
-        was_training = self.flow.training
-        self.flow.eval()
-        try:
+        y = check_labels(y.cpu() if isinstance(y, Tensor) else y, x.shape[0], self.num_classes)
+        with eval_mode(self.flow):
             xin = x.to(self.device, self.dtype)
             z = self.flow(xin)[0]
             partners = self.sample_partners(y, generator)
             beta = sample_beta(self.cfg, y.shape[0], generator).to(self.device, self.dtype)
             out = self.flow.inverse(mix(z, y.to(self.device), partners, self.pca, beta))
-        finally:
-            self.flow.train(was_training)
         bad = ~torch.isfinite(out.flatten(1)).all(1)
         if bad.any():
             warnings.warn(f"NFA: {int(bad.sum())} of {len(bad)} variants were not finite after f^-1 and were "
@@ -363,11 +345,6 @@ class NFADataset(Dataset):
 
 
 # ---------------------------------------------------------------------------- offline
-def _chunk_seed(seed: int, chunk: int) -> int:
-    """Independent seed per chunk, so a chunk's content does not depend on which chunks ran before."""
-    return int(np.random.SeedSequence([seed, chunk]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
 def generation_fingerprint(augmenter: NFAugmenter, arrays: data.ImageArrays, copies: int, bits: int,
                            batch_size: int, seed: int) -> str:
     """SHA-256 (hex) of everything that determines :func:`generate_dataset`'s output: flow
@@ -389,20 +366,6 @@ def generation_fingerprint(augmenter: NFAugmenter, arrays: data.ImageArrays, cop
     h.update(json.dumps({"cfg": dataclasses.asdict(augmenter.cfg), "copies": copies, "bits": bits,
                          "batch_size": batch_size, "seed": seed, "classes": list(arrays.classes)}).encode())
     return h.hexdigest()
-
-
-def _atomic_save(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, then rename it to ``path``: an
-    interrupted write never leaves a partial file under the final name."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _read_fingerprint(path: Path) -> str | None:
@@ -454,7 +417,7 @@ def generate_dataset(augmenter: NFAugmenter, arrays: data.ImageArrays, copies: i
     if manifest.exists() and manifest.read_text() != fingerprint:
         raise FileExistsError(f"{parts} holds chunks of a different generation (other inputs or settings); "
                               "delete that directory to start over")
-    _atomic_save(manifest, lambda f: f.write(fingerprint.encode()))
+    atomic_write(manifest, fingerprint.encode())
 
     n = len(arrays)
     starts = list(range(0, n, batch_size))
@@ -465,18 +428,17 @@ def generate_dataset(augmenter: NFAugmenter, arrays: data.ImageArrays, copies: i
     for c, (s, file) in enumerate(zip(chunks, files)):
         if file.exists():
             continue
-        xq = data.quantize(arrays.x[s:s + batch_size], bits)
-        x = data.dequantize(xq, bits, noise=False)
-        gen = torch.Generator().manual_seed(_chunk_seed(seed, c))
+        x = data.bin_centres(arrays.x[s:s + batch_size], bits)
+        gen = torch.Generator().manual_seed(derive_seed(seed, c))
         pixels = data.to_uint8(augmenter.augment(x, arrays.y[s:s + batch_size], gen), bits).numpy()
-        _atomic_save(file, lambda f, a=pixels: np.save(f, a))
+        atomic_write(file, lambda f, a=pixels: np.save(f, a))
         bar.update(1)
     bar.close()
 
     x = np.concatenate([np.load(f) for f in files]).transpose(0, 2, 3, 1)
     source = np.tile(np.arange(n, dtype=np.int64), copies)
     y = arrays.y.numpy()[source]
-    _atomic_save(out_path, lambda f: np.savez_compressed(
+    atomic_write(out_path, lambda f: np.savez_compressed(
         f, x=np.ascontiguousarray(x), y=y, classes=np.array(arrays.classes), source=source,
         fingerprint=np.array(fingerprint)))
     shutil.rmtree(parts)

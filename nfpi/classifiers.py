@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._progress import tqdm
+from ._util import atomic_write, check_labels, eval_mode, pick_device
 
 __all__ = [
     "ClassifierConfig",
@@ -56,23 +56,6 @@ _DERIVED_META_KEYS = ("num_classes", "image_shape", "num_train", "config")
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def check_labels(y: Tensor, n: int, num_classes: int | None = None, name: str = "labels") -> None:
-    """Raise ValueError unless ``y`` is an integer tensor (n,) with values in [0, num_classes)."""
-    if not isinstance(y, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor of class indices, got {type(y).__name__}")
-    if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},) to match the data, got {tuple(y.shape)}")
-    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor (e.g. torch.int64), got {y.dtype}")
-    if num_classes is not None and n > 0:
-        lo, hi = int(y.min()), int(y.max())
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(
-                f"{name} must lie in [0, {num_classes - 1}] for {num_classes} classes, "
-                f"got values in [{lo}, {hi}]"
-            )
 
 
 def check_images(
@@ -200,12 +183,6 @@ class ClassifierConfig:
             raise ValueError(f"width must be >= 1, got {self.width}")
 
 
-def _resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -248,7 +225,7 @@ def train_classifier(
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"need at least 2 training images, got {n}")
-    device = _resolve_device(cfg.device)
+    device = pick_device(cfg.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = resnet18_small(num_classes, x.shape[1], cfg.width)
@@ -309,17 +286,12 @@ def apply_batched(
     if not callable(fn):
         raise ValueError(f"{type(model).__name__} has no {method}() method")
     device = _model_device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            starts = range(0, x.shape[0], batch_size)
-            outs = [
-                fn(x[s : s + batch_size].to(device)).cpu()
-                for s in tqdm(starts, desc=method, disable=not progress)
-            ]
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        starts = range(0, x.shape[0], batch_size)
+        outs = [
+            fn(x[s : s + batch_size].to(device)).cpu()
+            for s in tqdm(starts, desc=method, disable=not progress)
+        ]
     return torch.cat(outs)
 
 
@@ -411,16 +383,9 @@ def _read_oracle_checkpoint(path: Path) -> dict:
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename: readers never see half a file."""
+    """torch.save beside ``path``, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_or_train_oracle(
@@ -464,7 +429,7 @@ def load_or_train_oracle(
         model = resnet18_small(num_classes, x.shape[1], cfg.width)
         model.load_state_dict(ckpt["state_dict"])
         logger.info("loaded cached oracle from %s", path)
-        return model.to(_resolve_device(cfg.device)).eval()
+        return model.to(pick_device(cfg.device)).eval()
 
     model = train_classifier(x, y, num_classes, cfg, progress=progress)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

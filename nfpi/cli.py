@@ -21,6 +21,10 @@ import numpy as np
 import torch
 
 from . import augment, data, plots, train
+from .config import TrainConfig
+from .latents import NonFiniteLossError, encode, evaluate_flow
+from .runs import CheckpointError, load_checkpoint
+from .splits import load_data
 
 __all__ = ["main"]
 
@@ -30,12 +34,12 @@ COMMANDS = {
     "sample": "a grid of class-conditional samples of a run",
     "augment": "write NF-augmented copies of a run's training images (SPEC §9 npz)",
 }
-ERRORS = (train.CheckpointError, train.NonFiniteLossError, data.DatasetFormatError, ValueError,
+ERRORS = (CheckpointError, NonFiniteLossError, data.DatasetFormatError, ValueError,
           FileNotFoundError, FileExistsError)
 
 
-def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, train.TrainConfig]:
-    return train.load_checkpoint(args.run, ema=not args.no_ema, device=args.device)
+def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, TrainConfig]:
+    return load_checkpoint(args.run, ema=not args.no_ema, device=args.device)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -46,11 +50,11 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    model, prior, cfg = _load(args)
-    _, test_set = train.load_data(cfg)
-    metrics = train.evaluate(model, prior, test_set, cfg.bits, args.batch_size)
-    z, _ = train.encode(model, test_set, cfg.bits, args.batch_size)
-    scores = prior.log_prob(z.to(prior.means.device)).cpu()
+    model, gaussians, cfg = _load(args)
+    _, test_set = load_data(cfg)
+    metrics = evaluate_flow(model, gaussians, test_set, cfg.bits, args.batch_size)
+    z, _ = encode(model, test_set, cfg.bits, args.batch_size)
+    scores = gaussians.log_prob(z.to(gaussians.means.device)).cpu()
     k = test_set.num_classes
     # rows: true class, columns: predicted class (argmax_y log N(f(x); mu_y, s_y))
     confusion = torch.bincount(test_set.y * k + scores.argmax(1), minlength=k * k).reshape(k, k)
@@ -78,15 +82,15 @@ def _class_index(value: str, classes: tuple[str, ...]) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> Path:
-    model, prior, cfg = _load(args)
-    classes = train.load_data(cfg)[0].classes
+    model, gaussians, cfg = _load(args)
+    classes = load_data(cfg)[0].classes
     chosen = [_class_index(c, classes) for c in args.classes] if args.classes else list(range(len(classes)))
     if not args.temperature > 0:
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
-    y = torch.tensor(chosen, device=prior.means.device).repeat_interleave(args.n)
-    gen = torch.Generator(device=prior.means.device).manual_seed(args.seed)
+    y = torch.tensor(chosen, device=gaussians.means.device).repeat_interleave(args.n)
+    gen = torch.Generator(device=gaussians.means.device).manual_seed(args.seed)
     with torch.no_grad():
-        images = model.inverse(prior.sample(y, temperature=args.temperature, generator=gen)).cpu()
+        images = model.inverse(gaussians.sample(y, temperature=args.temperature, generator=gen)).cpu()
     fig = plots.image_grid(images, cfg.bits, args.n, row_labels=[classes[k] for k in chosen],
                            title=f"samples of {Path(args.run).name}, T = {args.temperature:g}", path=args.out)
     plt.close(fig)
@@ -95,10 +99,10 @@ def cmd_sample(args: argparse.Namespace) -> Path:
 
 
 def cmd_augment(args: argparse.Namespace) -> Path:
-    model, prior, cfg = _load(args)
-    train_set, _ = train.load_data(cfg)
+    model, gaussians, cfg = _load(args)
+    train_set, _ = load_data(cfg)
     aug_cfg = augment.AugmentConfig(k=args.k, copies=args.copies, beta_max=args.beta_max)
-    augmenter = augment.NFAugmenter.from_arrays(model, train_set, cfg.bits, aug_cfg, prior, args.batch_size)
+    augmenter = augment.NFAugmenter.from_arrays(model, train_set, cfg.bits, aug_cfg, gaussians, args.batch_size)
     out = augment.generate_dataset(augmenter, train_set, args.copies, args.out, cfg.bits, args.batch_size,
                                    progress=not args.no_progress, seed=args.seed)
     with np.load(out, allow_pickle=False) as npz:

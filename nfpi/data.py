@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -44,6 +43,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ._util import atomic_write, check_labels
+
 __all__ = [
     "DATASETS",
     "DIGITS_SPLIT_SEED",
@@ -52,6 +53,7 @@ __all__ = [
     "FlowDataset",
     "ImageArrays",
     "REPO_ROOT",
+    "bin_centres",
     "bits_per_dim",
     "check_dataset",
     "class_balanced_indices",
@@ -378,14 +380,7 @@ def _download(name: str, split: str, root: Path) -> None:
     # have no class names: their labels are the digits.
     names = getattr(source, "classes", None) or [str(k) for k in range(info.num_classes)]
     classes = np.array([c.split(" - ")[0] for c in names])
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}_{split}.", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, x=x, y=y, classes=classes)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    atomic_write(target, lambda f: np.savez_compressed(f, x=x, y=y, classes=classes))
 
 
 def _check_bits(bits: int) -> int:
@@ -424,6 +419,11 @@ def dequantize(xq: Tensor, bits: int, noise: bool,
                 f"{bits}-bit levels must lie in [0, {levels}); found [{lo}, {hi}] — pass "
                 f"quantize(x, {bits}) rather than raw pixels")
     return _dequantize_unchecked(xq, levels, noise, generator)
+
+
+def bin_centres(x: Tensor, bits: int) -> Tensor:
+    """uint8 pixels (N, C, H, W) -> floats in [-1, 1] at the centres of their ``bits``-bit bins."""
+    return dequantize(quantize(x, bits), bits, noise=False)
 
 
 def _dequantize_unchecked(xq: Tensor, levels: int, noise: bool,
@@ -466,23 +466,13 @@ def bits_per_dim(nll_nats: Tensor, dim: int, bits: int) -> Tensor:
     return (nll_nats + dim * (bits - 1) * math.log(2.0)) / (dim * math.log(2.0))
 
 
-def _check_labels(y: Tensor) -> Tensor:
-    y = torch.as_tensor(y)
-    if y.dim() != 1 or y.is_floating_point() or y.dtype == torch.bool or not y.numel():
-        raise ValueError(f"y must be a non-empty 1-D integer label tensor; got {y.dtype} "
-                         f"{tuple(y.shape)}")
-    if int(y.min()) < 0:
-        raise ValueError("labels must be non-negative class indices")
-    return y.long()
-
-
 def class_balanced_indices(y: Tensor, per_class: int, seed: int) -> Tensor:
     """Indices (K * per_class,), sorted, of ``per_class`` random examples of each class in y (N,).
 
     The classes are 0 .. max(y); each must have at least ``per_class`` examples. The draw is
     nested in ``per_class``: for a fixed seed a smaller subset is contained in a larger one.
     """
-    y = _check_labels(y)
+    y = check_labels(torch.as_tensor(y), name="y", nonempty=True)
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1; got {per_class}")
     gen = torch.Generator().manual_seed(seed)
@@ -504,7 +494,7 @@ def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Ten
     rest to idx_b, so both parts keep the class proportions (e.g. the paper's D_NF / D_G
     split with fraction 0.9).
     """
-    y = _check_labels(y)
+    y = check_labels(torch.as_tensor(y), name="y", nonempty=True)
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must lie strictly between 0 and 1; got {fraction}")
     gen = torch.Generator().manual_seed(seed)

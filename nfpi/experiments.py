@@ -2,13 +2,13 @@
 (SPEC §6-§8; GLEM §5, supplementary §3.3).
 
 :func:`evaluate_run` turns one checkpoint of :func:`nfpi.train.train` into ONE tidy row
-(a flat dict) holding the run's config (dotted keys: ``gaussians.lam``, ...), the evaluation
+(a flat dict) holding the run's config (dotted keys: ``gaussians.lam``, ``schedule.solve_epoch``, ...), the evaluation
 settings (``eval.*``) and the metrics:
 
 * ``nf_top1`` / ``nf_top5``, ``bpd``, ``bpd_centres``: NF accuracy at the bin centres, test
   bits/dim as the uniform-dequantisation bound (seeded noise, deterministic; the number
   published bits/dim report) and at the bin centres (SPEC §6; EMA weights), through
-  :func:`nfpi.train.evaluate`;
+  :func:`nfpi.latents.evaluate_flow`;
 * ``lam`` / ``lam_normalised``: the un-normalised lambda of the last solve and
   lambda / (K (K - 1)) (SPEC §2: the paper quotes the first, the solver uses the second);
   ``solves``, ``solve_iterations``, ``solve_converged``, ``solve_bounds_active``: how many
@@ -20,7 +20,7 @@ settings (``eval.*``) and the metrics:
   GLEM proxy metrics on the oracle's 512-d (8 x width) features (SPEC §7, GLEM supplementary
   §3.3; not comparable with Inception FIDs), generated images against the real test set;
   precision, recall, coverage and label reliability in percent, as GLEM reports them;
-* GLEM options (:mod:`nfpi.glem`): ``covariance="rfcm"`` re-estimates full class covariances
+* GLEM options (:class:`nfpi.priors.FullGaussians`, :mod:`nfpi.codes`): ``covariance="rfcm"`` re-estimates full class covariances
   of the training latents and uses them to classify and sample (GLEM Table 5); a checkpoint
   trained with class codes (CE / CEGLEM) is sampled with its codes cropped off, the label of
   an unconditional CE sample is decoded from its code, and ``code_agreement`` is the percent
@@ -35,7 +35,7 @@ monomodal CE flow).
 a row with the same key replaces the old one. :func:`run_grid` trains (through
 :func:`nfpi.train.train`, which resumes and reuses finished runs) and evaluates only the
 (run, evaluation) pairs whose row is missing or was computed from another configuration
-(``config_hash``). :func:`paper_table` holds the papers' numbers for side-by-side tables.
+(``config_hash``). The papers' numbers are in :mod:`nfpi.references`.
 """
 from __future__ import annotations
 
@@ -46,8 +46,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,15 +56,20 @@ import torch
 from torch import Tensor, nn
 
 from . import data, repro
+from ._util import atomic_write, pick_device
+from ._util import threads as cpu_threads
 from .classifiers import ClassifierConfig, load_or_train_oracle
-from .glem import ClassCodes, FullGaussians
+from .codes import ClassCodes
+from .config import NOT_KEYED, TrainConfig
+from .latents import encode, evaluate_flow
 from .metrics import cnn_accuracy, generated_metrics
-from .priors import ClassGaussians
-from .train import (NOT_KEYED, TrainConfig, _atomic_write, encode, evaluate, load_checkpoint, load_data,
-                    keyed_run_dir, load_validation, train)
+from .priors import ClassGaussians, FullGaussians
+from .runs import keyed_run_dir, load_checkpoint
+from .splits import load_data, load_validation
+from .train import train
 
 __all__ = ["KEY", "EvalConfig", "Oracle", "append_row", "check_compatible", "config_hash", "evaluate_run",
-           "generate", "load_oracle", "paper_table", "read_rows", "rfcm", "run_grid", "train_settings"]
+           "generate", "load_oracle", "read_rows", "rfcm", "run_grid", "train_settings"]
 
 KEY = ("run", "eval")
 _EVAL_NOT_HASHED = ("batch_size", "threads")
@@ -196,11 +200,6 @@ class Oracle:
         return (c, h, w)
 
 
-def _at_bits(x: Tensor, bits: int) -> Tensor:
-    """uint8 pixels (N, C, H, W) -> floats in [-1, 1] at the centres of their ``bits``-bit bins."""
-    return data.dequantize(data.quantize(x, bits), bits, noise=False)
-
-
 def load_oracle(cfg: TrainConfig, classifier: ClassifierConfig, path: str | os.PathLike[str],
                 progress: bool = False, threads: int | None = 1) -> Oracle:
     """The oracle for the real data of ``cfg`` (dataset, bits, pad, class-balanced subsets),
@@ -211,10 +210,10 @@ def load_oracle(cfg: TrainConfig, classifier: ClassifierConfig, path: str | os.P
     train_set, test_set = load_data(real)
     meta = {"dataset": cfg.dataset, "bits": cfg.bits, "pad": cfg.pad, "per_class": cfg.per_class,
             "test_per_class": cfg.test_per_class, "subset_seed": cfg.seed}
-    with _threads(threads):
-        model = load_or_train_oracle(_at_bits(train_set.x, cfg.bits), train_set.y, train_set.num_classes,
+    with cpu_threads(threads):
+        model = load_or_train_oracle(data.bin_centres(train_set.x, cfg.bits), train_set.y, train_set.num_classes,
                                      classifier, path, meta, progress=progress)
-    return Oracle(model, cfg.dataset, cfg.bits, cfg.pad, test_set.classes, _at_bits(test_set.x, cfg.bits),
+    return Oracle(model, cfg.dataset, cfg.bits, cfg.pad, test_set.classes, data.bin_centres(test_set.x, cfg.bits),
                   test_set.y)
 
 
@@ -232,7 +231,7 @@ def check_compatible(cfg: TrainConfig, oracle: Oracle) -> None:
                          "Build the oracle with load_oracle(<the run's TrainConfig>, ...) and its own cache path.")
 
 
-def _check_counts(ev: EvalConfig, num_classes: int, oracle: Oracle) -> None:
+def _check_sample_sizes(ev: EvalConfig, num_classes: int, oracle: Oracle) -> None:
     """Fail before sampling when FID / Coverage cannot be computed from the sample sizes."""
     if not ev.generated:
         return
@@ -245,24 +244,8 @@ def _check_counts(ev: EvalConfig, num_classes: int, oracle: Oracle) -> None:
 
 
 # ----------------------------------------------------------------------------------- sampling
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """torch's CPU threads set to ``n`` for the block (None: unchanged), then restored."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 @torch.no_grad()
-def generate(model: nn.Module, prior: Prior, y: Tensor, bits: int, temperature: float = 1.0,
+def generate(model: nn.Module, gaussians: Prior, y: Tensor, bits: int, temperature: float = 1.0,
              mean_scale: float = 1.0, seed: int = 0, batch_size: int = 500) -> tuple[Tensor, Tensor, int]:
     """Images x = f^-1(z), z ~ the class-y Gaussian at temperature and mean scale, for labels y (N,).
 
@@ -270,14 +253,14 @@ def generate(model: nn.Module, prior: Prior, y: Tensor, bits: int, temperature: 
     number N - M of samples dropped because their decoding was not finite.
     """
     device = next(model.parameters()).device
-    gen = torch.Generator(device=prior.means.device).manual_seed(seed)
+    gen = torch.Generator(device=gaussians.means.device).manual_seed(seed)
     images, labels, dropped = [], [], 0
     for chunk in y.split(batch_size):
-        z = prior.sample(chunk.to(prior.means.device), temperature, mean_scale, generator=gen)
+        z = gaussians.sample(chunk.to(gaussians.means.device), temperature, mean_scale, generator=gen)
         x = model.inverse(z.to(device)).float().cpu()
         finite = torch.isfinite(x).flatten(1).all(1)
         dropped += int((~finite).sum())
-        images.append(_at_bits(data.to_uint8(x[finite], bits), bits))
+        images.append(data.bin_centres(data.to_uint8(x[finite], bits), bits))
         labels.append(chunk[finite].cpu())
     return torch.cat(images), torch.cat(labels), dropped
 
@@ -317,43 +300,43 @@ def evaluate_run(run_dir: str | os.PathLike[str], ev: EvalConfig | None = None, 
     ev = ev or EvalConfig()
     run_dir = Path(run_dir)
     start = time.perf_counter()
-    model, prior, cfg = load_checkpoint(run_dir, device=_device())
-    k = prior.num_classes
+    model, gaussians, cfg = load_checkpoint(run_dir, device=pick_device())
+    k = gaussians.num_classes
     if (ev.cnn or ev.generated) and oracle is None:
         raise ValueError("CNN-Acc and FID / Coverage / Label Reliability need an oracle (load_oracle(cfg, ...)); "
                          "or set cnn=False, generated=False for NF accuracy and bits/dim only")
     if oracle is not None:
         check_compatible(cfg, oracle)
-        _check_counts(ev, k, oracle)
+        _check_sample_sizes(ev, k, oracle)
     standard = cfg.gaussians.prior == "standard"
     row: dict[str, Any] = {"run": name or run_dir.name, "eval": ev.tag(), "config_hash": config_hash(cfg, ev),
                            "code": repro.code_fingerprint(),
                            **_flatten(cfg.to_dict()), **ev.flat(), **_solve_info(run_dir)}
-    with _threads(ev.threads):
+    with cpu_threads(ev.threads):
         train_set, test_set = load_data(cfg)
         if ev.covariance == "rfcm":
-            prior = rfcm(model, train_set, cfg.bits, ev.rfcm_rank, ev.batch_size).to(_device())
-        nf = evaluate(model, prior, test_set, cfg.bits, ev.batch_size)
+            gaussians = rfcm(model, train_set, cfg.bits, ev.rfcm_rank, ev.batch_size).to(pick_device())
+        nf = evaluate_flow(model, gaussians, test_set, cfg.bits, ev.batch_size)
         row.update(nf_top1=math.nan if standard else nf["acc_top1"],
                    nf_top5=math.nan if standard else nf["acc_top5"], bpd=nf["test_bpd"],
                    bpd_centres=nf["test_bpd_centres"])
         val_set = load_validation(cfg)
         if val_set is not None:  # what settings are chosen on (the test set never is)
-            val = evaluate(model, prior, val_set, cfg.bits, ev.batch_size)
+            val = evaluate_flow(model, gaussians, val_set, cfg.bits, ev.batch_size)
             row.update(val_nf_top1=math.nan if standard else val["acc_top1"],
                        val_nf_top5=math.nan if standard else val["acc_top5"], val_bpd=val["test_bpd"])
         if ev.cnn or ev.generated:
-            row.update(_generated_row(model, prior, cfg, ev, oracle, progress))
+            row.update(_generated_row(model, gaussians, cfg, ev, oracle, progress))
     epochs = pd.read_csv(run_dir / "metrics.csv")
     row.update(train_seconds=float(epochs["time"].sum()), eval_seconds=time.perf_counter() - start)
     return row
 
 
-def _generated_row(model: nn.Module, prior: Prior, cfg: TrainConfig, ev: EvalConfig, oracle: Oracle,
+def _generated_row(model: nn.Module, gaussians: Prior, cfg: TrainConfig, ev: EvalConfig, oracle: Oracle,
                    progress: bool) -> dict[str, Any]:
-    k = prior.num_classes
+    k = gaussians.num_classes
     wanted = torch.arange(k).repeat_interleave(ev.samples_per_class)
-    x, y, dropped = generate(model, prior, wanted, cfg.bits, ev.temperature, ev.mean_scale, ev.seed, ev.batch_size)
+    x, y, dropped = generate(model, gaussians, wanted, cfg.bits, ev.temperature, ev.mean_scale, ev.seed, ev.batch_size)
     out: dict[str, Any] = {"n_generated": len(y), "nonfinite": dropped, "code_agreement": math.nan}
     if cfg.codes.rows:
         codes = ClassCodes.for_config(cfg.codes, k, x.shape[1], x.shape[3])
@@ -402,7 +385,7 @@ def append_row(csv_path: str | os.PathLike[str], row: Mapping[str, Any]) -> pd.D
     path.parent.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     table.to_csv(buffer, index=False)
-    _atomic_write(path, buffer.getvalue().encode())
+    atomic_write(path, buffer.getvalue().encode())
     return table
 
 
@@ -474,63 +457,3 @@ def train_settings(base_cfg: TrainConfig, settings: Mapping[str, Mapping[str, An
             rows.append({"setting": label, "seed": seed, "run_dir": str(folder), "code": repro.code_fingerprint(),
                          **{k: v for k, v in _solve_info(folder).items() if k.startswith("lam")}, **final})
     return pd.DataFrame(rows)
-
-
-# ----------------------------------------------------------------------------------- papers
-_PAPER: dict[str, tuple[list[str], list[list[Any]]]] = {
-    # NFPI Table 1: NF-Acc (%), gradient-descent baselines with lr policies vs FPI.
-    "nfpi_table1": (["setting", "cifar10_nf_top1", "cifar100_nf_top1"], [
-        ["data init (Baseline 1)", 77.31, 39.16], ["GD sublinear_v1", 92.34, 68.28],
-        ["GD sublinear_v2", 91.94, 60.68], ["GD linear", 93.1, 60.58], ["GD superlinear_v1", 92.41, 57.21],
-        ["GD superlinear_v2", 93.25, 58.56], ["FPI", 93.63, 71.65]]),
-    # NFPI Table 2: lambda sweep on CIFAR-100.
-    "nfpi_table2": (["lam", "nf_top1", "cnn_top1"], [
-        [10, 39.48, 31.37], [50, 63.58, 44.57], [100, 66.87, 46.38], [200, 69.29, 43.72],
-        [300, 70.42, 42.65], [500, 70.08, 37.27]]),
-    # NFPI Table 3: what the KLD term learns (NF-A / CNN-A, %).
-    "nfpi_table3": (["setting", "cifar10_nf_top1", "cifar10_cnn_top1", "cifar100_nf_top1", "cifar100_cnn_top1"], [
-        ["data init (lambda=0)", 77.31, 62.1, 39.16, 23.03], ["means only", 93.2, 74.76, 71.65, 37.02],
-        ["variances only", 88.75, 61.94, 57.76, 30.58], ["both", 93.63, 73.03, 70.42, 42.65]]),
-    # GLEM Table 1: CE / GLEM baselines (NF-A, CNN-A; NaN: not applicable).
-    "glem_table1": (["setting", "cifar10_nf_top1", "cifar10_cnn_top1", "cifar100_nf_top1", "cifar100_cnn_top1"], [
-        ["CE (Baseline 1)", math.nan, 75.54, math.nan, 37.40],
-        ["GLEM lambda=0 (Baseline 2)", 57.83, 60.17, 19.12, 26.7],
-        ["CEGLEM (Baseline 3)", 12.82, 76.03, 2.04, 38.85], ["GLEM", 92.02, 77.39, 67.67, 45.22]]),
-    # GLEM Table 2: CIFAR-100 with the proxy metrics.
-    "glem_table2": (["setting", "nf_top1", "cnn_top1", "fid", "coverage", "label_reliability"], [
-        ["CE", math.nan, 37.40, 37.62, 17.70, 12.58], ["GLEM lambda=0", 19.12, 26.7, 25.68, 19.77, 9.65],
-        ["CEGLEM lambda0=3", 2.23, 39.40, 27.34, 17.83, 16.38], ["CEGLEM lambda0=10", 2.04, 38.85, 26.38, 17.97, 16.25],
-        ["GLEM lambda0=3", 63.40, 45.95, 19.96, 25.93, 38.36], ["GLEM lambda0=10", 67.67, 45.22, 26.33, 19.15, 32.51]]),
-    # GLEM Table 3: lambda_0 sweep on CIFAR-100 (coverage and label reliability in %, bpd at 5 bits).
-    "glem_table3": (["lam", "nf_top1", "cnn_top1", "fid", "coverage", "label_reliability", "bpd"], [
-        [1, 26.45, 30.95, 21.54, 23.86, 21.04, 1.64], [3, 63.40, 45.95, 19.96, 25.93, 38.36, 1.74],
-        [5, 66.53, 47.21, 23.71, 22.0, 35.39, 1.87], [10, 67.67, 45.22, 26.33, 19.14, 32.52, 2.07],
-        [15, 68.23, 43.51, 31.36, 16.17, 30.10, 2.19], [20, 67.39, 42.85, 35.83, 14.35, 24.66, 2.25]]),
-    # GLEM Table 5: sampling temperature and RFCM on CIFAR-100 (temperature NaN: RFCM).
-    "glem_table5": (["temperature", "cnn_top1", "fid", "coverage", "label_reliability"], [
-        [1.2, 42.99, 30.15, 16.13, 26.82], [1.1, 43.63, 28.17, 17.21, 28.92], [1.0, 44.64, 26.90, 18.47, 30.86],
-        [0.9, 45.22, 26.33, 19.15, 32.51], [0.8, 44.99, 26.45, 19.33, 33.67], [0.7, 44.17, 27.21, 19.19, 34.69],
-        [math.nan, 49.74, 25.55, 22.47, 33.56]]),
-    # GLEM Table 6: ablation on CIFAR-100 (KLD, sigmoid reparametrisation, RFCM).
-    "glem_table6": (["setting", "nf_top1", "cnn_top1", "fid", "coverage", "label_reliability"], [
-        ["no KLD / Rep / RFCM", 19.12, 26.7, 25.68, 19.78, 9.66], ["KLD lambda0=10", 38.21, 27.87, 22.96, 21.96, 24.59],
-        ["KLD lambda0=10 + Rep", 67.67, 45.22, 26.33, 19.15, 32.51],
-        ["KLD lambda0=3 + Rep", 63.40, 45.95, 19.96, 25.93, 38.36],
-        ["KLD lambda0=10 + Rep + RFCM", 67.50, 49.74, 25.55, 22.47, 33.56]]),
-    # GLEM Table 7: which Gaussian parameters are learned (CIFAR-100, lambda0=10). The random
-    # init row is unreadable in the available text and left out.
-    "glem_table7": (["setting", "nf_top1", "cnn_top1", "fid", "coverage", "label_reliability"], [
-        ["means only", 64.31, 45.29, 20.29, 25.74, 35.70], ["variances only", 66.91, 41.16, 36.02, 15.76, 30.18],
-        ["both", 66.49, 46.12, 21.43, 24.39, 36.38]]),
-}
-
-
-def paper_table(name: str) -> pd.DataFrame:
-    """A table of published numbers (CIFAR, GPU scale): one of ``nfpi_table1..3`` (NFPI Tables
-    1-3, SPEC §8) and ``glem_table1``, ``glem_table2``, ``glem_table3``, ``glem_table5``,
-    ``glem_table6``, ``glem_table7`` (GLEM; FID on oracle features, Coverage and Label
-    Reliability in %)."""
-    if name not in _PAPER:
-        raise ValueError(f"unknown paper table {name!r}; choose one of {sorted(_PAPER)}")
-    columns, rows = _PAPER[name]
-    return pd.DataFrame(rows, columns=columns)

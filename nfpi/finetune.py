@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import data
 from ._progress import tqdm
+from ._util import pick_device, threads
 from .augment import AugmentConfig, NFAugmenter, generate_dataset, generation_fingerprint, load_generated
 from .classifiers import apply_batched, topk_accuracy
 from .priors import ClassGaussians
@@ -256,7 +257,7 @@ class _Images(Dataset):
             image = Image.fromarray(pixels.permute(1, 2, 0).squeeze(-1).numpy())
             array = np.asarray(self.randaugment(image), dtype=np.uint8).reshape(pixels.shape[1], pixels.shape[2], -1)
             pixels = torch.from_numpy(array.copy()).permute(2, 0, 1)
-        x = data.dequantize(data.quantize(pixels, self.bits), self.bits, noise=False)
+        x = data.bin_centres(pixels, self.bits)
         if self.erasing is not None:
             x = self.erasing(x)
         return x, int(self.y[i])
@@ -280,12 +281,6 @@ def training_set(setting: str, train: data.ImageArrays, nfa: data.ImageArrays | 
                          "Generate them with nfpi.augment.generate_dataset(copies=copies - 1)")
     return data.ImageArrays(torch.cat([train.x, nfa.x[:extra]]), torch.cat([train.y, nfa.y[:extra]]),
                             train.classes, train.name)
-
-
-def _device(pref: str) -> torch.device:
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was requested but CUDA is not available; use device='auto' or 'cpu'")
-    return torch.device("cuda" if pref != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def _seed_everything(seed: int) -> None:
@@ -318,12 +313,9 @@ def train_setting(setting: str, train: data.ImageArrays, test: data.ImageArrays,
     Seeded by ``cfg.seed`` (Python, NumPy and torch global generators and the data order).
     """
     images = training_set(setting, train, nfa, cfg.copies)
-    device = _device(cfg.device)
-    threads = torch.get_num_threads()
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
     start = time.perf_counter()
-    try:
+    with threads(cfg.threads):
         _seed_everything(cfg.seed)
         model = build_model(cfg, train.num_classes, train.shape).to(device)
         dataset = _Images(images.x, images.y, bits, setting.endswith("sa"), cfg)
@@ -352,11 +344,9 @@ def train_setting(setting: str, train: data.ImageArrays, test: data.ImageArrays,
             bar.set_postfix(loss=f"{loss_mean:.3f}")
             if max_steps is not None and steps >= max_steps:
                 break
-        x_test = data.dequantize(data.quantize(test.x, bits), bits, noise=False)
+        x_test = data.bin_centres(test.x, bits)
         logits = apply_batched(model, x_test, cfg.eval_batch_size)
         acc = topk_accuracy(logits, test.y, ks=(1, 5))
-    finally:
-        torch.set_num_threads(threads)
     return {"setting": setting, "seed": cfg.seed, "top1": acc["top1"], "top5": acc["top5"],
             "train_loss": loss_mean, "n_train": len(images), "steps": steps,
             "seconds": time.perf_counter() - start}

@@ -230,8 +230,7 @@ def interpolations(model: nn.Module, prior: ClassGaussians, arrays: data.ImageAr
         ia = (arrays.y == a).nonzero().flatten()
         ib = (arrays.y == b).nonzero().flatten()
         first, second = (int(ia[0]), int(ia[1])) if a == b else (int(ia[0]), int(ib[0]))
-        xq = data.quantize(arrays.x[[first, second]], bits)
-        x = data.dequantize(xq, bits, noise=False).to(device)
+        x = data.bin_centres(arrays.x[[first, second]], bits).to(device)
         with torch.no_grad():
             z = model(x)[0].float()
         mu_a, mu_b = prior.means[a].to(device), prior.means[b].to(device)
@@ -260,7 +259,7 @@ def nfa_grid(augmenter: NFAugmenter, arrays: data.ImageArrays, bits: int, classe
         members = (arrays.y == c).nonzero().flatten()[:per_class]
         if len(members) < per_class:
             raise ValueError(f"class {c} has {len(members)} images, fewer than per_class={per_class}")
-        x = data.dequantize(data.quantize(arrays.x[members], bits), bits, noise=False)
+        x = data.bin_centres(arrays.x[members], bits)
         y = arrays.y[members]
         outs = [augmenter.augment(x, y, gen).cpu() for _ in range(variants)]
         for i in range(len(members)):

@@ -4,17 +4,34 @@ Implements the class-conditional log-likelihood of the paper's Eq. 2, NF classif
 (argmax_y log N(f(x); mu_y, s_y), equal class priors), temperature sampling
 z = m_s mu_y + T sqrt(s_y) eps, the rescaled interpolation of SPEC §6, and the three
 initialisations of SPEC §4-§5: data init (Baseline 1), an FPI solution, random init.
+
+:class:`FullGaussians` is GLEM's RFCM, the re-estimated full covariance matrices (GLEM Tables
+5-6): after training, each class's mean and full covariance are re-estimated from its training
+latents and used to sample (z = m_s mu_y + T L_y eps) and classify. It stores
+Sigma_y = W_y W_y^T + diag(d_y): with ``rank=None`` this is the exact empirical covariance
+(eigenvalues below ``floor`` times their mean are raised to it, so that a class with fewer
+samples than dimensions still has a density); with ``rank=r`` it is the top-r principal axes
+plus the residual per-dimension variance, whose diagonal equals the empirical variances. Full
+covariances need K x D x D memory (K=10, D=3072: 0.75 GB in float64), hence ``rank`` for
+CIFAR-sized latents.
+
+Example:
+    >>> gaussians = ClassGaussians.from_stats(stats)      # data init
+    >>> gaussians.predict(z)                              # (B,) NF classification
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._util import check_labels
 from .fpi import ClassStats, FPIResult
 
-__all__ = ["ClassGaussians", "check_latents", "interpolate"]
+__all__ = ["ClassGaussians", "FullGaussians", "check_latents", "interpolate"]
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -94,11 +111,7 @@ class ClassGaussians(nn.Module):
         check_latents(z, self.dim, finite)
 
     def _check_y(self, y: Tensor) -> None:
-        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor (torch.long), got {y.dtype}; "
-                             "convert with y.long() after checking they are whole class indices")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}), got range [{int(y.min())}, {int(y.max())}]")
+        check_labels(y, num_classes=self.num_classes)
 
     def log_prob(self, z: Tensor) -> Tensor:
         """log N(z; mu_y, s_y) for every class, (B, K), in z's dtype.
@@ -131,6 +144,119 @@ class ClassGaussians(nn.Module):
         self._check_y(y)
         eps = torch.randn(y.shape[0], self.dim, generator=generator, device=self.means.device)
         return mean_scale * self.means[y] + temperature * self.variances[y].sqrt() * eps
+
+
+class FullGaussians(nn.Module):
+    """K Gaussians N(mu_y, Sigma_y), Sigma_y = W_y W_y^T + diag(d_y), as (K, D), (K, D, r), (K, D).
+
+    Same interface as :class:`nfpi.priors.ClassGaussians` (``log_prob``, ``nll``, ``predict``,
+    ``sample``), so :func:`nfpi.latents.evaluate_flow` and the samplers accept either.
+    """
+
+    def __init__(self, means: Tensor, factor: Tensor, diag: Tensor):
+        super().__init__()
+        k, d = means.shape
+        if factor.ndim != 3 or factor.shape[:2] != (k, d) or diag.shape != (k, d):
+            raise ValueError(f"need means (K, D), factor (K, D, r), diag (K, D); got {tuple(means.shape)}, "
+                             f"{tuple(factor.shape)}, {tuple(diag.shape)}")
+        if (diag <= 0).any():
+            raise ValueError("the diagonal part of the covariances must be positive")
+        self.register_buffer("means", means.detach().float().clone())
+        self.register_buffer("factor", factor.detach().float().clone())
+        self.register_buffer("diag", diag.detach().float().clone())
+
+    @classmethod
+    def fit(cls, class_latents: Iterable[Tensor], rank: int | None = None, floor: float = 1e-6,
+            max_full_dim: int = 2048) -> "FullGaussians":
+        """Re-estimate mean and covariance of each class from its latents.
+
+        ``class_latents`` yields, for y = 0..K-1, the latents of class y (N_y, D) (a generator
+        keeps one class in memory at a time). Population covariance (divided by N_y), float64.
+        ``rank=None``: exact covariance, eigenvalues raised to ``floor`` x their mean;
+        ``rank=r``: top-r principal axes + residual diagonal (diag(Sigma) = empirical variances).
+        """
+        means, factors, diags = [], [], []
+        for y, z in enumerate(class_latents):
+            if z.ndim != 2 or z.shape[0] < 2:
+                raise ValueError(f"class {y}: need latents (N_y >= 2, D), got {tuple(z.shape)}")
+            z = z.detach().double()
+            n, d = z.shape
+            if rank is None and d > max_full_dim:
+                raise ValueError(f"full {d}x{d} covariances for every class are too large (max_full_dim="
+                                 f"{max_full_dim}); pass rank=r for the low-rank + diagonal form (e.g. 64)")
+            if rank is not None and not 1 <= rank <= d:
+                raise ValueError(f"rank must lie in [1, D={d}] or be None (full), got {rank}")
+            mean = z.mean(0)
+            centred = z - mean
+            if rank is None:
+                evals, evecs = torch.linalg.eigh(centred.T @ centred / n)
+                delta = floor * evals.clamp_min(0).mean().clamp_min(1e-300)
+                # Sigma = U diag(max(evals, delta)) U^T = W W^T + delta I exactly.
+                factor = evecs * (evals - delta).clamp_min(0).sqrt()
+                diag = torch.full((d,), float(delta), dtype=z.dtype)
+            else:
+                _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
+                factor = vh[:rank].T * (sv[:rank] / math.sqrt(n))
+                var = centred.pow(2).mean(0)
+                delta = floor * var.mean().clamp_min(1e-300)
+                diag = (var - factor.pow(2).sum(1)).clamp_min(float(delta))
+            means.append(mean)
+            factors.append(factor)
+            diags.append(diag)
+        if len(means) < 2:
+            raise ValueError("RFCM needs the latents of at least 2 classes")
+        return cls(torch.stack(means), torch.stack(factors), torch.stack(diags))
+
+    @classmethod
+    def from_latents(cls, z: Tensor, y: Tensor, num_classes: int, **kwargs: Any) -> "FullGaussians":
+        """:meth:`fit` for all latents z (N, D) with labels y (N,) in memory."""
+        return cls.fit((z[y == c] for c in range(num_classes)), **kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def rank(self) -> int:
+        return self.factor.shape[2]
+
+    def covariance(self) -> Tensor:
+        """The (K, D, D) covariances (small D only)."""
+        return self.factor @ self.factor.mT + torch.diag_embed(self.diag)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """log N(z; mu_y, Sigma_y) for every class, z (B, D) -> (B, K); B x K x D memory.
+
+        Float64 inside: the Woodbury identity behind it subtracts terms of order |z|^2 / d,
+        which float32 cannot resolve when d is a small floor (exact full covariances).
+        """
+        check_latents(z, self.dim)
+        dist = torch.distributions.LowRankMultivariateNormal(
+            self.means.double(), self.factor.double(), self.diag.double(), validate_args=False)
+        return dist.log_prob(z.double()[:, None, :]).to(z.dtype)
+
+    def nll(self, z: Tensor, y: Tensor) -> Tensor:
+        """-log N(z_i; mu_{y_i}, Sigma_{y_i}), (B,)."""
+        return -self.log_prob(z).gather(1, y[:, None].to(z.device)).squeeze(1)
+
+    def predict(self, z: Tensor) -> Tensor:
+        """argmax_y log N(z; mu_y, Sigma_y) with equal class priors, (B,)."""
+        return self.log_prob(z).argmax(1)
+
+    def sample(self, y: Tensor, temperature: float = 1.0, mean_scale: float = 1.0,
+               generator: torch.Generator | None = None) -> Tensor:
+        """z = mean_scale mu_y + temperature (W_y eps_r + sqrt(d_y) eps_D), y (B,) -> (B, D)."""
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes})")
+        device = self.means.device
+        eps_r = torch.randn(y.shape[0], self.rank, generator=generator, device=device)
+        eps_d = torch.randn(y.shape[0], self.dim, generator=generator, device=device)
+        noise = (self.factor[y] @ eps_r[:, :, None]).squeeze(2) + self.diag[y].sqrt() * eps_d
+        return mean_scale * self.means[y] + temperature * noise
 
 
 def interpolate(z1: Tensor, z2: Tensor, steps: int) -> Tensor:

@@ -56,15 +56,16 @@ import pandas as pd
 
 from nfpi import plots, repro
 from nfpi.experiments import train_settings
-from nfpi.train import TrainConfig, load_data, load_validation
+from nfpi.splits import load_data, load_validation
+from nfpi.train import TrainConfig
 
 name = Path(config).stem
 base = TrainConfig.from_yaml(config, **overrides)
 table_path = f"{results}/02_train_flow_{name}.csv"
 recorded = repro.read_recorded(table_path)
-g = base.gaussians
 print(f"{name}: {base.dataset}, {base.epochs} epochs, validation split {base.val_fraction:g}; seeds {seeds}; "
-      f"gaussians: rule={g.rule}, learn={g.learn}, pi={g.pi}, solve after epoch {g.solve_epoch}")
+      f"gaussians: rule={base.solver.rule}, learn={base.gaussians.learn}, pi={base.gaussians.pi}, "
+      f"solve after epoch {base.schedule.solve_epoch}")
 
 # %% [markdown]
 # ## Choosing lambda on the validation split
@@ -73,7 +74,7 @@ print(f"{name}: {base.dataset}, {base.epochs} epochs, validation split {base.val
 candidates = {f"fpi lambda={lam:g}": {"gaussians.prior": "fpi", "gaussians.lam": lam} for lam in lambdas}
 selection = train_settings(base, candidates, seeds, runs, name, progress)
 by_val = repro.seed_summary(selection, ["val_acc_top1", "val_bpd"])
-lam = float(selection.groupby("setting")["lam"].first()[by_val["val_acc_top1_mean"].idxmax()]) if lambdas else g.lam
+lam = float(selection.groupby("setting")["lam"].first()[by_val["val_acc_top1_mean"].idxmax()]) if lambdas else base.gaussians.lam
 print(by_val.round(2).to_string())
 print(f"chosen on validation NF accuracy: lambda = {lam:g}")
 

@@ -47,7 +47,9 @@ import matplotlib.pyplot as plt
 
 from nfpi import fpi, plots
 from nfpi.experiments import train_settings
-from nfpi.train import TrainConfig, encode, load_checkpoint, load_data
+from nfpi.latents import encode
+from nfpi.splits import load_data
+from nfpi.train import TrainConfig, load_checkpoint
 
 base = TrainConfig.from_yaml(config, **overrides)
 lam = base.gaussians.lam

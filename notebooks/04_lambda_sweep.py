@@ -66,8 +66,10 @@ import pandas as pd
 
 from nfpi import plots, repro
 from nfpi.classifiers import ClassifierConfig
-from nfpi.experiments import EvalConfig, load_oracle, paper_table, run_grid
-from nfpi.train import TrainConfig, load_data
+from nfpi.experiments import EvalConfig, load_oracle, run_grid
+from nfpi.references import paper_table
+from nfpi.splits import load_data
+from nfpi.train import TrainConfig
 
 base = TrainConfig.from_yaml(config, **overrides)
 run_dir = Path(runs) / Path(config).stem

@@ -71,10 +71,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from nfpi import glem, plots, repro
+from nfpi import plots, repro
 from nfpi.classifiers import ClassifierConfig
-from nfpi.experiments import EvalConfig, load_oracle, paper_table, run_grid
-from nfpi.train import TrainConfig, load_data
+from nfpi.experiments import EvalConfig, load_oracle, run_grid
+from nfpi.references import paper_table
+from nfpi.schedule import em_overrides
+from nfpi.splits import load_data
+from nfpi.train import TrainConfig
 
 base = TrainConfig.from_yaml(config, **overrides)
 run_dir = Path(runs) / Path(config).stem
@@ -88,7 +91,7 @@ metrics = ["nf_top1", "cnn_top1", "fid", "coverage", "label_reliability", "bpd"]
 shown = [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
 recorded = repro.read_recorded(results)
 print(f"{base.dataset}, {base.epochs} epochs, {base.model.levels} levels x {base.model.steps} steps, "
-      f"rule={base.gaussians.rule}, lambda={lam:g}, seeds {seeds}; evaluation {full.tag()}")
+      f"rule={base.solver.rule}, lambda={lam:g}, seeds {seeds}; evaluation {full.tag()}")
 
 judge = load_oracle(base, ClassifierConfig(**oracle), run_dir / f"oracle_{base.dataset}.pt", progress=progress)
 
@@ -121,10 +124,10 @@ print(paper_table("nfpi_table3").to_string(index=False))
 # barely move from the data init.
 
 # %%
-paper_rule = {"gaussians.prior": "fpi", "gaussians.rule": "paper", "gaussians.lam": lam}
+paper_rule = {"gaussians.prior": "fpi", "solver.rule": "paper", "gaussians.lam": lam}
 table1 = run_grid({"data_init": {"gaussians.prior": "data"},
-                   **{f"gd_{p}": {**paper_rule, "gaussians.prior": "gd", "gaussians.gd_policy": p,
-                                  "gaussians.gd_steps": gd_steps} for p in gd_policies},
+                   **{f"gd_{p}": {**paper_rule, "gaussians.prior": "gd", "gd.policy": p,
+                                  "gd.steps": gd_steps} for p in gd_policies},
                    f"fpi_paper_lam{lam:g}": paper_rule}, base, run_dir, results, judge, nf_only, progress, seeds)
 
 # %%
@@ -145,7 +148,7 @@ solver = run_grid({"random_init": {"gaussians.prior": "random"},
                   base, run_dir, results, judge, full, progress, seeds)
 
 # %%
-print(f"pi pairwise and pi mean use the config's {base.gaussians.rule} rule; fpi_paper uses the paper's rule")
+print(f"pi pairwise and pi mean use the config's {base.solver.rule} rule; fpi_paper uses the paper's rule")
 print(repro.seed_summary(solver, metrics + ["solve_bounds_active"])[["seeds"] + shown + ["solve_bounds_active_mean"]]
       .round(2).to_string())
 
@@ -169,7 +172,7 @@ print(paper_table("glem_table5").rename(columns=names).to_string(index=False))
 # %% [markdown]
 # ## 5. GLEM: EM training, CE, CEGLEM (GLEM Tables 1-2)
 #
-# `glem.em_overrides`: after every epoch up to `merge_epoch`, 100 Adam steps on J for the
+# `nfpi.schedule.em_overrides`: after every epoch up to `merge_epoch`, 100 Adam steps on J for the
 # statistics of D_G (10 % of each class), starting from the current Gaussians, with lambda
 # halved at each M-step; then D_G joins the training set. CE: every class is N(0, I) (a
 # monomodal flow) and `code_rows` rows of a learned class code are appended below each
@@ -178,7 +181,7 @@ print(paper_table("glem_table5").rename(columns=names).to_string(index=False))
 # label is unknown), which is why CE flows cannot classify.
 
 # %%
-em_run = glem.em_overrides(em["lam"], em["merge_epoch"], lam_decay=em["lam_decay"])
+em_run = em_overrides(em["lam"], em["merge_epoch"], lam_decay=em["lam_decay"])
 ce = {"codes.rows": code_rows}
 glem_rows = run_grid({"glem_em": em_run, "ce": {**ce, "gaussians.prior": "standard"}, "ceglem": {**ce, **em_run}},
                      base, run_dir, results, judge, full, progress, seeds)

@@ -64,7 +64,8 @@ import torch
 from nfpi import finetune, plots, repro
 from nfpi.augment import AugmentConfig, NFAugmenter
 from nfpi.experiments import train_settings
-from nfpi.train import TrainConfig, load_checkpoint, load_data
+from nfpi.splits import load_data
+from nfpi.train import TrainConfig, load_checkpoint
 
 torch.manual_seed(0)
 table_path = f"{results}/06_eva02_augmentation.csv"

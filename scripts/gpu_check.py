@@ -47,7 +47,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from nfpi import data, fpi
 from nfpi.flows import Glow
 # nfpi.train's internal run object: the timed steps are those of the real training loop.
-from nfpi.train import TrainConfig, _build_model, _Run, _setup_distributed
+from nfpi._ddp import setup_distributed
+from nfpi.runs import build_flow
+from nfpi.train import TrainConfig, _Run
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> TrainConfig settings
@@ -110,7 +112,7 @@ def flops_per_image(cfg: TrainConfig, shape: tuple[int, int, int]) -> dict[str, 
     """GFLOP per image of the flow of ``cfg``: forward, and a training step (forward + backward
     of the NLL), counted by torch.utils.flop_counter on the CPU (convolutions and matmuls)."""
     torch.manual_seed(0)
-    model = _build_model(cfg, shape)
+    model = build_flow(cfg.model, shape)
     x = torch.rand(2, *shape) * 2 - 1
     with torch.no_grad():
         model(x)  # ActNorm init, not counted
@@ -172,7 +174,7 @@ def _time_variant(cfg: TrainConfig, device: torch.device, smoke: bool, run_dir: 
     if smoke and cfg.compile:  # CPU code generation takes minutes; Dynamo's graph capture is checked
         torch.compile = lambda module, **kw: compile_fn(module, backend="eager")  # type: ignore[assignment]
     try:
-        run = _Run(cfg, run_dir, _setup_distributed(cfg.device), progress=False)
+        run = _Run(cfg, run_dir, setup_distributed(cfg.device), progress=False)
         run.initialise()
         net = run.network()
         start = time.perf_counter()

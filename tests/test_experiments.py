@@ -12,9 +12,10 @@ import torch
 from nfpi import experiments, repro
 from nfpi.classifiers import ClassifierConfig
 from nfpi.experiments import (
-    EvalConfig, Oracle, append_row, evaluate_run, generate, load_oracle, paper_table, read_rows, run_grid,
+    EvalConfig, Oracle, append_row, evaluate_run, generate, load_oracle, read_rows, run_grid,
 )
-from nfpi.train import TrainConfig, keyed_run_dir, load_checkpoint, train
+from nfpi.runs import keyed_run_dir
+from nfpi.train import TrainConfig, load_checkpoint, train
 
 TINY = {
     "dataset": "digits", "bits": 5, "per_class": 40, "epochs": 1, "batch_size": 100,
@@ -221,15 +222,6 @@ def test_ce_and_ceglem_rows(base, oracle, tmp_path):
     assert math.isnan(ce_row["nf_top1"]) and math.isnan(ce_row["code_agreement"])
     assert 0 <= ceglem_row["code_agreement"] <= 100 and 0 <= ceglem_row["nf_top1"] <= 100
     assert ce_row["n_generated"] == 40 and ce_row["codes.rows"] == 4
-
-
-def test_paper_tables():
-    t1 = paper_table("nfpi_table1").set_index("setting")
-    assert t1.loc["FPI", "cifar100_nf_top1"] == 71.65 and t1.loc["data init (Baseline 1)", "cifar10_nf_top1"] == 77.31
-    assert paper_table("nfpi_table2").set_index("lam").loc[100, "cnn_top1"] == 46.38
-    assert paper_table("glem_table5")["temperature"].isna().sum() == 1
-    with pytest.raises(ValueError, match="unknown paper table"):
-        paper_table("table9")
 
 
 def test_metric_grid_draws_one_panel_per_metric(tmp_path):

@@ -629,7 +629,7 @@ def test_reversible_training_run_matches_standard(tmp_path) -> None:
         "eval_batch_size": 128, "init_images": 256, "seed": 3, "threads": 1,
         "model": {"levels": 2, "steps": 4, "hidden": 8},
         "optim": {"warmup": 5, "ema": 0.99},
-        "gaussians": {"prior": "fpi", "lam": 40.0, "solve_epoch": 0},
+        "gaussians": {"prior": "fpi", "lam": 40.0}, "schedule": {"solve_epoch": 0},
     }
     rows = {}
     for memory in ("standard", "reversible"):
@@ -654,7 +654,8 @@ RELEASED_TRAINING = {"bits": 8, "epochs": 500, "batch_size": 512, "optim.lr": 1e
 def test_paper_configs_match_the_released_settings(name: str) -> None:
     from pathlib import Path
 
-    from nfpi.train import TrainConfig, _build_model
+    from nfpi.config import TrainConfig
+    from nfpi.runs import build_flow
 
     cfg = TrainConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     for key, value in RELEASED_MODEL.items():
@@ -662,7 +663,7 @@ def test_paper_configs_match_the_released_settings(name: str) -> None:
     for key, value in RELEASED_TRAINING.items():
         section, _, field = key.rpartition(".")
         assert getattr(getattr(cfg, section) if section else cfg, field) == value, f"{name}: {key}"
-    model = _build_model(cfg, (1 if name == "mnist" else 3, 32, 32))
+    model = build_flow(cfg.model, (1 if name == "mnist" else 3, 32, 32))
     assert model.config["blocks"] == [8, 4, 2]
     assert sum(isinstance(m, MatExpCoupling) for m in model.modules()) == 24
 

@@ -21,7 +21,8 @@ import pytest
 from nfpi import repro
 from nfpi.classifiers import ClassifierConfig
 from nfpi.experiments import EvalConfig, load_oracle, run_grid, train_settings
-from nfpi.train import TrainConfig, load_data
+from nfpi.splits import load_data
+from nfpi.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"

@@ -27,12 +27,9 @@ import yaml
 from hypothesis import given, settings, strategies as st
 
 from nfpi import data, fpi, gd
-from nfpi.glem import FullGaussians
-from nfpi.priors import ClassGaussians
-from nfpi.train import (
-    LOCK_FILE, CheckpointError, RunDirError, TrainConfig, _lock_run_dir, _unlock_run_dir, load_checkpoint,
-    main, train,
-)
+from nfpi.priors import ClassGaussians, FullGaussians
+from nfpi.runs import LOCK_FILE, CheckpointError, RunDirError, lock_run_dir, unlock_run_dir
+from nfpi.train import TrainConfig, load_checkpoint, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -40,7 +37,7 @@ TINY = {
     "init_images": 100, "seed": 0, "threads": 1,
     "model": {"levels": 1, "steps": 1, "hidden": 8},
     "optim": {"warmup": 2, "ema": 0.9},
-    "gaussians": {"prior": "fpi", "lam": 10.0, "solve_epoch": 0},
+    "gaussians": {"prior": "fpi", "lam": 10.0}, "schedule": {"solve_epoch": 0},
 }
 
 
@@ -188,15 +185,15 @@ def test_non_integer_labels_are_refused_not_truncated(labels):
 CONFIG_CASES = [  # (override, message naming the key)
     ({"gaussians.alpha": 0}, r"gaussians\.alpha \(kernel temperature\) must be finite and > 0"),
     ({"gaussians.alpha": -2}, r"gaussians\.alpha .* > 0"),
-    ({"gaussians.rho": 0.5}, r"gaussians\.rho must be finite and > 1"),
-    ({"gaussians.tol": 0}, r"gaussians\.tol must be finite and > 0"),
-    ({"gaussians.max_iter": 0}, r"gaussians\.max_iter must be an integer >= 1"),
-    ({"gaussians.gd_steps": 0}, r"gaussians\.gd_steps must be an integer >= 1"),
-    ({"gaussians.gd_lr": -1}, r"gaussians\.gd_lr must be finite and > 0"),
+    ({"solver.rho": 0.5}, r"solver\.rho must be finite and > 1"),
+    ({"solver.tol": 0}, r"solver\.tol must be finite and > 0"),
+    ({"solver.max_iter": 0}, r"solver\.max_iter must be an integer >= 1"),
+    ({"gd.steps": 0}, r"gd\.steps must be an integer >= 1"),
+    ({"gd.lr": -1}, r"gd\.lr must be finite and > 0"),
     ({"gaussians.pi": "means"}, r"gaussians\.pi must be one of \['pairwise', 'mean'\]"),
     ({"gaussians.learn": "all"}, r"gaussians\.learn must be one of"),
-    ({"gaussians.rule": "x"}, r"gaussians\.rule must be one of"),
-    ({"gaussians.gd_policy": "x"}, r"gaussians\.gd_policy must be one of"),
+    ({"solver.rule": "x"}, r"solver\.rule must be one of"),
+    ({"gd.policy": "x"}, r"gd\.policy must be one of"),
     ({"gaussians.prior": "fp"}, r"gaussians\.prior must be one of"),
     ({"gaussians.lam": -1}, r"gaussians\.lam must be finite and >= 0"),
     ({"epoch": 3}, r"unknown config key.*'epoch'.*valid keys.*'epochs'"),  # held before
@@ -214,12 +211,12 @@ def test_config_values_are_checked_when_built(override, message):
 def test_solve_after_the_last_epoch_is_refused_before_anything_is_written(tmp_path):
     run_dir = tmp_path / "run"
     for prior in ("fpi", "gd", "data"):
-        with pytest.raises(ValueError, match=r"gaussians\.solve_epoch=1 is not before the end of training "
-                                             r"\(epochs=1, .*would never happen; set gaussians\.solve_epoch"):
-            train(tiny(**{"gaussians.solve_epoch": 1, "gaussians.prior": prior}), run_dir, progress=False)
+        with pytest.raises(ValueError, match=r"schedule\.solve_epoch=1 is not before the end of training "
+                                             r"\(epochs=1, .*would never happen; set schedule\.solve_epoch"):
+            train(tiny(**{"schedule.solve_epoch": 1, "gaussians.prior": prior}), run_dir, progress=False)
     assert not run_dir.exists()
     # random/standard Gaussians are never solved: any solve_epoch is fine for them.
-    assert train(tiny(**{"gaussians.solve_epoch": 5, "gaussians.prior": "standard"}), run_dir,
+    assert train(tiny(**{"schedule.solve_epoch": 5, "gaussians.prior": "standard"}), run_dir,
                  progress=False)["solved"] is None
 
 
@@ -243,7 +240,7 @@ def test_unwritable_run_directory_fails_before_data_or_training(tmp_path, monkey
     """As root chmod does not block writes, so the run directory lies under a regular file."""
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    monkeypatch.setattr("nfpi.train.load_data", lambda cfg: pytest.fail("data loaded before the check"))
+    monkeypatch.setattr("nfpi.train.splits", lambda cfg: pytest.fail("data loaded before the check"))
     with pytest.raises(RunDirError, match=r"directory .*a_file/run is not writable \(.*Error.*choose"):
         train(tiny(), blocker / "run", progress=False)
 
@@ -252,14 +249,14 @@ def test_a_locked_run_directory_is_refused_with_the_holder_pid(finished, tmp_pat
     run_dir = tmp_path / "run"
     shutil.copytree(finished[0], run_dir)
     before = snapshot(run_dir)
-    handle = _lock_run_dir(run_dir)  # another holder (flock locks are per open file)
+    handle = lock_run_dir(run_dir)  # another holder (flock locks are per open file)
     try:
         for cfg in (tiny(), tiny(**{"gaussians.lam": 99.0})):  # same run or another config
             with pytest.raises(RunDirError, match=rf"in use by another training process \(pid {os.getpid()}"):
                 train(cfg, run_dir, resume=False, progress=False)
         assert {k: v for k, v in snapshot(run_dir).items() if k != LOCK_FILE} == before
     finally:
-        _unlock_run_dir(handle, run_dir)
+        unlock_run_dir(handle, run_dir)
     assert snapshot(run_dir) == before  # the lock file goes with the lock
     assert train(tiny(), run_dir, progress=False) == finished[1]
 
@@ -272,7 +269,7 @@ def test_a_stale_lock_of_a_killed_process_is_taken_over_and_a_live_one_named(fin
     config = write_config(tmp_path / "c.yaml")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; import nfpi.train as t; "
-         "lock = t._lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)",
+         "lock = t.lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)",
          str(run_dir)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
@@ -333,7 +330,7 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         replace(src, dst)
 
-    monkeypatch.setattr("nfpi.train.os.replace", full_after_first_epoch)
+    monkeypatch.setattr("nfpi._util.os.replace", full_after_first_epoch)
     with pytest.raises(OSError, match="No space left on device"):
         train(tiny(epochs=2), tmp_path, progress=False)
     monkeypatch.undo()
@@ -490,13 +487,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys, setup, argv, message):
 
 def test_cli_subprocess_exit_status_and_stderr(tmp_path):
     """Through ``python -m nfpi.train``: exit status 1 and one stderr line, no traceback."""
-    config = write_config(tmp_path / "c.yaml", **{"gaussians.solve_epoch": 4})
+    config = write_config(tmp_path / "c.yaml", **{"schedule.solve_epoch": 4})
     start = time.perf_counter()
     result = cli("--config", str(config), "--run-dir", str(tmp_path / "run"))
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        "error: gaussians.solve_epoch=4 is not before the end of training (epochs=1, last epoch 0), so the "
-        "prior='fpi' solve would never happen; set gaussians.solve_epoch <= 0 (0: after the first epoch, -1: "
+        "error: schedule.solve_epoch=4 is not before the end of training (epochs=1, last epoch 0), so the "
+        "prior='fpi' solve would never happen; set schedule.solve_epoch <= 0 (0: after the first epoch, -1: "
         "before training) or raise epochs"]
     assert not (tmp_path / "run").exists() and time.perf_counter() - start < 60
 

@@ -27,10 +27,11 @@ from torch.optim.swa_utils import AveragedModel
 from nfpi import data, fpi, repro
 from nfpi.flows import Glow
 from nfpi.priors import ClassGaussians
-from nfpi.train import (
-    CheckpointError, GaussianConfig, NonFiniteLossError, TrainConfig, _Run, _solves_after, class_stats,
-    evaluate, keyed_run_dir, load_checkpoint, load_data, load_validation, main, train,
-)
+from nfpi.latents import NonFiniteLossError, class_stats, evaluate_flow
+from nfpi.runs import CheckpointError, keyed_run_dir
+from nfpi.schedule import fit, solves_after
+from nfpi.splits import load_data, load_validation
+from nfpi.train import TrainConfig, _Run, load_checkpoint, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -38,7 +39,8 @@ TINY = {
     "eval_batch_size": 128, "init_images": 256, "seed": 3, "threads": 1,
     "model": {"levels": 2, "steps": 2, "hidden": 8},
     "optim": {"warmup": 5, "ema": 0.99},
-    "gaussians": {"prior": "fpi", "lam": 40.0, "solve_epoch": 0},
+    "gaussians": {"prior": "fpi", "lam": 40.0},
+    "schedule": {"solve_epoch": 0},
 }
 
 
@@ -56,7 +58,7 @@ def finished(tmp_path_factory) -> tuple[Path, dict]:
 @pytest.fixture(scope="module")
 def two_epochs(tmp_path_factory) -> tuple[Path, dict, TrainConfig]:
     """A finished two-epoch run whose Gaussians are solved after the second epoch."""
-    cfg = tiny(epochs=2, **{"gaussians.solve_epoch": 1})
+    cfg = tiny(epochs=2, **{"schedule.solve_epoch": 1})
     run_dir = tmp_path_factory.mktemp("two_epochs")
     return run_dir, train(cfg, run_dir, progress=False), cfg
 
@@ -89,8 +91,8 @@ def test_config_unknown_and_invalid_keys(tmp_path):
         tiny(**{"gaussians.prior": "fp"})
     with pytest.raises(ValueError, match="epochs must be of type int"):
         tiny(epochs="three")
-    with pytest.raises(ValueError, match="dg_fraction and gaussians.merge_epoch go together"):
-        tiny(**{"gaussians.dg_fraction": 0.1})
+    with pytest.raises(ValueError, match="dg_fraction and schedule.merge_epoch go together"):
+        tiny(**{"schedule.dg_fraction": 0.1})
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -102,24 +104,25 @@ def test_shipped_configs_load(path):
 
 
 def test_released_solve_keys_reach_the_solver():
-    """gaussians.stop / accel: 'released' / 'none' give the released plain iteration and stopping
+    """solver.stop / accel: 'released' / 'none' give the released plain iteration and stopping
     rule (fewer iterations than the default relative tolerance), and bad values are refused."""
-    from nfpi.train import _fit
     g = torch.Generator().manual_seed(0)
     y = torch.arange(4).repeat_interleave(30)
     z = torch.randn(120, 6, generator=g, dtype=torch.float64) + 0.3 * torch.randn(4, 6, generator=g)[y]
     stats = fpi.ClassStats.from_latents(z, y, 4)
-    released = GaussianConfig(lam=100.0, rule="released", stop="released", accel="none")
-    fitted, info = _fit(released, stats, 100.0)
+    released = TrainConfig.from_dict({"gaussians": {"lam": 100.0},
+                                       "solver": {"rule": "released", "stop": "released", "accel": "none"}})
+    fitted, info = fit(released, stats, 100.0)
     ref = fpi.solve(stats, 100.0, rule="released", stop="released", accel="none")
     torch.testing.assert_close(fitted.means, ref.means.float())
     assert info["iterations"] == ref.iterations and info["change"] <= fpi.RELEASED_TOL
-    _, default = _fit(GaussianConfig(lam=100.0, rule="released"), stats, 100.0)
+    _, default = fit(TrainConfig.from_dict({"gaussians": {"lam": 100.0}, "solver": {"rule": "released"}}), stats,
+                     100.0)
     assert default["change"] <= 1e-10 < info["change"] and default["iterations"] > info["iterations"]
-    with pytest.raises(ValueError, match="gaussians.stop must be one of"):
-        tiny(**{"gaussians.stop": "l2"})
-    with pytest.raises(ValueError, match="gaussians.accel must be one of"):
-        tiny(**{"gaussians.accel": "broyden"})
+    with pytest.raises(ValueError, match="solver.stop must be one of"):
+        tiny(**{"solver.stop": "l2"})
+    with pytest.raises(ValueError, match="solver.accel must be one of"):
+        tiny(**{"solver.accel": "broyden"})
 
 
 # ------------------------------------------------------------------------------ outputs
@@ -136,7 +139,7 @@ def test_short_run_writes_outputs(finished):
     model, prior, cfg = load_checkpoint(run_dir)
     assert cfg == tiny()
     _, test_set = load_data(cfg)
-    again = evaluate(model, prior, test_set, cfg.bits)
+    again = evaluate_flow(model, prior, test_set, cfg.bits)
     assert again["acc_top1"] == pytest.approx(final["acc_top1"])
     assert again["test_bpd"] == pytest.approx(final["test_bpd"], rel=1e-6)
 
@@ -159,7 +162,7 @@ def test_validation_split_is_held_out_and_the_test_set_is_read_once(tmp_path):
     assert table["val_acc_top1"].notna().all() and table["val_bpd"].notna().all()
     assert table["acc_top1"].isna().tolist() == [True, False] and table["test_bpd"].isna().tolist() == [True, False]
     model, prior, _ = load_checkpoint(tmp_path)
-    again = evaluate(model, prior, val_set, cfg.bits)
+    again = evaluate_flow(model, prior, val_set, cfg.bits)
     assert again["acc_top1"] == pytest.approx(final["val_acc_top1"])
     with pytest.raises(ValueError, match=r"val_fraction must lie in \[0, 0.5\)"):
         tiny(val_fraction=0.7)
@@ -427,8 +430,9 @@ def test_fpi_solve_happens_at_solve_epoch_and_sets_the_fixed_point(two_epochs):
     model, prior, _ = load_checkpoint(run_dir, ema=False)
     train_set, _ = load_data(cfg)
     stats = class_stats(model, train_set, cfg.bits, cfg.eval_batch_size, noise=info["stats_seed"])
-    g = cfg.gaussians
-    res = fpi.solve(stats, g.lam, alpha=g.alpha, pi=g.pi, learn=g.learn, rule=g.rule, rho=g.rho, tol=g.tol)
+    gs, solver = cfg.gaussians, cfg.solver
+    res = fpi.solve(stats, gs.lam, alpha=gs.alpha, pi=gs.pi, learn=gs.learn, rule=solver.rule, rho=solver.rho,
+                    tol=solver.tol)
     torch.testing.assert_close(prior.means, res.means.float())
     torch.testing.assert_close(prior.variances, res.variances.float())
     # ... which differs from the data statistics (lambda = 0): every class mean moves by more
@@ -441,7 +445,7 @@ def test_fpi_solve_happens_at_solve_epoch_and_sets_the_fixed_point(two_epochs):
 @pytest.mark.parametrize("kind", ["data", "gd", "random", "fpi-means"])
 def test_baseline_priors(tmp_path, kind):
     prior_kind, learn = ("fpi", "means") if kind == "fpi-means" else (kind, "both")
-    cfg = tiny(**{"gaussians.prior": prior_kind, "gaussians.learn": learn, "gaussians.gd_steps": 50})
+    cfg = tiny(**{"gaussians.prior": prior_kind, "gaussians.learn": learn, "gd.steps": 50})
     final = train(cfg, tmp_path, progress=False)
     model, prior, _ = load_checkpoint(tmp_path, ema=False)
     if kind == "random":
@@ -463,24 +467,27 @@ def test_baseline_priors(tmp_path, kind):
 
 
 def test_dg_split_fits_the_gaussians_on_dg(tmp_path):
-    cfg = tiny(**{"gaussians.dg_fraction": 0.5, "gaussians.merge_epoch": 0})
+    cfg = tiny(**{"schedule.dg_fraction": 0.5, "schedule.merge_epoch": 0})
     train(cfg, tmp_path, progress=False)
     model, prior, _ = load_checkpoint(tmp_path, ema=False)
     train_set = load_data(cfg)[0]
     _, dg_idx = data.stratified_split(train_set.y, 0.5, cfg.seed)
     seed = _states(tmp_path)["solves"][0]["stats_seed"]
-    g = cfg.gaussians
+    gs, solver = cfg.gaussians, cfg.solver
     for arrays, same in ((train_set.subset(dg_idx), True), (train_set, False)):
         stats = class_stats(model, arrays, cfg.bits, cfg.eval_batch_size, noise=seed)
-        res = fpi.solve(stats, g.lam, alpha=g.alpha, pi=g.pi, learn=g.learn, rule=g.rule, rho=g.rho, tol=g.tol)
+        res = fpi.solve(stats, gs.lam, alpha=gs.alpha, pi=gs.pi, learn=gs.learn, rule=solver.rule, rho=solver.rho,
+                        tol=solver.tol)
         assert torch.allclose(prior.means, res.means.float(), rtol=1e-4, atol=1e-5) == same
 
 
 def test_solve_schedule():
-    g = GaussianConfig(solve_epoch=1, resolve_every=2, dg_fraction=0.1, merge_epoch=4)
-    assert [e for e in range(-1, 8) if _solves_after(g, e)] == [1, 3]
-    assert [e for e in range(-1, 8) if _solves_after(GaussianConfig(solve_epoch=-1), e)] == [-1]
-    assert not any(_solves_after(GaussianConfig(prior="random"), e) for e in range(-1, 8))
+    every_2 = TrainConfig.from_dict({"schedule": {"solve_epoch": 1, "resolve_every": 2, "dg_fraction": 0.1,
+                                                 "merge_epoch": 4}})
+    assert [e for e in range(-1, 8) if solves_after(every_2, e)] == [1, 3]
+    before = TrainConfig.from_dict({"schedule": {"solve_epoch": -1}})
+    assert [e for e in range(-1, 8) if solves_after(before, e)] == [-1]
+    assert not any(solves_after(TrainConfig.from_dict({"gaussians": {"prior": "random"}}), e) for e in range(-1, 8))
 
 
 # ------------------------------------------------------------------------------ distributed
@@ -538,7 +545,7 @@ def test_ddp_two_gloo_processes(tmp_path):
     # The test metrics gathered from the two shards are a single process's: the seeded noise of
     # the bits/dim bound depends on the image, not on the process that evaluates it.
     ema_model, ema_prior, _ = load_checkpoint(run_dir)
-    alone = evaluate(ema_model, ema_prior, load_data(cfg)[1], cfg.bits, cfg.eval_batch_size)
+    alone = evaluate_flow(ema_model, ema_prior, load_data(cfg)[1], cfg.bits, cfg.eval_batch_size)
     for key in ("test_bpd", "test_bpd_centres", "acc_top1", "acc_top5"):
         assert summary["metrics"][key] == pytest.approx(alone[key], rel=1e-6), key
 
@@ -614,7 +621,7 @@ def test_test_bpd_is_the_uniform_dequantisation_bound():
                            dtype=torch.uint8)
     arrays = data.ImageArrays(pixels, torch.arange(3).repeat(per_class), ("a", "b", "c"))
     prior = ClassGaussians(torch.zeros(3, 16), torch.ones(3, 16))
-    out = evaluate(_IdentityFlow(), prior, arrays, bits, batch_size=64)
+    out = evaluate_flow(_IdentityFlow(), prior, arrays, bits, batch_size=64)
     d = 16 * math.log(2.0)  # nats per bit/dim
     excess = (out["test_bpd"] - out["test_bpd_centres"]) * d / 16  # nats per dimension
     w = 2.0 / 2 ** bits
@@ -623,7 +630,7 @@ def test_test_bpd_is_the_uniform_dequantisation_bound():
     sigma = float(centres.pow(2).mean().sqrt()) * w / math.sqrt(12) / math.sqrt(centres.numel())
     assert abs(excess - w ** 2 / 24) < 5 * sigma and w ** 2 / 24 > 10 * sigma
     # Deterministic, and the same whatever the batch size.
-    again = evaluate(_IdentityFlow(), prior, arrays, bits, batch_size=500)
+    again = evaluate_flow(_IdentityFlow(), prior, arrays, bits, batch_size=500)
     assert again["test_bpd"] == pytest.approx(out["test_bpd"], rel=1e-6)
     assert again["test_bpd_centres"] == pytest.approx(out["test_bpd_centres"], rel=1e-6)
 
@@ -635,9 +642,9 @@ def test_metric_units_at_the_boundaries():
     arrays = _constant_images(levels, per_class=20)
     means = data.dequantize(torch.tensor(levels).view(3, 1).expand(3, 16), bits, noise=False)
     variances = torch.full((3, 16), 0.01)
-    right = evaluate(_IdentityFlow(), ClassGaussians(means, variances), arrays, bits)
+    right = evaluate_flow(_IdentityFlow(), ClassGaussians(means, variances), arrays, bits)
     assert right["acc_top1"] == 100.0 and right["acc_top5"] == 100.0  # top-5 clipped to K = 3
-    wrong = evaluate(_IdentityFlow(), ClassGaussians(means.roll(1, 0), variances), arrays, bits)
+    wrong = evaluate_flow(_IdentityFlow(), ClassGaussians(means.roll(1, 0), variances), arrays, bits)
     assert wrong["acc_top1"] == 0.0 and wrong["acc_top5"] == 100.0
     assert 0 < right["test_bpd"] < wrong["test_bpd"]
     assert float(data.bits_per_dim(torch.tensor(16 * math.log(2.0)), 16, bits)) == pytest.approx(bits)
