@@ -96,8 +96,8 @@ def check_labels(y: Tensor, n: int | None = None, num_classes: int | None = None
     (any length for None; at least one with ``nonempty``), in [0, num_classes) (>= 0 for None)."""
     if not isinstance(y, Tensor) or y.dim() != 1 or (n is not None and y.shape[0] != n):
         shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-        size = "" if n is None else f"{n} "
-        raise ValueError(f"{name} must be a 1-D tensor of {size}class indices; got {shape}")
+        size = "" if n is None else f"{n} class indices, shape ({n},) to match the data"
+        raise ValueError(f"{name} must be a 1-D tensor of {size or 'class indices'}; got {shape}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise ValueError(f"{name} must be an integer tensor (torch.long), got {y.dtype}: 1-D integer class "
                          "indices; convert with y.long() after checking they are whole numbers")
@@ -108,6 +108,6 @@ def check_labels(y: Tensor, n: int | None = None, num_classes: int | None = None
         if num_classes is None and lo < 0:
             raise ValueError(f"{name} must be non-negative class indices; got values in [{lo}, {hi}]")
         if num_classes is not None and (lo < 0 or hi >= num_classes):
-            raise ValueError(f"{name} must lie in [0, {num_classes}) for {num_classes} classes; "
-                             f"got values in [{lo}, {hi}]")
+            raise ValueError(f"{name} must lie in [0, {num_classes}), i.e. [0, {num_classes - 1}], for "
+                             f"{num_classes} classes; got values in [{lo}, {hi}]")
     return y.long()

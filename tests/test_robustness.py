@@ -268,7 +268,7 @@ def test_a_stale_lock_of_a_killed_process_is_taken_over_and_a_live_one_named(fin
     shutil.copytree(finished[0], run_dir)
     config = write_config(tmp_path / "c.yaml")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; import nfpi.train as t; "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; import nfpi.runs as t; "
          "lock = t.lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)",
          str(run_dir)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
