@@ -100,10 +100,12 @@ def solver_curves(runs: Mapping[str, FPIResult], x: str = "iteration", y: str = 
     return _finish(fig, path)
 
 
-def training_curves(tables: Mapping[str, pd.DataFrame], path: PathLike = None) -> Figure:
+def training_curves(tables: Mapping[str, pd.DataFrame], against: str = "epoch", path: PathLike = None) -> Figure:
     """Train and held-out bits/dim and NF accuracy per epoch for several runs.
 
-    ``tables``: run label -> the run's ``metrics.csv`` as a DataFrame. The held-out curves
+    ``tables``: run label -> the run's ``metrics.csv`` as a DataFrame. ``against``: ``"epoch"``,
+    or ``"minutes"`` of training wall time (the cumulative ``time`` column: learning curves of
+    candidates with different costs per epoch, compared per CPU-minute). The held-out curves
     are the validation split's when the runs have one (the test set is then evaluated only
     after the last epoch), else the test set's. Epochs after which the Gaussians were fitted
     are marked with a dot on the accuracy curve.
@@ -114,15 +116,16 @@ def training_curves(tables: Mapping[str, pd.DataFrame], path: PathLike = None) -
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for i, (label, t) in enumerate(tables.items()):
         colour = f"C{i}"
-        axes[0].plot(t["epoch"], t["train_bpd"], color=colour, label=label)
-        axes[1].plot(t["epoch"], t[bpd], color=colour, label=label)
-        axes[2].plot(t["epoch"], t[acc], color=colour, label=label)
+        x = t["epoch"] if against == "epoch" else t["time"].cumsum() / 60
+        axes[0].plot(x, t["train_bpd"], color=colour, label=label)
+        axes[1].plot(x, t[bpd], color=colour, label=label)
+        axes[2].plot(x, t[acc], color=colour, label=label)
         solved = t["solved"].notna()
-        axes[2].scatter(t["epoch"][solved], t[acc][solved], color=colour, zorder=3)
+        axes[2].scatter(x[solved], t[acc][solved], color=colour, zorder=3)
     for ax, title in zip(axes, ("train bits/dim (noisy dequantisation)", f"{held} bits/dim (EMA)",
                                 f"{held} NF accuracy top-1 % (EMA; dot = Gaussians fitted)")):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch" if against == "epoch" else "training wall time (minutes)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -202,11 +202,6 @@ def checksum(ckpt: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
-
-
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load and verify a checkpoint (weights_only=True; its SHA-256 must match its contents)."""
     redo = ("delete it or restore a good copy, or start the run again in another run directory "

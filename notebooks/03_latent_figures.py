@@ -17,7 +17,10 @@
 # %% [markdown]
 # # 03 — The latent space of a trained flow
 #
-# From the checkpoints of notebook 02 (trained here with the same config when absent):
+# From the **shipped flows** `digits` (FPI) and `digits-data` (data init, Baseline 1): the
+# digits_cpu runs of notebook 02 with the best validation NF accuracy among its seeds, shipped
+# under `checkpoints/` and loaded with their SHA-256 checked (`nfpi.pretrained.load`); set
+# `retrain` to a config to train both flows here instead (a few minutes on a CPU):
 #
 # 1. t-SNE of the test latents f(x) of the data-init and the FPI flows (as in Fig. 32 of the
 #    GLEM supplementary): FPI separates the classes;
@@ -26,10 +29,11 @@
 # 4. rescaled interpolations between two test images of one class and of two classes.
 
 # %% tags=["parameters"]
-config = "../configs/digits_cpu.yaml"  # the config notebook 02 trained (its runs are reused)
-overrides = {}                         # the same overrides as notebook 02
-runs = "../runs"
-run_seed = 0                           # which of notebook 02's seeds to show
+shipped = {"data": "digits-data", "fpi": "digits"}  # the shipped flows shown (nfpi.pretrained, checkpoints/)
+retrain = None                         # a config, e.g. "../configs/digits_cpu.yaml": train both flows instead
+overrides = {}                         # with retrain: TrainConfig overrides
+runs = "../runs"                       # with retrain: where the runs are trained (or reused)
+run_seed = 0                           # with retrain: the training seed
 temperature = 0.7                      # sample grid
 temperatures = [1.0, 0.8, 0.6, 0.4, 0.2, 0.1]
 mean_scale = 1.0                       # the paper rescales the means by 1.3 for its sample figures
@@ -45,18 +49,20 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from nfpi import fpi, plots
+from nfpi import fpi, plots, pretrained
 from nfpi.experiments import train_settings
 from nfpi.latents import encode
 from nfpi.splits import load_data
 from nfpi.train import TrainConfig, load_checkpoint
 
-base = TrainConfig.from_yaml(config, **overrides)
-lam = base.gaussians.lam
-trained = train_settings(base, {p: {"gaussians.prior": p, "gaussians.lam": lam} for p in ("data", "fpi")},
-                         [run_seed], runs, Path(config).stem, progress)
-flows = {r.setting: load_checkpoint(r.run_dir) for r in trained.itertuples()}
+if retrain is None:
+    flows = {p: pretrained.load(name) for p, name in shipped.items()}
+else:
+    trained = train_settings(TrainConfig.from_yaml(retrain, **overrides), {p: {"gaussians.prior": p} for p in shipped},
+                             [run_seed], runs, Path(retrain).stem, progress)
+    flows = {r.setting: load_checkpoint(r.run_dir) for r in trained.itertuples()}
 model, prior, cfg = flows["fpi"]
+lam = cfg.gaussians.lam
 _, test_set = load_data(cfg)
 latents = {p: (encode(m, test_set, cfg.bits)[0], test_set.y) for p, (m, _, _) in flows.items()}
 
@@ -64,7 +70,7 @@ latents = {p: (encode(m, test_set, cfg.bits)[0], test_set.y) for p, (m, _, _) in
 # ## Class separation and t-SNE of the test latents
 #
 # Smallest and median KL divergence between two class Gaussians, and NF accuracy on the
-# test set, for the data-init and the FPI flow (one seed; notebook 02 has the mean over seeds).
+# test set, for the data-init and the FPI flow (one seed each; notebook 02 has the mean over seeds).
 
 # %%
 for p, (m, gaussians, _) in flows.items():

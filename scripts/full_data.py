@@ -1,0 +1,87 @@
+"""Full-data runs (issue 11): hours on a CPU, so run in the background and committed as files.
+
+    python scripts/full_data.py candidates   # configs/mnist_full.yaml candidates -> results/full/mnist_candidates.csv
+    python scripts/full_data.py tables       # Tables 1 and 3 on full MNIST, 3 seeds -> results/full/mnist_tables.csv
+
+Every run trains in its own folder under ``runs/full/`` and resumes there when interrupted
+(run the same command again). The committed CSVs hold each run's per-epoch metrics (the
+candidates, for learning curves against wall time) or its final row (the tables), with the
+command that reproduces it; notebook 07 renders them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from nfpi.experiments import train_settings
+from nfpi.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs" / "full"
+RESULTS = REPO / "results" / "full"
+CONFIG = "configs/mnist_full.yaml"
+# Candidate architectures / rules for configs/mnist_full.yaml, compared per CPU-minute.
+CANDIDATES = {
+    "2x4, 32 ch, FPI means": [],
+    "2x4, 32 ch, FPI both": ["gaussians.learn=both"],
+    "2x8, 64 ch, FPI means": ["model.hidden=64", "model.steps=8", "epochs=4"],
+}
+# Tables 1 and 3 of the paper on full MNIST (every other setting as in configs/mnist_full.yaml).
+SETTINGS = {
+    "data": {"gaussians.prior": "data"},
+    "gd": {"gaussians.prior": "gd"},
+    "fpi means": {"gaussians.learn": "means"},
+    "fpi variances": {"gaussians.learn": "variances"},
+    "fpi both": {"gaussians.learn": "both"},
+}
+SEEDS = (0, 1, 2)
+
+
+def _overrides(items: list[str]) -> dict:
+    return {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in items)}
+
+
+def candidate_metrics(run_dir: Path, label: str) -> pd.DataFrame:
+    """The per-epoch metrics of a finished candidate run, labelled with its command and code."""
+    table = pd.read_csv(run_dir / "metrics.csv")
+    table.insert(0, "candidate", label)
+    table.insert(1, "command", shlex.join(["python", "-m", "nfpi.train", "--config", CONFIG, *CANDIDATES[label]]))
+    table.insert(2, "code", json.loads((run_dir / "metrics.json").read_text())["code"])
+    return table
+
+
+def candidates() -> pd.DataFrame:
+    """Train (or resume) each candidate; their per-epoch metrics in one table."""
+    tables = []
+    for label, items in CANDIDATES.items():
+        run_dir = RUNS / ("candidate-" + label.replace(" ", "").replace(",", "-"))
+        train(TrainConfig.from_yaml(REPO / CONFIG, **_overrides(items)), run_dir)
+        tables.append(candidate_metrics(run_dir, label))
+    return pd.concat(tables, ignore_index=True)
+
+
+def tables() -> pd.DataFrame:
+    """Tables 1 and 3: every setting x seed, one final row each."""
+    base = TrainConfig.from_yaml(REPO / CONFIG)
+    return train_settings(base, SETTINGS, SEEDS, RUNS, "mnist_full", progress=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("candidates", "tables"))
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    table = candidates() if args.what == "candidates" else tables()
+    out = RESULTS / f"mnist_{args.what}.csv"
+    table.to_csv(out, index=False)
+    print(f"wrote {out} ({len(table)} rows)")
+
+
+if __name__ == "__main__":
+    main()
