@@ -10,7 +10,8 @@ with pi held fixed during an update (Eq. 9 ``pi="pairwise"``: pi_yy' = KL_yy'; E
 ``pi="mean"``: the mean off-diagonal KL). The stationarity conditions give the closed-form
 updates of Eq. 5 (means) and Eqs. 6-7 (covariances, a matrix geometric mean
 Sigma = A^-1 # B; elementwise sqrt(B / A) for diagonal covariances). :func:`solve` iterates
-them to a fixed point with Anderson mixing (:func:`fixed_point`), keeps variances inside
+them to a fixed point with safeguarded Anderson mixing (:func:`nfpi.anderson.fixed_point`,
+re-exported here as :func:`fixed_point`), keeps variances inside
 ``[v/rho, v*rho]`` and reports when that bound is active, and never returns non-finite values.
 The released code's options (SPEC §3) are available for parity: its variance rule
 (``rule="released"``), its isotropic mean step and its stopping rule (``stop="released"``).
@@ -23,10 +24,12 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from .anderson import fixed_point
 
 Pi = Literal["pairwise", "mean"]
 Learn = Literal["both", "means", "variances"]
@@ -39,7 +42,7 @@ __all__ = [
     "ClassStats", "FPIResult", "FPIWarning", "FPIDivergenceError",
     "update", "fixed_point", "RELEASED_TOL",
     "pairwise_kl", "kernel", "objective", "gradient_residual", "solve",
-    "unbounded_threshold", "check_solver_args",
+    "unbounded_threshold", "check_solver_args", "geometric_mean_solve",
 ]
 
 
@@ -85,7 +88,8 @@ class ClassStats:
         z = z.detach().to(torch.float64)
         y = y.to(z.device, torch.long)
         k, d = num_classes, z.shape[1]
-        count = torch.zeros(k, dtype=torch.float64, device=z.device).index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        ones = torch.ones_like(y, dtype=torch.float64)
+        count = torch.zeros(k, dtype=torch.float64, device=z.device).index_add_(0, y, ones)
         total = torch.zeros(k, d, dtype=torch.float64, device=z.device).index_add_(0, y, z)
         total_sq = torch.zeros(k, d, dtype=torch.float64, device=z.device).index_add_(0, y, z * z)
         outer = None
@@ -96,7 +100,8 @@ class ClassStats:
 
     def __add__(self, other: "ClassStats") -> "ClassStats":
         if self.total.shape != other.total.shape:
-            raise ValueError(f"cannot merge statistics of shapes {tuple(self.total.shape)} and {tuple(other.total.shape)}")
+            raise ValueError(f"cannot merge statistics of shapes {tuple(self.total.shape)} and "
+                             f"{tuple(other.total.shape)}")
         outer = None
         if self.total_outer is not None and other.total_outer is not None:
             outer = self.total_outer + other.total_outer
@@ -122,12 +127,12 @@ class ClassStats:
 
     def mean(self) -> Tensor:
         """Class means m_y, (K, D)."""
-        self._check_counts(1)
+        self._require_class_counts(1)
         return self.total / self.count[:, None]
 
     def var(self) -> Tensor:
         """Population (biased) per-dimension class variances v_y, (K, D)."""
-        self._check_counts(2)
+        self._require_class_counts(2)
         m = self.mean()
         return (self.total_sq / self.count[:, None] - m * m).clamp_min(0.0)
 
@@ -135,11 +140,11 @@ class ClassStats:
         """Population class covariances, (K, D, D); needs ``full=True`` statistics."""
         if self.total_outer is None:
             raise ValueError("full covariances need ClassStats.from_latents(..., full=True)")
-        self._check_counts(2)
+        self._require_class_counts(2)
         m = self.mean()
         return self.total_outer / self.count[:, None, None] - m[:, :, None] * m[:, None, :]
 
-    def _check_counts(self, minimum: int) -> None:
+    def _require_class_counts(self, minimum: int) -> None:
         small = (self.count < minimum).nonzero().flatten().tolist()
         if small:
             raise ValueError(
@@ -246,20 +251,20 @@ def objective(stats: ClassStats, means: Tensor, variances: Tensor, lam: float,
 
 
 def _potential(m: Tensor, v: Tensor, means: Tensor, variances: Tensor, kl: Tensor | None,
-               c: float, alpha: float, pi: Pi) -> Tensor:
-    """:func:`objective` from precomputed data moments and KL matrix (None when c = 0)."""
+               lam_normalised: float, alpha: float, pi: Pi) -> Tensor:
+    """:func:`objective` from precomputed data moments and KL matrix (None when lambda = 0)."""
     nll = _nll(m, v, means, variances)
     if kl is None:
         return nll
     off = ~torch.eye(kl.shape[0], dtype=torch.bool, device=kl.device)
     if pi == "pairwise":
-        return nll - c * math.exp(-1.0 / alpha) / alpha * kl[off].log().sum()
-    return nll + c * torch.exp(-kl / (_scale(kl, pi) * alpha))[off].sum()
+        return nll - lam_normalised * math.exp(-1.0 / alpha) / alpha * kl[off].log().sum()
+    return nll + lam_normalised * torch.exp(-kl / (_scale(kl, pi) * alpha))[off].sum()
 
 
 # ------------------------------------------------------------------------------ the update
-def _diag_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, c: float, alpha: float,
-                 pi: Pi, learn: Learn, rule: Rule, isotropic: bool) -> tuple[Tensor, Tensor]:
+def _diag_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, lam_normalised: float,
+                 alpha: float, pi: Pi, learn: Learn, rule: Rule, isotropic: bool) -> tuple[Tensor, Tensor]:
     """One Jacobi sweep of Eqs. 5-7 from iterate (mu, s), all (K, D), with kl = KL(mu, s)."""
     kmat = kernel(kl, alpha, pi)
     kt = kmat.T
@@ -280,19 +285,19 @@ def _diag_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, c: flo
             kp = kmat @ p_m
         # sum_y' K_yy' d_yy'/s_y' + (1/s_y) sum_y' K_y'y d_yy', with d_yy' = mu_y - mu_y'
         push = mu * kp - kmat @ (mu * p_m) + (mu * col - kt_mu) * p_m
-        mu_new = m + c * s_m * push
+        mu_new = m + lam_normalised * s_m * push
     if learn in ("both", "variances"):
-        tau = c * (row - col)
+        tau = lam_normalised * (row - col)
         if rule == "paper":
             d2 = mu * (mu * col - 2.0 * kt_mu) + kt @ (mu * mu)          # sum_y' K_y'y d_yy'^2
-            a = (1.0 + tau) * prec + c * prec * prec * (d2 + kt @ s)
-            b = v + (m - mu) ** 2 + c * s * s * prec_sum
+            a = (1.0 + tau) * prec + lam_normalised * prec * prec * (d2 + kt @ s)
+            b = v + (m - mu) ** 2 + lam_normalised * s * s * prec_sum
         elif rule == "released":
             # released code (SPEC §3): A multiplied by s^2, data variance instead of the
             # scatter, and q_y' = sum_l (mu_y' - mu_l)^2 in place of d_yy'^2.
             q = _spread(mu)
-            a = (1.0 + tau) * s + c * (kt @ (q + s))
-            b = v + c * s * s * prec_sum
+            a = (1.0 + tau) * s + lam_normalised * (kt @ (q + s))
+            b = v + lam_normalised * s * s * prec_sum
         else:
             raise ValueError(f"rule must be 'paper' or 'released', got {rule!r}")
         # 2 dJ/ds = A - B/s^2: where A <= 0 J decreases as s grows, so send s to the upper
@@ -334,8 +339,8 @@ def geometric_mean_solve(a: Tensor, b: Tensor) -> Tensor:
     return 0.5 * (x + x.mT)
 
 
-def _full_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, c: float, alpha: float,
-                 pi: Pi, learn: Learn) -> tuple[Tensor, Tensor]:
+def _full_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, lam_normalised: float,
+                 alpha: float, pi: Pi, learn: Learn) -> tuple[Tensor, Tensor]:
     """Eqs. 5-7 with full covariances s (K, D, D): Sigma <- A^-1 # B."""
     kmat = kernel(kl, alpha, pi)
     prec = torch.linalg.inv(s)
@@ -344,16 +349,19 @@ def _full_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, c: flo
     if learn in ("both", "means"):
         # Sigma_y sum_y' (K_yy' P_y' + K_y'y P_y) d_yy'
         w = torch.einsum("ab,bij,abj->ai", kmat, prec, d) + torch.einsum("ba,aij,abj->ai", kmat, prec, d)
-        mu_new = m + c * torch.einsum("aij,aj->ai", s, w)
+        mu_new = m + lam_normalised * torch.einsum("aij,aj->ai", s, w)
     if learn in ("both", "variances"):
-        tau = c * (kmat.sum(1) - kmat.sum(0))
+        tau = lam_normalised * (kmat.sum(1) - kmat.sum(0))
         outer = d[:, :, :, None] * d[:, :, None, :]
-        cterm = c * torch.einsum("ba,abij->aij", kmat, s[None, :, :, :].expand(len(mu), -1, -1, -1) + outer)
+        spread = s[None, :, :, :].expand(len(mu), -1, -1, -1) + outer          # S_y' + d d^T
+        cterm = lam_normalised * torch.einsum("ba,abij->aij", kmat, spread)
         a = (1.0 + tau)[:, None, None] * prec + prec @ cterm @ prec
         diff = m - mu
-        b = v + diff[:, :, None] * diff[:, None, :] + c * s @ torch.einsum("ab,bij->aij", kmat, prec) @ s
+        kprec = torch.einsum("ab,bij->aij", kmat, prec)                   # sum_y' K_yy' P_y'
+        b = v + diff[:, :, None] * diff[:, None, :] + lam_normalised * s @ kprec @ s
         s_new = geometric_mean_solve(0.5 * (a + a.mT), 0.5 * (b + b.mT))
     return mu_new, s_new
+
 
 
 # ------------------------------------------------------------------------------ the solver
@@ -408,56 +416,6 @@ class FPIResult:
         return self.history["objective"][-1]
 
 
-def _anderson_step(xs: list[Tensor], fs: list[Tensor], beta: float) -> Tensor:
-    """Type-II Anderson mixing on the last iterates ``xs`` and residuals ``fs`` (flat)."""
-    x, f = xs[-1], fs[-1]
-    if len(xs) == 1:
-        return x + beta * f
-    dx = torch.stack([xs[i + 1] - xs[i] for i in range(len(xs) - 1)], 1)
-    df = torch.stack([fs[i + 1] - fs[i] for i in range(len(fs) - 1)], 1)
-    # Least squares via the small normal equations with a relative ridge: m <= ~10 columns.
-    gram = df.T @ df
-    ridge = 1e-10 * gram.diagonal().max().clamp_min(1e-300)
-    gamma = torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype, device=gram.device), df.T @ f)
-    return x + beta * f - (dx + beta * df) @ gamma
-
-
-def fixed_point(g: Callable[[Tensor], tuple[Tensor, Any]], x0: Tensor,
-                done: Callable[[Tensor, Tensor, Any], bool],
-                project: Callable[[Tensor], Tensor] | None = None,
-                accel: Literal["anderson", "none"] = "anderson", memory: int = 5, damping: float = 1.0,
-                max_iter: int = 1000) -> tuple[Tensor, Tensor, Any, bool]:
-    """Safeguarded Anderson mixing (or damped Picard iteration) for x = g(x) on flat vectors.
-
-    ``g(x)`` returns (g(x), aux); ``done(x, g(x), aux)`` is called once per iterate, in order,
-    and stops the iteration when True; ``project`` maps a proposal into the feasible set.
-    A mixing step whose residual |g(x) - x| exceeds the current one is replaced by the damped
-    plain step x + damping (g(x) - x) and the memory restarts: Anderson is not monotone on
-    nonlinear maps. Returns (x, g(x), aux) of the last iterate and whether ``done`` said so.
-    """
-    project = project if project is not None else (lambda z: z)
-    x = project(x0)
-    gx, aux = g(x)
-    xs: list[Tensor] = []
-    fs: list[Tensor] = []
-    for _ in range(max_iter):
-        if done(x, gx, aux):
-            return x, gx, aux, True
-        f = gx - x
-        if accel == "anderson":
-            xs, fs = (xs + [x])[-(memory + 1):], (fs + [f])[-(memory + 1):]
-            x_new = project(_anderson_step(xs, fs, damping))
-            if torch.isfinite(x_new).all():
-                g_new, aux_new = g(x_new)
-                if (g_new - x_new).norm() <= f.norm():
-                    x, gx, aux = x_new, g_new, aux_new
-                    continue
-            xs, fs = [], []
-        x = project(x + damping * f)
-        gx, aux = g(x)
-    return x, gx, aux, False
-
-
 def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise",
           learn: Learn = "both", init: tuple[Tensor, Tensor] | None = None, rule: Rule = "paper",
           covariance: Literal["diag", "full"] = "diag", isotropic_mean_step: bool = False,
@@ -486,15 +444,41 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
             latents' own units (``tol`` unused). The change is that of one undamped update.
         accel: "anderson" mixing (default) or "none" (damped Picard iteration).
         damping: eta of mu <- (1-eta) mu + eta mu_new, s <- s^(1-eta) s_new^eta.
+        memory: Anderson's history m (iterates kept for the mixing).
         var_floor: data variances below var_floor * mean variance are raised to it (constant
             latent dimensions would otherwise give zero-width Gaussians).
         on_fail: "warn" (return with ``converged=False``) or "raise" when not converged.
     Returns:
-        FPIResult with means (K, D), variances, iteration count, convergence flag, history.
+        FPIResult with means (K, D), variances (K, D) or (K, D, D), iteration count,
+        convergence flag and history.
+    Raises:
+        ValueError: a bad argument (before any work); FPIDivergenceError: non-finite values,
+        or no convergence with ``on_fail="raise"``.
+
+    Example:
+        >>> z, y = torch.randn(300, 4, dtype=torch.float64), torch.arange(300) % 3
+        >>> res = solve(ClassStats.from_latents(z, y, 3), lam=1.0)
+        >>> res.converged, res.means.shape, res.variances.shape
+        (True, torch.Size([3, 4]), torch.Size([3, 4]))
     """
     start = time.perf_counter()
-    k, d = stats.num_classes, stats.dim
-    if k < 2:
+    _check_solve_args(stats, lam, alpha, pi, learn, rule, covariance, rho, tol, max_iter, stop,
+                      accel, damping, memory, var_floor, on_fail)
+    m, v = _data_moments(stats, covariance == "full", var_floor)
+    init = _initial_point(init, m, v)
+    _warn_if_unbounded(lam, stats.num_classes, alpha, pi, learn, rule, rho)
+    step = _FPIMap(m, v, init, lam, alpha, pi, learn, rule, isotropic_mean_step, rho, stop, tol, start)
+    x, gx, (_, _, mapped), converged = fixed_point(step, step.pack(*init), step.done, step.project,
+                                                   accel, memory, damping, max_iter)
+    return _report(step, x, gx, mapped, converged, max_iter, on_fail)
+
+
+def _check_solve_args(stats: ClassStats, lam: float, alpha: float, pi: str, learn: str, rule: str,
+                      covariance: str, rho: float, tol: float, max_iter: int,
+                      stop: str, accel: str, damping: float, memory: int, var_floor: float,
+                      on_fail: str) -> None:
+    """:func:`solve`'s argument checks, before any work: one-line ValueErrors naming the fix."""
+    if stats.num_classes < 2:
         raise ValueError("FPI needs at least 2 classes")
     check_solver_args(lam=lam, alpha=alpha, pi=pi, learn=learn, rho=rho, tol=tol, max_iter=max_iter)
     _check_choice("rule", rule, ("paper", "released"))
@@ -509,166 +493,188 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         raise ValueError("rule='released' exists for diagonal covariances only")
     if not 0 < damping <= 1:
         raise ValueError(f"damping must be in (0, 1], got {damping}")
-    full = covariance == "full"
-    if full and d > 64:
-        raise ValueError(f"full covariances are for small D (<= 64), got D={d}; use covariance='diag'")
-    c = lam / (k * (k - 1))
-    m = stats.mean()
-    if full:
-        v = stats.cov()
-        ref = torch.linalg.eigvalsh(v)                   # eigenvalues bound the geometry
-        floor = var_floor * ref.mean()
-        v = v + torch.eye(d, dtype=v.dtype, device=v.device) * (floor - ref.min(1).values).clamp_min(0)[:, None, None]
-        vdiag = torch.diagonal(v, dim1=1, dim2=2)
-    else:
-        v = stats.var()
-        floor = var_floor * v.mean()
-        v = v.clamp_min(floor)
-        vdiag = v
-    if init is None:
-        mu0, s0 = m.clone(), v.clone()
-    else:
-        mu0 = init[0].to(m).clone()
-        s0 = init[1].to(m).clone()
-        if mu0.shape != m.shape or s0.shape != v.shape:
-            raise ValueError(f"init must have shapes {tuple(m.shape)} and {tuple(v.shape)}, "
-                             f"got {tuple(mu0.shape)} and {tuple(s0.shape)}")
+    if covariance == "full" and stats.dim > 64:
+        raise ValueError(f"full covariances are for small D (<= 64), got D={stats.dim}; "
+                         "use covariance='diag'")
     if stop not in ("relative", "released"):
         raise ValueError(f"stop must be 'relative' or 'released', got {stop!r}")
-    if learn != "means" and rule == "paper" and pi in ("pairwise", "mean") \
-            and lam > unbounded_threshold(k, alpha, pi):
-        why = ("J is unbounded below" if pi == "pairwise" else
-               "each update multiplies a large variance by sqrt(2 lambda e^{-K/alpha} / alpha) > 1, "
-               "so the variances are unbounded")
-        warnings.warn(
-            f"lambda={lam:g} exceeds {unbounded_threshold(k, alpha, pi):.4g}, above which {why} for "
-            f"pi={pi!r} with learned variances (K={k}, alpha={alpha}); variances will be held in "
-            f"[v/{rho:g}, v*{rho:g}]. Lower lambda, use learn='means' or rule='released' for a "
-            "bounded problem.", FPIWarning, stacklevel=2)
 
-    std = vdiag.sqrt()
-    log_lo, log_hi = vdiag.log() - math.log(rho), vdiag.log() + math.log(rho)
-    upd_mu, upd_s = learn in ("both", "means"), learn in ("both", "variances")
 
-    # Iterate in normalised coordinates u = (mu - m)/sqrt(v), w = log variance (diag) or the
-    # matrix log-free parametrisation (full: the covariance itself, projected by eigenvalues),
-    # so that Anderson's least squares weighs means and variances comparably.
-    def pack(mu: Tensor, s: Tensor) -> Tensor:
-        parts = []
-        if upd_mu:
-            parts.append(((mu - m) / std).flatten())
-        if upd_s:
-            parts.append((s.log() if not full else s).flatten())
+def _data_moments(stats: ClassStats, full: bool, var_floor: float) -> tuple[Tensor, Tensor]:
+    """Class means m (K, D) and variances v (K, D), or covariances (K, D, D), whose variances
+    (eigenvalues) are raised to var_floor x their mean."""
+    m = stats.mean()
+    if not full:
+        v = stats.var()
+        return m, v.clamp_min(var_floor * v.mean())
+    v = stats.cov()
+    ref = torch.linalg.eigvalsh(v)                   # eigenvalues bound the geometry
+    floor = var_floor * ref.mean()
+    eye = torch.eye(stats.dim, dtype=v.dtype, device=v.device)
+    return m, v + eye * (floor - ref.min(1).values).clamp_min(0)[:, None, None]
+
+
+def _initial_point(init: tuple[Tensor, Tensor] | None, m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Copies of ``init`` (means, variances) as float64 on m's device; default the data moments."""
+    if init is None:
+        return m.clone(), v.clone()
+    mu0, s0 = init[0].to(m).clone(), init[1].to(m).clone()
+    if mu0.shape != m.shape or s0.shape != v.shape:
+        raise ValueError(f"init must have shapes {tuple(m.shape)} and {tuple(v.shape)}, "
+                         f"got {tuple(mu0.shape)} and {tuple(s0.shape)}")
+    return mu0, s0
+
+
+def _warn_if_unbounded(lam: float, k: int, alpha: float, pi: Pi, learn: Learn, rule: Rule,
+                       rho: float) -> None:
+    """FPIWarning (at solve's caller) when lambda puts the paper rule's variances in the unbounded regime."""
+    threshold = unbounded_threshold(k, alpha, pi)
+    if learn == "means" or rule != "paper" or not lam > threshold:
+        return
+    why = ("J is unbounded below" if pi == "pairwise" else
+           "each update multiplies a large variance by sqrt(2 lambda e^{-K/alpha} / alpha) > 1, "
+           "so the variances are unbounded")
+    warnings.warn(
+        f"lambda={lam:g} exceeds {threshold:.4g}, above which {why} for "
+        f"pi={pi!r} with learned variances (K={k}, alpha={alpha}); variances will be held in "
+        f"[v/{rho:g}, v*{rho:g}]. Lower lambda, use learn='means' or rule='released' for a "
+        "bounded problem.", FPIWarning, stacklevel=3)
+
+
+class _FPIMap:
+    """The FPI map x -> G(x) of Eqs. 5-7 for :func:`fixed_point`, and the record of its iterates.
+
+    x packs the learned blocks only, in normalised coordinates: u = (mu - m) / sqrt(v), then
+    w = log s (diagonal) or s itself (full, projected by its eigenvalues), so that Anderson's
+    least squares weighs means and variances comparably. Fixed blocks stay at ``init``.
+    Learned variances are kept in [v/rho, v*rho]; fixed ones (e.g. identity) stay as given.
+    """
+
+    def __init__(self, m: Tensor, v: Tensor, init: tuple[Tensor, Tensor], lam: float, alpha: float,
+                 pi: Pi, learn: Learn, rule: Rule, isotropic_mean_step: bool, rho: float, stop: Stop,
+                 tol: float, start: float):
+        k = m.shape[0]
+        self.m, self.v, (self.mu0, self.s0) = m, v, init
+        self.lam, self.lam_normalised = lam, lam / (k * (k - 1))
+        self.alpha, self.pi, self.learn, self.rule = alpha, pi, learn, rule
+        self.isotropic = isotropic_mean_step
+        self.upd_mu, self.upd_s = learn in ("both", "means"), learn in ("both", "variances")
+        self.full = v.ndim == 3
+        self.vdiag = torch.diagonal(v, dim1=1, dim2=2) if self.full else v
+        self.std = self.vdiag.sqrt()
+        self.rho = rho
+        self.log_lo, self.log_hi = self.vdiag.log() - math.log(rho), self.vdiag.log() + math.log(rho)
+        self.stop, self.threshold = stop, RELEASED_TOL if stop == "released" else tol
+        self.start = start
+        self.history: dict[str, list[float]] = {
+            "objective": [], "change": [], "active_bounds": [], "time": []}
+
+    def pack(self, mu: Tensor, s: Tensor) -> Tensor:
+        parts = [((mu - self.m) / self.std).flatten()] if self.upd_mu else []
+        if self.upd_s:
+            parts.append((s if self.full else s.log()).flatten())
         return torch.cat(parts)
 
-    def unpack(x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, s, i = mu0, s0, 0
-        if upd_mu:
-            mu = m + x[: k * d].view(k, d) * std
-            i = k * d
-        if upd_s:
-            s = x[i:].view(s0.shape)
-            s = s.clamp(log_lo, log_hi).exp() if not full else _clamp_spd(s, vdiag, rho)
+    def blocks(self, x: Tensor) -> list[Tensor]:
+        """The learned blocks of packed ``x`` as (K, -1) views: normalised means, then variances."""
+        k = self.m.shape[0]
+        split = self.m.numel() if self.upd_mu else 0
+        parts = ([x[:split]] if self.upd_mu else []) + ([x[split:]] if self.upd_s else [])
+        return [part.view(k, -1) for part in parts]
+
+    def unpack(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, s = self.mu0, self.s0
+        blocks = iter(self.blocks(x))
+        if self.upd_mu:
+            mu = self.m + next(blocks) * self.std
+        if self.upd_s:
+            w = next(blocks).view(self.s0.shape)
+            s = _clamp_spd(w, self.vdiag, self.rho) if self.full else w.clamp(self.log_lo, self.log_hi).exp()
         return mu, s
 
-    def active(x: Tensor) -> int:
-        if not upd_s:
+    def project(self, x: Tensor) -> Tensor:
+        return self.pack(*self.unpack(x))
+
+    def active(self, x: Tensor) -> int:
+        """Learned variance entries (eigenvalues for full covariances) on a bound of [v/rho, v*rho]."""
+        if not self.upd_s:
             return 0
-        s = x[(k * d if upd_mu else 0):].view(s0.shape)
-        if full:
-            w = torch.linalg.eigvalsh(0.5 * (s + s.mT))
-            ref = vdiag.mean(1, keepdim=True)
-            return int(((w <= ref / rho * (1 + 1e-9)) | (w >= ref * rho * (1 - 1e-9))).sum())
-        return int(((s <= log_lo + 1e-12) | (s >= log_hi - 1e-12)).sum())
+        w = self.blocks(x)[-1].view(self.s0.shape)
+        if self.full:
+            eig = torch.linalg.eigvalsh(0.5 * (w + w.mT))
+            ref = self.vdiag.mean(1, keepdim=True)
+            return int(((eig <= ref / self.rho * (1 + 1e-9)) | (eig >= ref * self.rho * (1 - 1e-9))).sum())
+        return int(((w <= self.log_lo + 1e-12) | (w >= self.log_hi - 1e-12)).sum())
 
-    def project(x: Tensor) -> Tensor:
-        return pack(*unpack(x))
-
-    def g(x: Tensor) -> tuple[Tensor, float, tuple[Tensor, Tensor]]:
-        """The FPI map in packed coordinates, the potential at x (from the same KL), and the
-        mapped (means, variances) themselves (exact: no log/exp round trip)."""
-        mu, s = unpack(x)
+    def __call__(self, x: Tensor) -> tuple[Tensor, tuple[float, float, tuple[Tensor, Tensor]]]:
+        """G(x), and (the potential at x, the change the stopping rule compares, the mapped means
+        and variances themselves: exact, no log/exp round trip)."""
+        mu, s = self.unpack(x)
         kl = pairwise_kl(mu, s)
-        if c == 0 and rule == "paper":  # lambda = 0: the data statistics, in one step
-            mu_n, s_n = (m if upd_mu else mu), (v if upd_s else s)
-        elif full:
-            mu_n, s_n = _full_update(m, v, mu, s, kl, c, alpha, pi, learn)
+        lam_n, m, v = self.lam_normalised, self.m, self.v
+        if lam_n == 0 and self.rule == "paper":  # lambda = 0: the data statistics, in one step
+            mu_new, s_new = (m if self.upd_mu else mu), (v if self.upd_s else s)
+        elif self.full:
+            mu_new, s_new = _full_update(m, v, mu, s, kl, lam_n, self.alpha, self.pi, self.learn)
         else:
-            mu_n, s_n = _diag_update(m, v, mu, s, kl, c, alpha, pi, learn, rule, isotropic_mean_step)
-        value = float(_potential(m, v, mu, s, kl if c else None, c, alpha, pi))
-        if upd_s:  # only learned variances are bounded: fixed ones (e.g. identity) stay as given
-            s_n = torch.minimum(torch.maximum(s_n, log_lo.exp()), log_hi.exp()) if not full \
-                else _clamp_spd(s_n, vdiag, rho)
-        return pack(mu_n, s_n), value, (mu_n, s_n)
-
-    result = FPIResult(means=m, variances=v, iterations=0, converged=False, lam=lam, lam_normalised=c)
-    threshold = RELEASED_TOL if stop == "released" else tol
-
-    def mapped(x: Tensor) -> tuple[Tensor, tuple[float, float, tuple[Tensor, Tensor]]]:
-        """g(x) and (potential at x, the change the stopping rule uses, the mapped mu and s)."""
-        gx, value, new = g(x)
+            mu_new, s_new = _diag_update(m, v, mu, s, kl, lam_n, self.alpha, self.pi, self.learn, self.rule,
+                                         self.isotropic)
+        value = float(_potential(m, v, mu, s, kl if lam_n else None, lam_n, self.alpha, self.pi))
+        if self.upd_s:
+            s_new = _clamp_spd(s_new, self.vdiag, self.rho) if self.full else \
+                torch.minimum(torch.maximum(s_new, self.log_lo.exp()), self.log_hi.exp())
+        gx = self.pack(mu_new, s_new)
         if not torch.isfinite(gx).all():
             raise FPIDivergenceError(
-                f"FPI produced non-finite values at iteration {result.iterations} (lambda={lam:g}, pi={pi}, "
-                f"learn={learn}). Lower lambda, tighten rho, or use accel='none' with damping < 1.")
-        if stop == "released":
-            change = _class_l2(unpack(x), new, upd_mu, upd_s)
-        else:
-            change = _class_rms(gx - x, k, d, upd_mu, upd_s)
-        return gx, (value, change, new)
+                f"FPI produced non-finite values at iteration {len(self.history['change'])} (lambda="
+                f"{self.lam:g}, pi={self.pi}, learn={self.learn}). Lower lambda, tighten rho, or use "
+                "accel='none' with damping < 1.")
+        if self.stop == "released":  # max over classes of the L2 change of mu and of s, latent units
+            k = self.m.shape[0]
+            pairs = [(b, a) for b, a, on in zip((mu, s), (mu_new, s_new), (self.upd_mu, self.upd_s)) if on]
+            change = max(float((a - b).reshape(k, -1).norm(dim=1).max()) for b, a in pairs)
+        else:  # max over classes of the RMS change of each block of normalised parameters
+            change = max(float(f.pow(2).mean(1).sqrt().max()) for f in self.blocks(gx - x))
+        return gx, (value, change, (mu_new, s_new))
 
-    def done(x: Tensor, gx: Tensor, aux: tuple[float, float, tuple[Tensor, Tensor]]) -> bool:
+    def done(self, x: Tensor, gx: Tensor, aux: tuple[float, float, Any]) -> bool:
+        """Record iterate x in the history (``done`` of :func:`fixed_point`); the stopping rule."""
         value, change, _ = aux
-        result.iterations += 1
-        h = result.history
-        h["objective"].append(value)
-        h["change"].append(change)
-        h["active_bounds"].append(active(x))
-        h["time"].append(time.perf_counter() - start)
-        return change <= threshold
+        self.history["objective"].append(value)
+        self.history["change"].append(change)
+        self.history["active_bounds"].append(self.active(x))
+        self.history["time"].append(time.perf_counter() - self.start)
+        return change <= self.threshold
 
-    x, gx, (_, _, new), result.converged = fixed_point(
-        mapped, pack(mu0, s0), done, project, accel, memory, damping, max_iter)
-    if result.converged:   # the mapped point itself (exact: no log/exp round trip)
-        (mu, s), x = new, gx
+
+def _report(step: _FPIMap, x: Tensor, gx: Tensor, mapped: tuple[Tensor, Tensor], converged: bool,
+            max_iter: int, on_fail: str) -> FPIResult:
+    """The FPIResult of the last iterate; warns at solve's caller about active variance bounds,
+    and about non-convergence (or raises FPIDivergenceError with ``on_fail="raise"``)."""
+    if converged:   # the mapped point itself (exact: no log/exp round trip)
+        (mu, s), x = mapped, gx
     else:
-        mu, s = unpack(x)
-    result.means, result.variances = mu, s
-    result.bounds_active = active(x)
+        mu, s = step.unpack(x)
+    history = step.history
+    result = FPIResult(means=mu, variances=s, iterations=len(history["change"]), converged=converged,
+                       lam=step.lam, lam_normalised=step.lam_normalised, bounds_active=step.active(x),
+                       history=history)
+    rho = step.rho
     if result.bounds_active:
         warnings.warn(
             f"{result.bounds_active} variance entries sit on the bound [v/{rho:g}, v*{rho:g}]: the "
             "objective keeps pushing them outward (lambda is large for this problem). The result "
             "is the bounded optimum; lower lambda or change rho if that is not intended.",
-            FPIWarning, stacklevel=2)
-    if not result.converged:
+            FPIWarning, stacklevel=3)
+    if not converged:
         msg = (f"FPI did not converge in {max_iter} iterations (last change "
-               f"{result.history['change'][-1]:.3g} > tol {threshold:g}, stop={stop!r}; lambda={lam:g}, "
-               f"pi={pi}, learn={learn}). "
+               f"{history['change'][-1]:.3g} > tol {step.threshold:g}, stop={step.stop!r}; "
+               f"lambda={step.lam:g}, pi={step.pi}, learn={step.learn}). "
                "Raise max_iter, use damping < 1, or lower lambda.")
         if on_fail == "raise":
             raise FPIDivergenceError(msg)
-        warnings.warn(msg, FPIWarning, stacklevel=2)
+        warnings.warn(msg, FPIWarning, stacklevel=3)
     return result
-
-
-def _class_l2(before: tuple[Tensor, Tensor], after: tuple[Tensor, Tensor], upd_mu: bool,
-              upd_s: bool) -> float:
-    """The released rule's change: max over classes of the L2 norms of the learned blocks' changes."""
-    k = before[0].shape[0]
-    blocks = [i for i, on in ((0, upd_mu), (1, upd_s)) if on]
-    return max(float((after[i] - before[i]).reshape(k, -1).norm(dim=1).max()) for i in blocks)
-
-
-def _class_rms(f: Tensor, k: int, d: int, upd_mu: bool, upd_s: bool) -> float:
-    """Max over classes of the RMS change of each block of normalised parameters."""
-    out, i = 0.0, 0
-    if upd_mu:
-        out = max(out, float(f[: k * d].view(k, d).pow(2).mean(1).sqrt().max()))
-        i = k * d
-    if upd_s:
-        out = max(out, float(f[i:].view(k, -1).pow(2).mean(1).sqrt().max()))
-    return out
 
 
 def _clamp_spd(s: Tensor, vdiag: Tensor, rho: float) -> Tensor:
@@ -696,7 +702,8 @@ def gradient_residual(stats: ClassStats, means: Tensor, variances: Tensor, lam: 
     g_nll = torch.autograd.grad(nll, params, retain_graph=True)
     g_all = torch.autograd.grad(total, params)
     sd = (variances.diagonal(dim1=-2, dim2=-1) if variances.ndim == 3 else variances).sqrt()
-    scales = [sd if p is mu else (variances if variances.ndim == 2 else torch.ones_like(variances)) for p in params]
+    var_scale = variances if variances.ndim == 2 else torch.ones_like(variances)
+    scales = [sd if p is mu else var_scale for p in params]
 
     def norm(gs) -> float:
         return math.sqrt(sum(float(((gi * sc) ** 2).sum()) for gi, sc in zip(gs, scales)))

@@ -49,20 +49,10 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
     Returns:
         FPIResult; ``history`` has the potential, change, time and learning rate of every step.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown lr policy {policy!r}; choose one of {sorted(POLICIES)}")
-    check_solver_args(lam=lam, alpha=alpha, pi=pi, learn=learn, rho=rho, tol=tol, tol_zero=True)
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ValueError(f"steps must be an integer >= 1, e.g. 1000; got {steps!r}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be finite and > 0, e.g. 0.05; got {lr}")
-    if stats.num_classes < 2:
-        raise ValueError("gradient descent on J needs at least 2 classes")
-    if (a is None) != (c is None):
-        raise ValueError("give both a and c (absolute sigmoid range) or neither (data-relative range)")
+    _check_args(stats, lam, alpha, pi, learn, policy, steps, lr, a, c, rho, tol)
     start = time.perf_counter()
     k = stats.num_classes
-    cc = lam / (k * (k - 1))
+    lam_normalised = lam / (k * (k - 1))
     m, v = stats.mean(), stats.var().clamp_min(1e-8 * stats.var().mean())
     std = v.sqrt()
     lo = v / rho if c is None else torch.full_like(v, c)
@@ -82,12 +72,14 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         s = lo + width * torch.sigmoid(b * theta) if theta.requires_grad else s0
         return m + u * std, s
 
-    result = FPIResult(means=m, variances=v, iterations=0, converged=False, lam=lam, lam_normalised=cc)
+    result = FPIResult(means=m, variances=v, iterations=0, converged=False, lam=lam,
+                       lam_normalised=lam_normalised)
     result.history["lr"] = []
     for step in range(1, steps + 1):
         before = [p.detach().clone() for p in params]
         mu, s = current()
-        loss = _potential(m, v, mu, s, pairwise_kl(mu, s) if cc else None, cc, alpha, pi)
+        kl = pairwise_kl(mu, s) if lam_normalised else None
+        loss = _potential(m, v, mu, s, kl, lam_normalised, alpha, pi)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"gradient descent hit a non-finite objective at step {step}; lower lr")
         opt.zero_grad()
@@ -110,3 +102,19 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
     with torch.no_grad():
         result.means, result.variances = (t.detach() for t in current())
     return result
+
+
+def _check_args(stats: ClassStats, lam: float, alpha: float, pi: str, learn: str, policy: str, steps: int,
+                lr: float, a: float | None, c: float | None, rho: float, tol: float) -> None:
+    """:func:`solve`'s argument checks, before any work: one-line ValueErrors naming the fix."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown lr policy {policy!r}; choose one of {sorted(POLICIES)}")
+    check_solver_args(lam=lam, alpha=alpha, pi=pi, learn=learn, rho=rho, tol=tol, tol_zero=True)
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"steps must be an integer >= 1, e.g. 1000; got {steps!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be finite and > 0, e.g. 0.05; got {lr}")
+    if stats.num_classes < 2:
+        raise ValueError("gradient descent on J needs at least 2 classes")
+    if (a is None) != (c is None):
+        raise ValueError("give both a and c (absolute sigmoid range) or neither (data-relative range)")

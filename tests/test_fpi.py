@@ -84,7 +84,8 @@ def test_class_stats_match_direct_and_merge(k, d, seed):
     y = torch.cat([torch.arange(k).repeat(2), torch.randint(0, k, (30,), generator=g)])
     z = torch.randn(len(y), d, generator=g) * 3 + 1
     whole = ClassStats.from_latents(z, y, k, full=True)
-    parts = ClassStats.from_latents(z[:7], y[:7], k, full=True) + ClassStats.from_latents(z[7:], y[7:], k, full=True)
+    parts = (ClassStats.from_latents(z[:7], y[:7], k, full=True)
+             + ClassStats.from_latents(z[7:], y[7:], k, full=True))
     for c in range(k):
         zc = z[y == c]
         assert torch.allclose(whole.mean()[c], zc.mean(0))
@@ -478,38 +479,3 @@ def test_gradient_descent_lr_policy_schedule(policy):
         assert res.history["lr"][t] == pytest.approx(lr0 * (1 - t / steps) ** p, rel=1e-12, abs=0)
 
 
-# ------------------------------------------------------------------ the generic iteration
-@pytest.mark.parametrize("accel", ["anderson", "none"])
-def test_fixed_point_iteration_on_a_linear_contraction(accel):
-    """x = A x + b with spectral radius 0.95: the fixed point (I - A)^-1 b. Anderson with memory
-    >= n is a Krylov method on a linear map: x0, one plain step and n mixing steps reach it (one
-    more for rounding), where plain iteration needs log(1e-12) / log(0.95) ~ 540 iterates."""
-    n = 6
-    g = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
-    a = q @ torch.diag(torch.linspace(-0.95, 0.95, n)) @ q.T
-    b = torch.randn(n, generator=g)
-    exact = torch.linalg.solve(torch.eye(n) - a, b)
-    seen = []
-
-    def done(x, gx, aux):
-        seen.append(aux)
-        return float((gx - x).norm()) <= 1e-12
-
-    x, gx, aux, ok = fpi.fixed_point(lambda x: (a @ x + b, len(seen)), torch.zeros(n), done, accel=accel,
-                                     memory=n, max_iter=2000)
-    assert ok and torch.allclose(x, exact, atol=1e-10)
-    assert seen == list(range(len(seen)))          # done sees every iterate once, in order
-    assert len(seen) <= (n + 3 if accel == "anderson" else 2000) and (accel == "anderson" or len(seen) > 400)
-
-
-def test_fixed_point_iteration_respects_projection_and_budget():
-    """Proposals are projected (here onto x >= 0) and the budget ends with converged=False."""
-    calls = []
-
-    def g(x):
-        calls.append(x.clone())
-        return -2.0 * x + 1.0, None                     # expanding: no convergence
-
-    x, _, _, ok = fpi.fixed_point(g, torch.ones(3), lambda *_: False, lambda z: z.clamp_min(0.0), max_iter=5)
-    assert not ok and all((c >= 0).all() for c in calls)
