@@ -20,7 +20,7 @@ NB_IDS := $(foreach nb,$(NOTEBOOKS),$(firstword $(subst _, ,$(notdir $(nb)))))
 P ?=
 LAB_ARGS ?=
 
-.PHONY: venv test quick unit nbval reproduce lab bench clean $(addprefix nb-,$(NB_IDS))
+.PHONY: venv test lint quick unit nbval reproduce lab bench clean $(addprefix nb-,$(NB_IDS))
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -29,7 +29,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import nfpi, torch, torchvision, timm, papermill, jupytext, nbval"
 	touch $@
 
-test: unit nbval
+test: lint unit nbval
+
+# ruff (configured in pyproject.toml): the lint rules and the formatting, over the whole tree.
+lint: venv
+	$(BIN)/ruff check nfpi tests notebooks benchmarks scripts
+	$(BIN)/ruff format --check nfpi tests notebooks benchmarks scripts
 
 unit: venv
 	$(BIN)/python -m pytest tests -q

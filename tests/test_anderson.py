@@ -9,12 +9,7 @@ from nfpi import anderson, fpi
 from nfpi.anderson import fixed_point
 
 
-@pytest.fixture(autouse=True, scope="module")
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def contraction(n, radius, seed, symmetric=True):

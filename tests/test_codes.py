@@ -6,34 +6,13 @@ import json
 import pytest
 import torch
 
+from conftest import tiny_config
 from nfpi import data
 from nfpi.codes import ClassCodes, CodeConfig
 from nfpi.config import TrainConfig
 from nfpi.runs import load_checkpoint
 from nfpi.splits import load_data
 from nfpi.train import train
-
-TINY = {
-    "dataset": "digits", "bits": 5, "per_class": 40, "epochs": 1, "batch_size": 100,
-    "eval_batch_size": 200, "init_images": 200, "seed": 1, "threads": 1,
-    "model": {"levels": 2, "steps": 1, "hidden": 8},
-    "optim": {"warmup": 5, "ema": 0.9},
-    "gaussians": {"prior": "fpi", "lam": 40.0},
-}
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: these tiny tensors gain nothing from threads, and on a busy shared
-    CPU OpenMP spin-waiting makes them many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(**overrides) -> TrainConfig:
-    return TrainConfig.from_dict(TINY, **overrides)
-
 
 def test_codes_are_deterministic_separated_and_in_range():
     a = ClassCodes.learn(10, (1, 4, 8), seed=3)
@@ -78,7 +57,7 @@ def test_code_config_validation():
 
 
 def test_training_with_codes_and_a_monomodal_prior(tmp_path):
-    cfg = tiny(**{"codes.rows": 4, "gaussians.prior": "standard"})
+    cfg = tiny_config(**{"codes.rows": 4, "gaussians.prior": "standard"})
     train_set, test_set = load_data(cfg)
     assert train_set.shape == test_set.shape == (1, 12, 8)
     train(cfg, tmp_path, progress=False)

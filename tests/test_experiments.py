@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from conftest import tiny_config
 from nfpi import experiments, repro
 from nfpi.classifiers import ClassifierConfig
 from nfpi.experiments import (
@@ -17,29 +18,15 @@ from nfpi.experiments import (
 from nfpi.runs import keyed_run_dir
 from nfpi.train import TrainConfig, load_checkpoint, train
 
-TINY = {
-    "dataset": "digits", "bits": 5, "per_class": 40, "epochs": 1, "batch_size": 100,
-    "eval_batch_size": 200, "init_images": 200, "seed": 2, "threads": 1,
-    "model": {"levels": 2, "steps": 1, "hidden": 8},
-    "optim": {"warmup": 5, "ema": 0.9},
-    "gaussians": {"prior": "fpi", "lam": 40.0},
-}
 CNN = ClassifierConfig(epochs=1, width=4, batch_size=20, flip=False, device="cpu")
 EVAL = EvalConfig(samples_per_class=4, k=3, classifier=CNN)
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: these tiny tensors gain nothing from threads, and on a busy shared
-    CPU OpenMP spin-waiting makes them many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def base() -> TrainConfig:
-    return TrainConfig.from_dict(TINY)
+    return tiny_config(seed=2)
 
 
 @pytest.fixture(scope="module")

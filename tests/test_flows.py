@@ -112,14 +112,7 @@ CASES = {
 case_params = pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run on one thread: on these tiny tensors a second OpenMP thread only adds
-    synchronisation, and the vmap-batched Jacobians were ~100x slower with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def sample(shape: tuple[int, ...], batch: int, seed: int) -> Tensor:

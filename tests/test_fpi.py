@@ -11,13 +11,7 @@ from nfpi import fpi, gd
 from nfpi.fpi import ClassStats, FPIWarning
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_stats(k=6, d=5, n=60, sep=0.5, seed=0, full=False):

@@ -34,17 +34,7 @@ from nfpi.metrics import (
 TINY = dict(width=4, batch_size=25, device="cpu", flip=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Run this module's tiny networks on one intra-op thread.
-
-    They gain nothing from threads, and on a busy 2-core machine OpenMP spin-waiting makes
-    them 10-50x slower.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def band_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

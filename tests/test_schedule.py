@@ -8,34 +8,13 @@ import math
 import pytest
 import torch
 
+from conftest import tiny_config
 from nfpi import fpi
 from nfpi.config import TrainConfig
 from nfpi.priors import ClassGaussians
 from nfpi.runs import load_checkpoint
 from nfpi.schedule import em_overrides, fit
 from nfpi.train import train
-
-TINY = {
-    "dataset": "digits", "bits": 5, "per_class": 40, "epochs": 1, "batch_size": 100,
-    "eval_batch_size": 200, "init_images": 200, "seed": 1, "threads": 1,
-    "model": {"levels": 2, "steps": 1, "hidden": 8},
-    "optim": {"warmup": 5, "ema": 0.9},
-    "gaussians": {"prior": "fpi", "lam": 40.0},
-}
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: these tiny tensors gain nothing from threads, and on a busy shared
-    CPU OpenMP spin-waiting makes them many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny(**overrides) -> TrainConfig:
-    return TrainConfig.from_dict(TINY, **overrides)
-
 
 def correlated(n: int, d: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (n, d) of k classes with class-specific full covariances, float64."""
@@ -47,7 +26,7 @@ def correlated(n: int, d: int, k: int, seed: int = 0) -> tuple[torch.Tensor, tor
 
 
 def test_em_alternation_changes_the_gaussians_and_anneals_lambda(tmp_path):
-    cfg = tiny(epochs=1, **em_overrides(lam=400.0, merge_epoch=1, lam_decay=0.5, gd_steps=30))
+    cfg = tiny_config(epochs=1, **em_overrides(lam=400.0, merge_epoch=1, lam_decay=0.5, gd_steps=30))
     train(cfg, tmp_path, progress=False)
     first = load_checkpoint(tmp_path)[1]
     train(cfg.replace(epochs=2), tmp_path, progress=False)  # resumes: one more E-step and M-step
@@ -66,7 +45,7 @@ def test_warm_start_iterates_from_the_current_gaussians():
     z, y = correlated(300, 4, 3, seed=5)
     stats = fpi.ClassStats.from_latents(z, y, 3)
     start = ClassGaussians(stats.mean() + 2.0, stats.var())
-    cfg = tiny(**em_overrides(lam=1.0, merge_epoch=0, gd_steps=1, gd_lr=1e-4))
+    cfg = tiny_config(**em_overrides(lam=1.0, merge_epoch=0, gd_steps=1, gd_lr=1e-4))
     warm, _ = fit(cfg, stats, 1.0, start)
     cold, _ = fit(cfg, stats, 1.0)
     # One tiny gradient step: the warm solve stays at the start, the cold one at the data means.
@@ -76,7 +55,7 @@ def test_warm_start_iterates_from_the_current_gaussians():
 
 def test_annealing_options_are_validated():
     with pytest.raises(ValueError, match="lam_decay"):
-        tiny(**{"schedule.lam_decay": 0.0})
+        tiny_config(**{"schedule.lam_decay": 0.0})
     with pytest.raises(ValueError, match="lam_min"):
-        tiny(**{"schedule.lam_min": 1e6})
+        tiny_config(**{"schedule.lam_min": 1e6})
     assert math.isclose(em_overrides(5.0, 3)["gaussians.lam"], 5.0)

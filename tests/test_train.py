@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 import yaml
 from torch.optim.swa_utils import AveragedModel
 
+from conftest import tiny_config
 from nfpi import data, fpi, repro
 from nfpi.flows import Glow
 from nfpi.priors import ClassGaussians
@@ -34,18 +35,10 @@ from nfpi.splits import load_data, load_validation
 from nfpi.train import TrainConfig, _Run, load_checkpoint, main, train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {
-    "dataset": "digits", "bits": 5, "per_class": 60, "epochs": 1, "batch_size": 100,
-    "eval_batch_size": 128, "init_images": 256, "seed": 3, "threads": 1,
-    "model": {"levels": 2, "steps": 2, "hidden": 8},
-    "optim": {"warmup": 5, "ema": 0.99},
-    "gaussians": {"prior": "fpi", "lam": 40.0},
-    "schedule": {"solve_epoch": 0},
-}
-
-
 def tiny(**overrides) -> TrainConfig:
-    return TrainConfig.from_dict(TINY, **overrides)
+    """The shared tiny config, a little larger: 60 images per class, 2 steps per level."""
+    return tiny_config(**{"per_class": 60, "eval_batch_size": 128, "init_images": 256, "seed": 3,
+                          "model.steps": 2, "optim.ema": 0.99, "schedule.solve_epoch": 0, **overrides})
 
 
 @pytest.fixture(scope="module")
