@@ -12,8 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from nfpi.glem import FullGaussians   # moves to nfpi.priors on the split branch
-from nfpi.priors import ClassGaussians
+from nfpi.priors import ClassGaussians, FullGaussians
 
 
 def diagonal(k, d, seed):
