@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from . import data
 from ._util import derive_seed, eval_mode
 from .classifiers import topk_accuracy
-from .fpi import ClassStats
 from .priors import ClassGaussians, FullGaussians
+from .stats import ClassStats
 
 __all__ = ["EVAL_NOISE_SEED", "NOISE_BLOCK", "NonFiniteLossError", "batches", "class_stats", "encode",
            "evaluate_flow", "image_noise"]

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ._util import check_labels
-from .fpi import ClassStats, FPIResult
+from .fpi import FPIResult
+from .stats import ClassStats
 
 __all__ = ["ClassGaussians", "FullGaussians", "check_latents", "interpolate"]
 

@@ -89,13 +89,14 @@ from ._ddp import Layout, setup_distributed
 from ._progress import tqdm
 from ._util import derive_seed, threads
 from .config import OptimConfig, TrainConfig, parse_overrides
-from .fpi import ClassStats, FPIDivergenceError
+from .fpi import FPIDivergenceError
 from .latents import NonFiniteLossError, class_stats, evaluate_flow
 from .priors import ClassGaussians
 from .runs import (COLUMNS, CHECKPOINT_FORMAT, CheckpointError, RunDirError, build_flow, load_checkpoint,
                    resumable_checkpoint, take_run_dir, unlock_run_dir, write_run)
 from .schedule import fit, initial_gaussians, solve_lam, solves_after
 from .splits import splits
+from .stats import ClassStats
 
 # TrainConfig and load_checkpoint are re-exported: the README imports them from here.
 __all__ = ["TrainConfig", "check_config", "get_lr", "load_checkpoint", "main", "train"]
