@@ -45,6 +45,7 @@ from ._progress import tqdm
 from ._util import atomic_write, check_labels, derive_seed, eval_mode
 from .flows import ActNorm
 from .latents import encode
+from .preprocess import bin_centres, to_uint8
 from .priors import ClassGaussians
 
 __all__ = ["AugmentConfig", "ClassPCA", "NFADataset", "NFAugmenter", "generate_dataset",
@@ -428,9 +429,9 @@ def generate_dataset(augmenter: NFAugmenter, arrays: data.ImageArrays, copies: i
     for c, (s, file) in enumerate(zip(chunks, files)):
         if file.exists():
             continue
-        x = data.bin_centres(arrays.x[s:s + batch_size], bits)
+        x = bin_centres(arrays.x[s:s + batch_size], bits)
         gen = torch.Generator().manual_seed(derive_seed(seed, c))
-        pixels = data.to_uint8(augmenter.augment(x, arrays.y[s:s + batch_size], gen), bits).numpy()
+        pixels = to_uint8(augmenter.augment(x, arrays.y[s:s + batch_size], gen), bits).numpy()
         atomic_write(file, lambda f, a=pixels: np.save(f, a))
         bar.update(1)
     bar.close()
