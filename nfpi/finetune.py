@@ -50,8 +50,9 @@ from torch.utils.data import DataLoader, Dataset
 from . import data
 from ._progress import tqdm
 from ._util import pick_device, threads
-from .augment import AugmentConfig, NFAugmenter, generate_dataset, generation_fingerprint, load_generated
+from .augment import AugmentConfig, NFAugmenter
 from .classifiers import apply_batched, topk_accuracy
+from .generated import generate_dataset, generation_fingerprint, load_generated
 from .preprocess import bin_centres
 from .priors import ClassGaussians
 
