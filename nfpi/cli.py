@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from . import augment, data, plots, train
+from . import augment, data, generated, plots, train
 from .config import TrainConfig
 from .latents import NonFiniteLossError, encode, evaluate_flow
 from .runs import CheckpointError, load_checkpoint
@@ -103,8 +103,8 @@ def cmd_augment(args: argparse.Namespace) -> Path:
     train_set, _ = load_data(cfg)
     aug_cfg = augment.AugmentConfig(k=args.k, copies=args.copies, beta_max=args.beta_max)
     augmenter = augment.NFAugmenter.from_arrays(model, train_set, cfg.bits, aug_cfg, gaussians, args.batch_size)
-    out = augment.generate_dataset(augmenter, train_set, args.copies, args.out, cfg.bits, args.batch_size,
-                                   progress=not args.no_progress, seed=args.seed)
+    out = generated.generate_dataset(augmenter, train_set, args.copies, args.out, cfg.bits, args.batch_size,
+                                     progress=not args.no_progress, seed=args.seed)
     with np.load(out, allow_pickle=False) as npz:
         print(f"wrote {out}: {npz['x'].shape[0]} images {tuple(npz['x'].shape[1:])} of {len(npz['classes'])} classes")
     return out

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import data
+from .preprocess import to_uint8
 
 __all__ = ["ClassCodes", "CodeConfig"]
 
@@ -135,7 +136,7 @@ class ClassCodes:
         moved by less than one ``bits``-bit level.
         """
         codes = self.codes(arrays.y, noise, torch.Generator().manual_seed(seed))
-        return self._with_rows(arrays, data.to_uint8(codes, 8))
+        return self._with_rows(arrays, to_uint8(codes, 8))
 
     def append_random(self, arrays: data.ImageArrays, seed: int = 0) -> data.ImageArrays:
         """uint8 images with uniformly random code rows (test images: their label is unknown)."""

@@ -63,6 +63,7 @@ from .codes import ClassCodes
 from .config import NOT_KEYED, TrainConfig
 from .latents import encode, evaluate_flow
 from .metrics import cnn_accuracy, generated_metrics
+from .preprocess import bin_centres, to_uint8
 from .priors import ClassGaussians, FullGaussians
 from .runs import keyed_run_dir, load_checkpoint
 from .splits import load_data, load_validation
@@ -211,9 +212,9 @@ def load_oracle(cfg: TrainConfig, classifier: ClassifierConfig, path: str | os.P
     meta = {"dataset": cfg.dataset, "bits": cfg.bits, "pad": cfg.pad, "per_class": cfg.per_class,
             "test_per_class": cfg.test_per_class, "subset_seed": cfg.seed}
     with cpu_threads(threads):
-        model = load_or_train_oracle(data.bin_centres(train_set.x, cfg.bits), train_set.y, train_set.num_classes,
+        model = load_or_train_oracle(bin_centres(train_set.x, cfg.bits), train_set.y, train_set.num_classes,
                                      classifier, path, meta, progress=progress)
-    return Oracle(model, cfg.dataset, cfg.bits, cfg.pad, test_set.classes, data.bin_centres(test_set.x, cfg.bits),
+    return Oracle(model, cfg.dataset, cfg.bits, cfg.pad, test_set.classes, bin_centres(test_set.x, cfg.bits),
                   test_set.y)
 
 
@@ -260,7 +261,7 @@ def generate(model: nn.Module, gaussians: Prior, y: Tensor, bits: int, temperatu
         x = model.inverse(z.to(device)).float().cpu()
         finite = torch.isfinite(x).flatten(1).all(1)
         dropped += int((~finite).sum())
-        images.append(data.bin_centres(data.to_uint8(x[finite], bits), bits))
+        images.append(bin_centres(to_uint8(x[finite], bits), bits))
         labels.append(chunk[finite].cpu())
     return torch.cat(images), torch.cat(labels), dropped
 

@@ -50,8 +50,10 @@ from torch.utils.data import DataLoader, Dataset
 from . import data
 from ._progress import tqdm
 from ._util import pick_device, threads
-from .augment import AugmentConfig, NFAugmenter, generate_dataset, generation_fingerprint, load_generated
+from .augment import AugmentConfig, NFAugmenter
 from .classifiers import apply_batched, topk_accuracy
+from .generated import generate_dataset, generation_fingerprint, load_generated
+from .preprocess import bin_centres
 from .priors import ClassGaussians
 
 __all__ = ["PAPER_MODEL", "SETTINGS", "FinetuneConfig", "InputAdapter", "PretrainedWeightsMissing",
@@ -257,7 +259,7 @@ class _Images(Dataset):
             image = Image.fromarray(pixels.permute(1, 2, 0).squeeze(-1).numpy())
             array = np.asarray(self.randaugment(image), dtype=np.uint8).reshape(pixels.shape[1], pixels.shape[2], -1)
             pixels = torch.from_numpy(array.copy()).permute(2, 0, 1)
-        x = data.bin_centres(pixels, self.bits)
+        x = bin_centres(pixels, self.bits)
         if self.erasing is not None:
             x = self.erasing(x)
         return x, int(self.y[i])
@@ -344,7 +346,7 @@ def train_setting(setting: str, train: data.ImageArrays, test: data.ImageArrays,
             bar.set_postfix(loss=f"{loss_mean:.3f}")
             if max_steps is not None and steps >= max_steps:
                 break
-        x_test = data.bin_centres(test.x, bits)
+        x_test = bin_centres(test.x, bits)
         logits = apply_batched(model, x_test, cfg.eval_batch_size)
         acc = topk_accuracy(logits, test.y, ks=(1, 5))
     return {"setting": setting, "seed": cfg.seed, "top1": acc["top1"], "top5": acc["top5"],

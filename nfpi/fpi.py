@@ -16,6 +16,10 @@ re-exported here as :func:`fixed_point`), keeps variances inside
 The released code's options (SPEC §3) are available for parity: its variance rule
 (``rule="released"``), its isotropic mean step and its stopping rule (``stop="released"``).
 
+The pieces live by role and are re-exported here: the class statistics :class:`ClassStats` in
+:mod:`nfpi.stats`, the objective J, pairwise KL and kernel in :mod:`nfpi.objective`, one update
+of Eqs. 5-7 in :mod:`nfpi.updates`; this module is the solver.
+
 All K x K quantities are built from (K, D) matrix products: O(K^2 D) time, O(K^2 + K D) memory.
 """
 from __future__ import annotations
@@ -29,11 +33,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from ._util import check_choice
 from .anderson import fixed_point
+from .objective import (Learn, Pi, gradient_residual, kernel, objective, pairwise_kl, potential,
+                        unbounded_threshold)
+from .stats import ClassStats
+from .updates import Rule, diag_update, full_update, geometric_mean_solve, update
 
-Pi = Literal["pairwise", "mean"]
-Learn = Literal["both", "means", "variances"]
-Rule = Literal["paper", "released"]
 Stop = Literal["relative", "released"]
 
 RELEASED_TOL = 0.1  # the released stopping rule: per-class L2 change of mu and of s <= 0.1
@@ -54,322 +60,6 @@ class FPIDivergenceError(RuntimeError):
     """The iteration produced non-finite values; raised instead of returning NaN."""
 
 
-# ----------------------------------------------------------------------------- statistics
-@dataclass
-class ClassStats:
-    """Sum-based per-class statistics of latents, float64.
-
-    ``count`` (K,), ``total`` (K, D) = sum z, ``total_sq`` (K, D) = sum z**2 and, when built
-    with ``full=True``, ``total_outer`` (K, D, D) = sum z z^T. Because they are plain sums,
-    ``a + b`` merges batches and :meth:`all_reduce` merges processes exactly.
-    """
-
-    count: Tensor
-    total: Tensor
-    total_sq: Tensor
-    total_outer: Tensor | None = None
-
-    @classmethod
-    def from_latents(cls, z: Tensor, y: Tensor, num_classes: int, full: bool = False) -> "ClassStats":
-        """Statistics of latents ``z`` (N, D) with labels ``y`` (N,) in [0, num_classes)."""
-        if z.ndim != 2:
-            raise ValueError(f"latents must have shape (N, D), got {tuple(z.shape)}; flatten images first")
-        if y.ndim != 1 or y.shape[0] != z.shape[0]:
-            raise ValueError(f"labels must have shape ({z.shape[0]},), got {tuple(y.shape)}")
-        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-            # .long() would truncate 2.7 to class 2 without a word
-            raise ValueError(f"labels must be an integer tensor (torch.long), got {y.dtype}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(
-                f"labels must lie in [0, {num_classes}); found range [{int(y.min())}, {int(y.max())}]. "
-                "Check num_classes or remap the labels.")
-        if not torch.isfinite(z).all():
-            raise ValueError("latents contain NaN or inf; the flow diverged or the input is corrupt")
-        z = z.detach().to(torch.float64)
-        y = y.to(z.device, torch.long)
-        k, d = num_classes, z.shape[1]
-        ones = torch.ones_like(y, dtype=torch.float64)
-        count = torch.zeros(k, dtype=torch.float64, device=z.device).index_add_(0, y, ones)
-        total = torch.zeros(k, d, dtype=torch.float64, device=z.device).index_add_(0, y, z)
-        total_sq = torch.zeros(k, d, dtype=torch.float64, device=z.device).index_add_(0, y, z * z)
-        outer = None
-        if full:
-            outer = torch.zeros(k, d, d, dtype=torch.float64, device=z.device).index_add_(
-                0, y, z[:, :, None] * z[:, None, :])
-        return cls(count, total, total_sq, outer)
-
-    def __add__(self, other: "ClassStats") -> "ClassStats":
-        if self.total.shape != other.total.shape:
-            raise ValueError(f"cannot merge statistics of shapes {tuple(self.total.shape)} and "
-                             f"{tuple(other.total.shape)}")
-        outer = None
-        if self.total_outer is not None and other.total_outer is not None:
-            outer = self.total_outer + other.total_outer
-        return ClassStats(self.count + other.count, self.total + other.total,
-                          self.total_sq + other.total_sq, outer)
-
-    def all_reduce(self) -> "ClassStats":
-        """Sum the statistics over all torch.distributed processes (exact: they are sums)."""
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            for t in (self.count, self.total, self.total_sq, self.total_outer):
-                if t is not None:
-                    dist.all_reduce(t)
-        return self
-
-    @property
-    def num_classes(self) -> int:
-        return self.total.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.total.shape[1]
-
-    def mean(self) -> Tensor:
-        """Class means m_y, (K, D)."""
-        self._require_class_counts(1)
-        return self.total / self.count[:, None]
-
-    def var(self) -> Tensor:
-        """Population (biased) per-dimension class variances v_y, (K, D)."""
-        self._require_class_counts(2)
-        m = self.mean()
-        return (self.total_sq / self.count[:, None] - m * m).clamp_min(0.0)
-
-    def cov(self) -> Tensor:
-        """Population class covariances, (K, D, D); needs ``full=True`` statistics."""
-        if self.total_outer is None:
-            raise ValueError("full covariances need ClassStats.from_latents(..., full=True)")
-        self._require_class_counts(2)
-        m = self.mean()
-        return self.total_outer / self.count[:, None, None] - m[:, :, None] * m[:, None, :]
-
-    def _require_class_counts(self, minimum: int) -> None:
-        small = (self.count < minimum).nonzero().flatten().tolist()
-        if small:
-            raise ValueError(
-                f"classes {small} have fewer than {minimum} samples "
-                f"(counts {[int(self.count[i]) for i in small]}); a class Gaussian needs at least 2. "
-                "Use more data per class or drop those classes.")
-
-
-# ------------------------------------------------------------------------------ KL, kernel
-def pairwise_kl(means: Tensor, variances: Tensor) -> Tensor:
-    """KL(N_y || N_y') for all pairs, (K, K), diagonal zero.
-
-    ``means``/``variances``: (K, D) for diagonal Gaussians, or variances (K, D, D) for full
-    covariances (small D only). Diagonal case uses matrix products only (no K x K x D tensor).
-    """
-    k, d = means.shape
-    if variances.ndim == 3:
-        prec = torch.linalg.inv(variances)                              # (K, D, D)
-        logdet = torch.linalg.slogdet(variances)[1]                     # (K,)
-        tr = torch.einsum("aij,bji->ab", variances, prec)               # tr(S_b^-1 S_a)
-        diff = means[:, None, :] - means[None, :, :]                    # (K, K, D): D is small here
-        quad = torch.einsum("abi,bij,abj->ab", diff, prec, diff)
-    else:
-        # KL is translation invariant: centring limits cancellation in the expanded square.
-        mu = means - means.mean(0, keepdim=True)
-        prec = variances.reciprocal()
-        logdet = variances.log().sum(1)
-        tr = variances @ prec.T
-        quad = (mu * mu) @ prec.T - 2.0 * mu @ (mu * prec).T + (mu * mu * prec).sum(1)[None, :]
-    kl = 0.5 * (tr + quad - d + logdet[None, :] - logdet[:, None])
-    return kl * (1.0 - torch.eye(k, dtype=kl.dtype, device=kl.device))
-
-
-def _scale(kl: Tensor, pi: Pi) -> Tensor:
-    """pi of Eq. 9 (pairwise) or Eq. 10 (mean), detached: it is held fixed in an update."""
-    kl = kl.detach()
-    k = kl.shape[0]
-    if pi == "pairwise":
-        return kl
-    if pi == "mean":
-        return (kl.sum() / (k * (k - 1))).expand_as(kl)
-    raise ValueError(f"pi must be 'pairwise' or 'mean', got {pi!r}")
-
-
-def kernel(kl: Tensor, alpha: float, pi: Pi) -> Tensor:
-    """K_yy' = exp(-KL/(pi alpha)) / (pi alpha) (Proposition 1), zero diagonal, (K, K)."""
-    k = kl.shape[0]
-    off = ~torch.eye(k, dtype=torch.bool, device=kl.device)
-    p = _scale(kl, pi)
-    tiny = torch.finfo(kl.dtype).tiny ** 0.5
-    if bool((p[off] <= tiny).any()):
-        raise ValueError(
-            "two class Gaussians are identical (KL = 0), so pi = KL is zero and the kernel is "
-            "undefined. Check for duplicated classes or labels, or use pi='mean'.")
-    pa = p * alpha
-    return torch.where(off, torch.exp(-kl / pa) / pa, torch.zeros_like(kl))
-
-
-def unbounded_threshold(num_classes: int, alpha: float = 10.0, pi: Pi = "pairwise") -> float:
-    """Un-normalised lambda above which one learned variance of the paper rule runs to its bound.
-
-    Let one variance s = s_y,d grow, c = lambda / (K (K-1)), and write 2 s dJ/ds = 1 - R(s).
-    - ``pi="pairwise"`` (SPEC §3): the potential has -c e^{-1/alpha}/alpha log KL_yy' with
-      KL_yy' ~ s / (2 s_y'), so R -> 2 c (K-1) e^{-1/alpha}/alpha: J is unbounded below once
-      lambda e^{-1/alpha} / (K alpha) > 1/2.
-    - ``pi="mean"``: pi = P, the mean KL, is held fixed in an update but grows with s,
-      P ~ s sum_y' 1/(2 s_y') / (K (K-1)). With equal s_y' over the other classes,
-      KL_yy' / P -> K and s K_yy' -> 2 K (K-1) e^{-K/alpha} / (alpha s_y'), so the update's
-      ratio s_new^2 / s^2 -> R = 2 lambda e^{-K/alpha} / alpha: above lambda = alpha e^{K/alpha} / 2
-      each update multiplies s by sqrt(R) > 1 once s is large.
-    """
-    if pi == "pairwise":
-        return 0.5 * num_classes * alpha * math.exp(1.0 / alpha)
-    if pi == "mean":
-        return 0.5 * alpha * math.exp(num_classes / alpha)
-    raise ValueError(f"pi must be 'pairwise' or 'mean', got {pi!r}")
-
-
-# ------------------------------------------------------------------------------- objective
-def _nll(m: Tensor, v: Tensor, means: Tensor, variances: Tensor) -> Tensor:
-    """sum_y NLL_y (SPEC §2, without constants); diagonal (K, D) or full (K, D, D)."""
-    if variances.ndim == 3:
-        diff = m - means
-        scatter = v + diff[:, :, None] * diff[:, None, :]
-        prec = torch.linalg.inv(variances)
-        return 0.5 * (torch.einsum("kij,kji->", prec, scatter) + torch.linalg.slogdet(variances)[1].sum())
-    return 0.5 * ((v + (m - means) ** 2) / variances + variances.log()).sum()
-
-
-def objective(stats: ClassStats, means: Tensor, variances: Tensor, lam: float,
-              alpha: float = 10.0, pi: Pi = "pairwise") -> Tensor:
-    """The potential whose gradient is that of J with pi held fixed (scalar tensor).
-
-    pi="mean": J itself with pi detached. pi="pairwise": J with pi = KL has a constant
-    repulsion value, so the potential sum_y NLL_y - c e^{-1/alpha}/alpha sum log KL_yy'
-    (same gradient, SPEC §2) is returned instead: it is what FPI and gradient descent both
-    minimise and what the history reports. Differentiable in ``means`` and ``variances``.
-    """
-    k = stats.num_classes
-    full = variances.ndim == 3
-    m, v = stats.mean(), (stats.cov() if full else stats.var())
-    kl = pairwise_kl(means, variances) if lam else None
-    return _potential(m, v, means, variances, kl, lam / (k * (k - 1)), alpha, pi)
-
-
-def _potential(m: Tensor, v: Tensor, means: Tensor, variances: Tensor, kl: Tensor | None,
-               lam_normalised: float, alpha: float, pi: Pi) -> Tensor:
-    """:func:`objective` from precomputed data moments and KL matrix (None when lambda = 0)."""
-    nll = _nll(m, v, means, variances)
-    if kl is None:
-        return nll
-    off = ~torch.eye(kl.shape[0], dtype=torch.bool, device=kl.device)
-    if pi == "pairwise":
-        return nll - lam_normalised * math.exp(-1.0 / alpha) / alpha * kl[off].log().sum()
-    return nll + lam_normalised * torch.exp(-kl / (_scale(kl, pi) * alpha))[off].sum()
-
-
-# ------------------------------------------------------------------------------ the update
-def _diag_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, lam_normalised: float,
-                 alpha: float, pi: Pi, learn: Learn, rule: Rule, isotropic: bool) -> tuple[Tensor, Tensor]:
-    """One Jacobi sweep of Eqs. 5-7 from iterate (mu, s), all (K, D), with kl = KL(mu, s)."""
-    kmat = kernel(kl, alpha, pi)
-    kt = kmat.T
-    col = kt.sum(1, keepdim=True)                   # sum_y' K_y'y, (K, 1)
-    row = kmat.sum(1, keepdim=True)                 # sum_y' K_yy'
-    prec = s.reciprocal()
-    prec_sum = kmat @ prec                          # sum_y' K_yy'/s_y', shared by both updates
-    kt_mu = kt @ mu                                 # sum_y' K_y'y mu_y'
-    mu_new, s_new = mu, s
-    if learn in ("both", "means"):
-        s_m, p_m, kp = s, prec, prec_sum
-        if isotropic:
-            # Released option, exactly as in the authors' code: each precision 1/s_y, 1/s_y'
-            # becomes its mean over dimensions (mean of reciprocals) and the outer s_y its mean:
-            #   mu_y <- m_y + c mean_d(s_y) sum_y' (K_yy' mean_d(1/s_y') + K_y'y mean_d(1/s_y)) d_yy'
-            s_m = s.mean(1, keepdim=True)
-            p_m = prec.mean(1, keepdim=True)
-            kp = kmat @ p_m
-        # sum_y' K_yy' d_yy'/s_y' + (1/s_y) sum_y' K_y'y d_yy', with d_yy' = mu_y - mu_y'
-        push = mu * kp - kmat @ (mu * p_m) + (mu * col - kt_mu) * p_m
-        mu_new = m + lam_normalised * s_m * push
-    if learn in ("both", "variances"):
-        tau = lam_normalised * (row - col)
-        if rule == "paper":
-            d2 = mu * (mu * col - 2.0 * kt_mu) + kt @ (mu * mu)          # sum_y' K_y'y d_yy'^2
-            a = (1.0 + tau) * prec + lam_normalised * prec * prec * (d2 + kt @ s)
-            b = v + (m - mu) ** 2 + lam_normalised * s * s * prec_sum
-        elif rule == "released":
-            # released code (SPEC §3): A multiplied by s^2, data variance instead of the
-            # scatter, and q_y' = sum_l (mu_y' - mu_l)^2 in place of d_yy'^2.
-            q = _spread(mu)
-            a = (1.0 + tau) * s + lam_normalised * (kt @ (q + s))
-            b = v + lam_normalised * s * s * prec_sum
-        else:
-            raise ValueError(f"rule must be 'paper' or 'released', got {rule!r}")
-        # 2 dJ/ds = A - B/s^2: where A <= 0 J decreases as s grows, so send s to the upper
-        # bound (it is clamped by the caller) instead of taking the root of a negative number.
-        s_new = torch.where(a > 0, (b / a.clamp_min(torch.finfo(a.dtype).tiny)).sqrt(),
-                            torch.full_like(s, math.inf))
-    return mu_new, s_new
-
-
-def update(stats: ClassStats, means: Tensor, variances: Tensor, lam: float, alpha: float = 10.0,
-           pi: Pi = "pairwise", learn: Learn = "both", rule: Rule = "paper",
-           isotropic_mean_step: bool = False) -> tuple[Tensor, Tensor]:
-    """One undamped, unbounded update of :func:`solve` from (means (K, D), variances (K, D)):
-    Eqs. 5-7, or the released rules. A returned fixed point of :func:`solve` maps to itself."""
-    k = stats.num_classes
-    kl = pairwise_kl(means, variances)
-    return _diag_update(stats.mean(), stats.var(), means, variances, kl, lam / (k * (k - 1)), alpha, pi,
-                        learn, rule, isotropic_mean_step)
-
-
-def _spread(mu: Tensor) -> Tensor:
-    """q_y = sum_l (mu_y - mu_l)^2 per dimension, (K, D), without a K x K x D tensor."""
-    k = mu.shape[0]
-    return k * mu * mu - 2.0 * mu * mu.sum(0, keepdim=True) + (mu * mu).sum(0, keepdim=True)
-
-
-def _sym_sqrt(a: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric square root and inverse square root of SPD matrices (..., D, D)."""
-    w, q = torch.linalg.eigh(a)
-    w = w.clamp_min(torch.finfo(a.dtype).tiny)
-    return (q * w.sqrt()[..., None, :]) @ q.mT, (q * w.rsqrt()[..., None, :]) @ q.mT
-
-
-def geometric_mean_solve(a: Tensor, b: Tensor) -> Tensor:
-    """The SPD solution X of X A X = B: X = A^-1 # B = A^-1/2 (A^1/2 B A^1/2)^1/2 A^-1/2."""
-    ah, aih = _sym_sqrt(a)
-    mid, _ = _sym_sqrt(ah @ b @ ah)
-    x = aih @ mid @ aih
-    return 0.5 * (x + x.mT)
-
-
-def _full_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, lam_normalised: float,
-                 alpha: float, pi: Pi, learn: Learn) -> tuple[Tensor, Tensor]:
-    """Eqs. 5-7 with full covariances s (K, D, D): Sigma <- A^-1 # B."""
-    kmat = kernel(kl, alpha, pi)
-    prec = torch.linalg.inv(s)
-    d = mu[:, None, :] - mu[None, :, :]                                # (K, K, D), D small
-    mu_new, s_new = mu, s
-    if learn in ("both", "means"):
-        # Sigma_y sum_y' (K_yy' P_y' + K_y'y P_y) d_yy'
-        w = torch.einsum("ab,bij,abj->ai", kmat, prec, d) + torch.einsum("ba,aij,abj->ai", kmat, prec, d)
-        mu_new = m + lam_normalised * torch.einsum("aij,aj->ai", s, w)
-    if learn in ("both", "variances"):
-        tau = lam_normalised * (kmat.sum(1) - kmat.sum(0))
-        outer = d[:, :, :, None] * d[:, :, None, :]
-        spread = s[None, :, :, :].expand(len(mu), -1, -1, -1) + outer          # S_y' + d d^T
-        cterm = lam_normalised * torch.einsum("ba,abij->aij", kmat, spread)
-        a = (1.0 + tau)[:, None, None] * prec + prec @ cterm @ prec
-        diff = m - mu
-        kprec = torch.einsum("ab,bij->aij", kmat, prec)                   # sum_y' K_yy' P_y'
-        b = v + diff[:, :, None] * diff[:, None, :] + lam_normalised * s @ kprec @ s
-        s_new = geometric_mean_solve(0.5 * (a + a.mT), 0.5 * (b + b.mT))
-    return mu_new, s_new
-
-
-
-# ------------------------------------------------------------------------------ the solver
-def _check_choice(name: str, value: object, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-
-
 def check_solver_args(*, lam: float, alpha: float, pi: str, learn: str, rho: float, tol: float,
                       max_iter: int | None = None, tol_zero: bool = False) -> None:
     """Argument checks shared by :func:`solve` and :func:`nfpi.gd.solve`: one-line ValueErrors
@@ -386,8 +76,8 @@ def check_solver_args(*, lam: float, alpha: float, pi: str, learn: str, rho: flo
         raise ValueError(f"tol must be finite and {'>=' if tol_zero else '>'} 0, e.g. 1e-10; got {tol}")
     if max_iter is not None and not (isinstance(max_iter, int) and max_iter >= 1):
         raise ValueError(f"max_iter must be an integer >= 1, e.g. 1000; got {max_iter!r}")
-    _check_choice("pi", pi, ("pairwise", "mean"))
-    _check_choice("learn", learn, ("both", "means", "variances"))
+    check_choice("pi", pi, ("pairwise", "mean"))
+    check_choice("learn", learn, ("both", "means", "variances"))
 
 
 @dataclass
@@ -481,10 +171,10 @@ def _check_solve_args(stats: ClassStats, lam: float, alpha: float, pi: str, lear
     if stats.num_classes < 2:
         raise ValueError("FPI needs at least 2 classes")
     check_solver_args(lam=lam, alpha=alpha, pi=pi, learn=learn, rho=rho, tol=tol, max_iter=max_iter)
-    _check_choice("rule", rule, ("paper", "released"))
-    _check_choice("covariance", covariance, ("diag", "full"))
-    _check_choice("accel", accel, ("anderson", "none"))
-    _check_choice("on_fail", on_fail, ("warn", "raise"))
+    check_choice("rule", rule, ("paper", "released"))
+    check_choice("covariance", covariance, ("diag", "full"))
+    check_choice("accel", accel, ("anderson", "none"))
+    check_choice("on_fail", on_fail, ("warn", "raise"))
     if accel == "anderson" and not (isinstance(memory, int) and memory >= 1):
         raise ValueError(f"memory (Anderson history) must be an integer >= 1, got {memory!r}")
     if not var_floor >= 0:
@@ -615,11 +305,11 @@ class _FPIMap:
         if lam_n == 0 and self.rule == "paper":  # lambda = 0: the data statistics, in one step
             mu_new, s_new = (m if self.upd_mu else mu), (v if self.upd_s else s)
         elif self.full:
-            mu_new, s_new = _full_update(m, v, mu, s, kl, lam_n, self.alpha, self.pi, self.learn)
+            mu_new, s_new = full_update(m, v, mu, s, kl, lam_n, self.alpha, self.pi, self.learn)
         else:
-            mu_new, s_new = _diag_update(m, v, mu, s, kl, lam_n, self.alpha, self.pi, self.learn, self.rule,
-                                         self.isotropic)
-        value = float(_potential(m, v, mu, s, kl if lam_n else None, lam_n, self.alpha, self.pi))
+            mu_new, s_new = diag_update(m, v, mu, s, kl, lam_n, self.alpha, self.pi, self.learn, self.rule,
+                                        self.isotropic)
+        value = float(potential(m, v, mu, s, kl if lam_n else None, lam_n, self.alpha, self.pi))
         if self.upd_s:
             s_new = _clamp_spd(s_new, self.vdiag, self.rho) if self.full else \
                 torch.minimum(torch.maximum(s_new, self.log_lo.exp()), self.log_hi.exp())
@@ -685,34 +375,3 @@ def _clamp_spd(s: Tensor, vdiag: Tensor, rho: float) -> Tensor:
     w = torch.minimum(torch.maximum(w, ref / rho), ref * rho)
     return (q * w[..., None, :]) @ q.mT
 
-
-def gradient_residual(stats: ClassStats, means: Tensor, variances: Tensor, lam: float,
-                      alpha: float = 10.0, pi: Pi = "pairwise", learn: Learn = "both") -> float:
-    """Relative stationarity residual ||grad J|| / (||grad NLL|| + ||grad repulsion||).
-
-    Gradients of the learned parameters with pi held fixed, in natural units (mean gradient
-    times the std, variance gradient times the variance) so the ratio is scale free; 0 at
-    lambda = 0 is reported as the plain natural-unit norm.
-    """
-    mu = means.detach().clone().requires_grad_(True)
-    s = variances.detach().clone().requires_grad_(True)
-    nll = objective(stats, mu, s, 0.0, alpha, pi)
-    total = objective(stats, mu, s, lam, alpha, pi)
-    params = [p for p, on in ((mu, learn != "variances"), (s, learn != "means")) if on]
-    g_nll = torch.autograd.grad(nll, params, retain_graph=True)
-    g_all = torch.autograd.grad(total, params)
-    sd = (variances.diagonal(dim1=-2, dim2=-1) if variances.ndim == 3 else variances).sqrt()
-    var_scale = variances if variances.ndim == 2 else torch.ones_like(variances)
-    scales = [sd if p is mu else var_scale for p in params]
-
-    def norm(gs) -> float:
-        return math.sqrt(sum(float(((gi * sc) ** 2).sum()) for gi, sc in zip(gs, scales)))
-
-    n_all = norm(g_all)
-    size = math.sqrt(sum(p.numel() for p in params))
-    if lam == 0:  # nothing to balance: the RMS natural-unit gradient is already scale free
-        return n_all / size
-    n_nll = norm(g_nll)
-    n_rep = norm([a - b for a, b in zip(g_all, g_nll)])
-    # The floor keeps a negligible repulsion (both terms at rounding level) from reading as 1.
-    return n_all / (n_nll + n_rep + 1e-12 * size)

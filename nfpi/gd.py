@@ -20,7 +20,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .fpi import ClassStats, FPIResult, Learn, Pi, _potential, check_solver_args, pairwise_kl
+from .fpi import FPIResult, check_solver_args
+from .objective import Learn, Pi, pairwise_kl, potential
+from .stats import ClassStats
 
 __all__ = ["POLICIES", "solve"]
 
@@ -79,7 +81,7 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         before = [p.detach().clone() for p in params]
         mu, s = current()
         kl = pairwise_kl(mu, s) if lam_normalised else None
-        loss = _potential(m, v, mu, s, kl, lam_normalised, alpha, pi)
+        loss = potential(m, v, mu, s, kl, lam_normalised, alpha, pi)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"gradient descent hit a non-finite objective at step {step}; lower lr")
         opt.zero_grad()

@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from . import data
 from ._util import derive_seed, eval_mode
 from .classifiers import topk_accuracy
-from .fpi import ClassStats
+from .preprocess import bin_centres, bits_per_dim
 from .priors import ClassGaussians, FullGaussians
+from .stats import ClassStats
 
 __all__ = ["EVAL_NOISE_SEED", "NOISE_BLOCK", "NonFiniteLossError", "batches", "class_stats", "encode",
            "evaluate_flow", "image_noise"]
@@ -57,7 +58,7 @@ def batches(arrays: data.ImageArrays, bits: int, batch_size: int, device: torch.
     for chunk, start in enumerate(range(0, len(arrays), batch_size)):
         if chunk % world != rank:
             continue
-        x = data.bin_centres(arrays.x[start:start + batch_size], bits)
+        x = bin_centres(arrays.x[start:start + batch_size], bits)
         if noise is not None:  # bin centre + (u - 1/2) bin widths = 2 (xq + u) / 2^bits - 1
             x += (image_noise(noise, start, start + len(x), x.shape[1:]) - 0.5) * (2.0 / (1 << bits))
         yield x.to(device), arrays.y[start:start + batch_size].to(device)
@@ -159,6 +160,6 @@ def evaluate_flow(model: nn.Module, gaussians: Prior, arrays: data.ImageArrays, 
         centres, score, y = _test_pass(model, gaussians, arrays, bits, batch_size, None)
     dim = math.prod(arrays.shape)
     acc = topk_accuracy(score, y, ks=(1, 5))
-    return {"test_nll": float(nll.mean()), "test_bpd": float(data.bits_per_dim(nll.mean(), dim, bits)),
-            "test_bpd_centres": float(data.bits_per_dim(centres.mean(), dim, bits)),
+    return {"test_nll": float(nll.mean()), "test_bpd": float(bits_per_dim(nll.mean(), dim, bits)),
+            "test_bpd_centres": float(bits_per_dim(centres.mean(), dim, bits)),
             "acc_top1": acc["top1"], "acc_top5": acc["top5"]}

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import data
 from .augment import NFAugmenter
 from .fpi import FPIResult
+from .preprocess import bin_centres, to_uint8
 from .priors import ClassGaussians, interpolate
 
 __all__ = ["augmentation_bars", "class_samples", "image_grid", "interpolations", "latent_tsne", "nfa_grid",
@@ -159,7 +160,7 @@ def image_grid(images: Tensor, bits: int, ncols: int, row_labels: Sequence[str] 
                col_labels: Sequence[str] | None = None, title: str | None = None,
                path: PathLike = None) -> Figure:
     """Images (N, C, H, W) in [-1, 1], row-major in a grid of ``ncols`` columns."""
-    pixels = data.to_uint8(images.detach().cpu(), bits).permute(0, 2, 3, 1).numpy()
+    pixels = to_uint8(images.detach().cpu(), bits).permute(0, 2, 3, 1).numpy()
     n, h, w, c = pixels.shape
     nrows = -(-n // ncols)
     canvas = np.full((nrows * (h + 1) - 1, ncols * (w + 1) - 1, c), 255, dtype=np.uint8)
@@ -233,7 +234,7 @@ def interpolations(model: nn.Module, prior: ClassGaussians, arrays: data.ImageAr
         ia = (arrays.y == a).nonzero().flatten()
         ib = (arrays.y == b).nonzero().flatten()
         first, second = (int(ia[0]), int(ia[1])) if a == b else (int(ia[0]), int(ib[0]))
-        x = data.bin_centres(arrays.x[[first, second]], bits).to(device)
+        x = bin_centres(arrays.x[[first, second]], bits).to(device)
         with torch.no_grad():
             z = model(x)[0].float()
         mu_a, mu_b = prior.means[a].to(device), prior.means[b].to(device)
@@ -262,7 +263,7 @@ def nfa_grid(augmenter: NFAugmenter, arrays: data.ImageArrays, bits: int, classe
         members = (arrays.y == c).nonzero().flatten()[:per_class]
         if len(members) < per_class:
             raise ValueError(f"class {c} has {len(members)} images, fewer than per_class={per_class}")
-        x = data.bin_centres(arrays.x[members], bits)
+        x = bin_centres(arrays.x[members], bits)
         y = arrays.y[members]
         outs = [augmenter.augment(x, y, gen).cpu() for _ in range(variants)]
         for i in range(len(members)):

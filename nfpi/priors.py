@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from ._util import check_labels
-from .fpi import ClassStats, FPIResult
+from .fpi import FPIResult
+from .stats import ClassStats
 
 __all__ = ["ClassGaussians", "FullGaussians", "check_latents", "interpolate"]
 
@@ -50,6 +51,12 @@ def check_latents(z: Tensor, dim: int, finite: bool = True) -> None:
                          "the flow diverged or its input is corrupt, so no class can be scored")
 
 
+def _check_finite(*params: Tensor) -> None:
+    """Class Gaussian parameters (means, variances or factors) must be free of NaN/inf."""
+    if not all(bool(torch.isfinite(t).all()) for t in params):
+        raise ValueError("class Gaussian parameters contain NaN or inf")
+
+
 class ClassGaussians(nn.Module):
     """K diagonal Gaussians over a D-dimensional latent; ``means``/``variances`` are (K, D) buffers.
 
@@ -61,8 +68,7 @@ class ClassGaussians(nn.Module):
         super().__init__()
         if means.ndim != 2 or means.shape != variances.shape:
             raise ValueError(f"means and variances must both be (K, D), got {tuple(means.shape)} and {tuple(variances.shape)}")
-        if not (torch.isfinite(means).all() and torch.isfinite(variances).all()):
-            raise ValueError("class Gaussian parameters contain NaN or inf")
+        _check_finite(means, variances)
         if (variances <= 0).any():
             raise ValueError("class variances must be positive")
         self.register_buffer("means", means.detach().clone().float())
@@ -159,6 +165,7 @@ class FullGaussians(nn.Module):
         if factor.ndim != 3 or factor.shape[:2] != (k, d) or diag.shape != (k, d):
             raise ValueError(f"need means (K, D), factor (K, D, r), diag (K, D); got {tuple(means.shape)}, "
                              f"{tuple(factor.shape)}, {tuple(diag.shape)}")
+        _check_finite(means, factor, diag)
         if (diag <= 0).any():
             raise ValueError("the diagonal part of the covariances must be positive")
         self.register_buffer("means", means.detach().float().clone())
@@ -241,7 +248,9 @@ class FullGaussians(nn.Module):
 
     def nll(self, z: Tensor, y: Tensor) -> Tensor:
         """-log N(z_i; mu_{y_i}, Sigma_{y_i}), (B,)."""
-        return -self.log_prob(z).gather(1, y[:, None].to(z.device)).squeeze(1)
+        scores = self.log_prob(z)
+        y = check_labels(y, num_classes=self.num_classes)
+        return -scores.gather(1, y[:, None].to(z.device)).squeeze(1)
 
     def predict(self, z: Tensor) -> Tensor:
         """argmax_y log N(z; mu_y, Sigma_y) with equal class priors, (B,)."""
@@ -250,8 +259,7 @@ class FullGaussians(nn.Module):
     def sample(self, y: Tensor, temperature: float = 1.0, mean_scale: float = 1.0,
                generator: torch.Generator | None = None) -> Tensor:
         """z = mean_scale mu_y + temperature (W_y eps_r + sqrt(d_y) eps_D), y (B,) -> (B, D)."""
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes})")
+        check_labels(y, num_classes=self.num_classes)
         device = self.means.device
         eps_r = torch.randn(y.shape[0], self.rank, generator=generator, device=device)
         eps_d = torch.randn(y.shape[0], self.dim, generator=generator, device=device)

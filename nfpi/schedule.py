@@ -37,8 +37,8 @@ import torch
 
 from . import fpi, gd
 from .config import TrainConfig
-from .fpi import ClassStats
 from .priors import ClassGaussians
+from .stats import ClassStats
 
 __all__ = ["em_overrides", "fit", "initial_gaussians", "solve_lam", "solves_after"]
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from . import data
 from .codes import ClassCodes
 from .config import TrainConfig
+from .preprocess import class_balanced_indices, stratified_split
 
 __all__ = ["load_data", "load_validation", "splits"]
 
@@ -39,12 +40,12 @@ def splits(cfg: TrainConfig) -> tuple[data.ImageArrays, data.ImageArrays | None,
             f"dataset {cfg.dataset!r}: the train and test splits differ (images {train_set.shape} vs "
             f"{test_set.shape}, classes {train_set.classes} vs {test_set.classes}); both need the same")
     if cfg.per_class is not None:
-        train_set = train_set.subset(data.class_balanced_indices(train_set.y, cfg.per_class, cfg.seed))
+        train_set = train_set.subset(class_balanced_indices(train_set.y, cfg.per_class, cfg.seed))
     if cfg.test_per_class is not None:
-        test_set = test_set.subset(data.class_balanced_indices(test_set.y, cfg.test_per_class, cfg.seed))
+        test_set = test_set.subset(class_balanced_indices(test_set.y, cfg.test_per_class, cfg.seed))
     val_set = None
     if cfg.val_fraction:
-        keep, held = data.stratified_split(train_set.y, 1.0 - cfg.val_fraction, cfg.seed)
+        keep, held = stratified_split(train_set.y, 1.0 - cfg.val_fraction, cfg.seed)
         train_set, val_set = train_set.subset(keep), train_set.subset(held)
     held_out = [test_set] if val_set is None else [test_set, val_set]
     if cfg.pad:

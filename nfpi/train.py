@@ -84,18 +84,20 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import data, repro
+from . import repro
 from ._ddp import Layout, setup_distributed
 from ._progress import tqdm
 from ._util import derive_seed, threads
 from .config import OptimConfig, TrainConfig, parse_overrides
-from .fpi import ClassStats, FPIDivergenceError
+from .fpi import FPIDivergenceError
 from .latents import NonFiniteLossError, class_stats, evaluate_flow
+from .preprocess import FlowDataset, bits_per_dim, dequantize, quantize, stratified_split
 from .priors import ClassGaussians
 from .runs import (COLUMNS, CHECKPOINT_FORMAT, CheckpointError, RunDirError, build_flow, load_checkpoint,
                    resumable_checkpoint, take_run_dir, unlock_run_dir, write_run)
 from .schedule import fit, initial_gaussians, solve_lam, solves_after
 from .splits import splits
+from .stats import ClassStats
 
 # TrainConfig and load_checkpoint are re-exported: the README imports them from here.
 __all__ = ["TrainConfig", "check_config", "get_lr", "load_checkpoint", "main", "train"]
@@ -158,7 +160,7 @@ class _Run:
         # D_NF trains the flow, D_G fits the Gaussians: the same set without a split.
         self.nf_set, self.g_set = self.train_set, self.train_set
         if cfg.schedule.dg_fraction is not None:
-            nf_idx, g_idx = data.stratified_split(self.train_set.y, 1.0 - cfg.schedule.dg_fraction, cfg.seed)
+            nf_idx, g_idx = stratified_split(self.train_set.y, 1.0 - cfg.schedule.dg_fraction, cfg.seed)
             self.nf_set, self.g_set = self.train_set.subset(nf_idx), self.train_set.subset(g_idx)
         if len(self.nf_set) < cfg.batch_size:
             raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(self.nf_set)} training images; "
@@ -187,9 +189,9 @@ class _Run:
         gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 1))
         n = min(cfg.init_images, len(self.nf_set))
         idx = torch.randperm(len(self.nf_set), generator=gen)[:n]
-        xq = data.quantize(self.nf_set.x[idx], cfg.bits)
+        xq = quantize(self.nf_set.x[idx], cfg.bits)
         with torch.no_grad():
-            self.model(data.dequantize(xq, cfg.bits, noise=True, generator=gen).to(self.device))
+            self.model(dequantize(xq, cfg.bits, noise=True, generator=gen).to(self.device))
         self._make_ema()
         stats, seed = self._stats(-1)
         initial = initial_gaussians(cfg, stats)
@@ -224,7 +226,7 @@ class _Run:
         merged = cfg.schedule.merge_epoch is not None and epoch > cfg.schedule.merge_epoch
         arrays = self.train_set if merged else self.nf_set
         noise = torch.Generator().manual_seed(derive_seed(cfg.seed, 2, epoch, layout.rank))
-        dataset = data.FlowDataset(arrays, cfg.bits, train=True, generator=noise)
+        dataset = FlowDataset(arrays, cfg.bits, train=True, generator=noise)
         sampler = DistributedSampler(dataset, num_replicas=layout.world, rank=layout.rank, shuffle=True,
                                      seed=cfg.seed, drop_last=True)
         sampler.set_epoch(epoch)
@@ -260,14 +262,14 @@ class _Run:
             self.ema.update_parameters(self.model)
             total, norms, count = total + float(loss.detach()), norms + float(norm), count + 1
             if self.progress:
-                bar.set_postfix(bpd=f"{float(data.bits_per_dim(loss.detach(), self.dim, cfg.bits)):.3f}")
+                bar.set_postfix(bpd=f"{float(bits_per_dim(loss.detach(), self.dim, cfg.bits)):.3f}")
         mean, norm_mean = total / count, norms / count
         if self.layout.active:  # report the loss over all processes
             both = torch.tensor([mean, norm_mean], dtype=torch.float64, device=self.device)
             dist.all_reduce(both)
             mean, norm_mean = float(both[0]) / self.layout.world, float(both[1]) / self.layout.world
         return {"lr": get_lr(self.step, cfg.optim), "train_nll": mean,
-                "train_bpd": float(data.bits_per_dim(torch.tensor(mean), self.dim, cfg.bits)),
+                "train_bpd": float(bits_per_dim(torch.tensor(mean), self.dim, cfg.bits)),
                 "grad_norm": norm_mean}
 
     def _check_finite(self, value: Tensor, what: str, epoch: int, step: int) -> None:

@@ -2,8 +2,8 @@
 :class:`nfpi.priors.ClassGaussians` and the full-covariance ``FullGaussians`` (RFCM).
 
 ``log_prob``, ``nll``, ``predict``, ``sample``, ``dim``/``num_classes``, buffers and bad
-input are checked against float64 torch.distributions references. Where the two classes differ
-the difference is stated by a strict xfail, not papered over.
+input are checked against float64 torch.distributions references; bad labels and NaN
+parameters must give the same ValueErrors from both.
 """
 import io
 
@@ -12,8 +12,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from nfpi.priors import FullGaussians   # moves to nfpi.priors on the split branch
-from nfpi.priors import ClassGaussians
+from nfpi.priors import ClassGaussians, FullGaussians
 
 
 def diagonal(k, d, seed):
@@ -172,13 +171,8 @@ def test_constructors_reject_non_positive_variances_and_bad_shapes():
         FullGaussians(means, torch.ones(3, 2, 1), torch.ones(3, 3))
 
 
-# ------------------------------------------------- where the two classes differ today
-FULL_DIFFERS = pytest.mark.xfail(strict=True, reason=(
-    "FullGaussians does not validate labels or parameters: nll/sample index with y directly "
-    "(IndexError/RuntimeError instead of a ValueError) and NaN parameters are accepted"))
-
-
-@pytest.mark.parametrize("name", ["diagonal", pytest.param("full", marks=FULL_DIFFERS)])
+# ------------------------------------------------------------- bad labels and parameters
+@pytest.mark.parametrize("name", ["diagonal", "full"])
 @pytest.mark.parametrize("labels, message", [
     (torch.tensor([0, 4]), r"labels must lie in \[0, 4\)"),
     (torch.tensor([0.0, 1.0]), r"labels must be an integer tensor"),
@@ -189,14 +183,14 @@ def test_nll_rejects_bad_labels(name, labels, message):
         prior.nll(torch.zeros(2, 3, dtype=torch.float64), labels)
 
 
-@pytest.mark.parametrize("name", ["diagonal", pytest.param("full", marks=FULL_DIFFERS)])
+@pytest.mark.parametrize("name", ["diagonal", "full"])
 def test_sample_rejects_float_labels(name):
     prior, _ = KINDS[name](4, 3, 0)
     with pytest.raises(ValueError, match=r"labels must be an integer tensor"):
         prior.sample(torch.tensor([0.0, 1.0]))
 
 
-@pytest.mark.parametrize("name", ["diagonal", pytest.param("full", marks=FULL_DIFFERS)])
+@pytest.mark.parametrize("name", ["diagonal", "full"])
 def test_constructor_rejects_nan_means(name):
     prior, _ = KINDS[name](2, 2, 0)
     params = [t.clone() for t in prior.buffers()]
