@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from . import data
 from ._util import check_labels, eval_mode
-from .flows import ActNorm
+from .layers import ActNorm
 from .generated import generate_dataset, generation_fingerprint, load_generated
 from .latents import encode
 from .priors import ClassGaussians

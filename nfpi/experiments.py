@@ -31,8 +31,8 @@ the oracle and the CNN see. Samples whose decoding is not finite are dropped and
 (``nonfinite``). Metrics that a setting cannot produce are NaN (e.g. NF accuracy of the
 monomodal CE flow).
 
-:func:`append_row` keeps a CSV with one row per (``run``, ``eval``) key, rewritten atomically;
-a row with the same key replaces the old one. :func:`run_grid` trains (through
+:func:`append_row` (:mod:`nfpi.tables`, re-exported here) keeps a CSV with one row per
+(``run``, ``eval``) key, rewritten atomically; a row with the same key replaces the old one. :func:`run_grid` trains (through
 :func:`nfpi.train.train`, which resumes and reuses finished runs) and evaluates only the
 (run, evaluation) pairs whose row is missing or was computed from another configuration
 (``config_hash``). The papers' numbers are in :mod:`nfpi.references`.
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -56,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from . import data, repro
-from ._util import atomic_write, pick_device
+from ._util import pick_device
 from ._util import threads as cpu_threads
 from .classifiers import ClassifierConfig, load_or_train_oracle
 from .codes import ClassCodes
@@ -67,12 +66,12 @@ from .preprocess import bin_centres, to_uint8
 from .priors import ClassGaussians, FullGaussians
 from .runs import keyed_run_dir, load_checkpoint
 from .splits import load_data, load_validation
+from .tables import KEY, append_row, find_row, read_rows
 from .train import train
 
 __all__ = ["KEY", "EvalConfig", "Oracle", "append_row", "check_compatible", "config_hash", "evaluate_run",
            "generate", "load_oracle", "read_rows", "rfcm", "run_grid", "train_settings"]
 
-KEY = ("run", "eval")
 _EVAL_NOT_HASHED = ("batch_size", "threads")
 Prior = ClassGaussians | FullGaussians
 
@@ -357,44 +356,6 @@ def _generated_row(model: nn.Module, gaussians: Prior, cfg: TrainConfig, ev: Eva
     return out
 
 
-# ----------------------------------------------------------------------------------- CSV
-def read_rows(csv_path: str | os.PathLike[str]) -> pd.DataFrame:
-    """The results table at ``csv_path`` (empty when the file does not exist)."""
-    path = Path(csv_path)
-    if not path.exists():
-        return pd.DataFrame(columns=list(KEY))
-    table = pd.read_csv(path)
-    missing = [k for k in KEY if k not in table.columns]
-    if missing:
-        raise ValueError(f"{path} is not a results table of nfpi.experiments (no column {missing}); "
-                         "use another path")
-    return table.astype({k: str for k in KEY})
-
-
-def append_row(csv_path: str | os.PathLike[str], row: Mapping[str, Any]) -> pd.DataFrame:
-    """Add ``row`` to the CSV, replacing a row with the same (``run``, ``eval``) key; the file is
-    rewritten atomically (a crash never leaves half a table). Returns the new table."""
-    missing = [k for k in KEY if k not in row]
-    if missing:
-        raise ValueError(f"a result row needs the key columns {list(KEY)}; missing {missing}")
-    path = Path(csv_path)
-    table = read_rows(path)
-    same = (table["run"] == str(row["run"])) & (table["eval"] == str(row["eval"]))
-    fresh = pd.DataFrame([{k: v for k, v in row.items()}]).astype({k: str for k in KEY})
-    parts = [t for t in (table[~same], fresh) if not t.empty]
-    table = pd.concat(parts, ignore_index=True) if len(parts) > 1 else fresh
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    table.to_csv(buffer, index=False)
-    atomic_write(path, buffer.getvalue().encode())
-    return table
-
-
-def _row(table: pd.DataFrame, name: str, tag: str) -> pd.Series | None:
-    hit = table[(table["run"] == name) & (table["eval"] == tag)]
-    return None if hit.empty else hit.iloc[-1]
-
-
 def run_grid(grid: Mapping[str, Mapping[str, Any]], base_cfg: TrainConfig, runs_dir: str | os.PathLike[str],
              results_csv: str | os.PathLike[str], oracle: Oracle | None = None,
              evals: EvalConfig | Sequence[EvalConfig] = (EvalConfig(),), progress: bool = False,
@@ -423,7 +384,7 @@ def run_grid(grid: Mapping[str, Mapping[str, Any]], base_cfg: TrainConfig, runs_
         todo = []
         for ev in evals:
             keys.append((setting, run, ev.tag()))
-            done = _row(table, run, ev.tag())
+            done = find_row(table, run, ev.tag())
             if done is None or done.get("config_hash") != config_hash(cfg, ev):
                 todo.append(ev)
         # The folder is named by the config alone: settings of several grids that train the
@@ -434,7 +395,7 @@ def run_grid(grid: Mapping[str, Mapping[str, Any]], base_cfg: TrainConfig, runs_
         for ev in todo:
             table = append_row(results_csv, {"setting": setting, **evaluate_run(folder, ev, oracle, run, progress)})
     table = read_rows(results_csv)  # as stored, so that fresh and reused rows have the same types
-    return pd.DataFrame([_row(table, run, tag) for _, run, tag in keys]).reset_index(drop=True)
+    return pd.DataFrame([find_row(table, run, tag) for _, run, tag in keys]).reset_index(drop=True)
 
 
 def train_settings(base_cfg: TrainConfig, settings: Mapping[str, Mapping[str, Any]], seeds: Sequence[int],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -55,25 +56,10 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
     start = time.perf_counter()
     k = stats.num_classes
     lam_normalised = lam / (k * (k - 1))
-    m, v = stats.mean(), stats.var().clamp_min(1e-8 * stats.var().mean())
-    std = v.sqrt()
-    lo = v / rho if c is None else torch.full_like(v, c)
-    width = v * rho - lo if a is None else torch.full_like(v, a)
-    mu0, s0 = (m, v) if init is None else (init[0].to(m), init[1].to(m))
-    # Start where the sigmoid reproduces s0 (clipped strictly inside the open range).
-    frac = ((s0 - lo) / width).clamp(1e-6, 1 - 1e-6)
-    u = ((mu0 - m) / std).clone().requires_grad_(learn != "variances")
-    theta = (torch.logit(frac) / b).clone().requires_grad_(learn != "means")
-    params = [p for p in (u, theta) if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    power = POLICIES[policy]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1 - t / steps) ** power)
-
-    def current() -> tuple[Tensor, Tensor]:
-        # fixed variances (means-only runs) stay exactly at init, even outside the sigmoid range
-        s = lo + width * torch.sigmoid(b * theta) if theta.requires_grad else s0
-        return m + u * std, s
-
+    par = _Parametrisation.start(stats, learn, init, a, b, c, rho)
+    m, v, current = par.m, par.v, par.current
+    params = [p for p in (par.u, par.theta) if p.requires_grad]
+    opt, sched = _adam(params, lr, policy, steps)
     result = FPIResult(means=m, variances=v, iterations=0, converged=False, lam=lam,
                        lam_normalised=lam_normalised)
     result.history["lr"] = []
@@ -104,6 +90,56 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
     with torch.no_grad():
         result.means, result.variances = (t.detach() for t in current())
     return result
+
+
+@dataclass
+class _Parametrisation:
+    """The Adam variables of :func:`solve` and the Gaussians they give, all (K, D).
+
+    Means mu = m + u * std (u in units of the class data std) and variances
+    s = lo + width * sigmoid(b * theta); m, v: the class data means and variances.
+    """
+
+    m: Tensor
+    v: Tensor
+    std: Tensor
+    lo: Tensor
+    width: Tensor
+    s0: Tensor
+    b: float
+    u: Tensor
+    theta: Tensor
+
+    @classmethod
+    def start(cls, stats: ClassStats, learn: str, init: tuple[Tensor, Tensor] | None, a: float | None,
+              b: float, c: float | None, rho: float) -> _Parametrisation:
+        """The sigmoid range of :func:`solve`'s a, b, c, rho and the variables at ``init`` (default: data)."""
+        m, v = stats.mean(), stats.var().clamp_min(1e-8 * stats.var().mean())
+        std = v.sqrt()
+        lo = v / rho if c is None else torch.full_like(v, c)
+        width = v * rho - lo if a is None else torch.full_like(v, a)
+        mu0, s0 = (m, v) if init is None else (init[0].to(m), init[1].to(m))
+        # Start where the sigmoid reproduces s0 (clipped strictly inside the open range).
+        frac = ((s0 - lo) / width).clamp(1e-6, 1 - 1e-6)
+        u = ((mu0 - m) / std).clone().requires_grad_(learn != "variances")
+        theta = (torch.logit(frac) / b).clone().requires_grad_(learn != "means")
+        return cls(m, v, std, lo, width, s0, b, u, theta)
+
+    def current(self) -> tuple[Tensor, Tensor]:
+        """The means and variances (K, D) of the current variables."""
+        # fixed variances (means-only runs) stay exactly at init, even outside the sigmoid range
+        theta = self.theta
+        s = self.lo + self.width * torch.sigmoid(self.b * theta) if theta.requires_grad else self.s0
+        return self.m + self.u * self.std, s
+
+
+def _adam(params: list[Tensor], lr: float, policy: str,
+          steps: int) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+    """Adam at lr0 = ``lr`` with the policy's rate lr_t = lr0 (1 - t/T)^p, T = ``steps``."""
+    opt = torch.optim.Adam(params, lr=lr)
+    power = POLICIES[policy]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: max(0.0, 1 - t / steps) ** power)
+    return opt, sched
 
 
 def _check_args(stats: ClassStats, lam: float, alpha: float, pi: str, learn: str, policy: str, steps: int,
