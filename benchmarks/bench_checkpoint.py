@@ -13,6 +13,7 @@ It prints the medians and the ratios (with / without the checksum).
     python benchmarks/bench_checkpoint.py              # paper size, ~1 minute on one core
     python benchmarks/bench_checkpoint.py --small      # 2 x 4 x 32 digits-sized flow, seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,17 @@ def build(small: bool) -> dict:
     opt.step()
     state = model.state_dict()
     ema = {f"module.{k}": v.clone() for k, v in state.items()} | {"n_averaged": torch.tensor(1)}
-    return {"format": CHECKPOINT_FORMAT, "epoch": 1, "config": {}, "model": state, "ema": ema,
-            "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "metrics": [], "solves": []}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": 1,
+        "config": {},
+        "model": state,
+        "ema": ema,
+        "optimizer": opt.state_dict(),
+        "rng": torch.get_rng_state(),
+        "metrics": [],
+        "solves": [],
+    }
 
 
 def main() -> None:
@@ -70,8 +80,10 @@ def main() -> None:
             times["load+verify"].append(time.perf_counter() - start)
         file_mb = path.stat().st_size / 2**20
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"checkpoint: {file_mb:.1f} MiB on disk (flow weights {size / 2**20:.1f} MiB), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"checkpoint: {file_mb:.1f} MiB on disk (flow weights {size / 2**20:.1f} MiB), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     for key, value in med.items():
         print(f"  {key:12s} {value * 1e3:8.1f} ms")
     print(f"ratio save+sha256 / save: {med['save+sha256'] / med['save']:.2f}")

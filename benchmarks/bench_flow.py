@@ -53,23 +53,21 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nfpi.flows import Glow, expm_series, saved_activation_bytes  # noqa: E402
+from nfpi.flows import Glow, expm_series, saved_activation_bytes
 
 
 class NormflowsGlow(nn.Module):
     """Multi-scale Glow from normflows layers, mapping x (B, C, H, W) to (z (B, D), logdet (B,))."""
 
-    def __init__(
-        self, in_shape: tuple[int, int, int], levels: int, steps: int, hidden: int
-    ) -> None:
+    def __init__(self, in_shape: tuple[int, int, int], levels: int, steps: int, hidden: int) -> None:
         import normflows as nf
 
         super().__init__()
@@ -83,7 +81,11 @@ class NormflowsGlow(nn.Module):
                     # normflows' LU init calls the deprecated torch.lu; not our concern here.
                     warnings.simplefilter("ignore", UserWarning)
                     block = nf.flows.GlowBlock(
-                        channels, hidden, scale=True, scale_map="sigmoid", split_mode="channel",
+                        channels,
+                        hidden,
+                        scale=True,
+                        scale_map="sigmoid",
+                        split_mode="channel",
                         use_lu=True,
                     )
                 # Same convolutions as nfpi's CouplingNet(blocks=1): see the module docstring.
@@ -161,8 +163,16 @@ def build(mode: str, args: argparse.Namespace) -> nn.Module:
     in_shape = tuple(args.shape)
     if mode == "normflows":
         return NormflowsGlow(in_shape, args.levels, args.steps, args.hidden)
-    return Glow(in_shape, args.levels, args.steps, args.hidden, conv=args.conv,
-                coupling=args.coupling, blocks=args.blocks, memory=mode)
+    return Glow(
+        in_shape,
+        args.levels,
+        args.steps,
+        args.hidden,
+        conv=args.conv,
+        coupling=args.coupling,
+        blocks=args.blocks,
+        memory=mode,
+    )
 
 
 def _vm_kib(field: str) -> int:
@@ -202,14 +212,31 @@ def probe(mode: str, args: argparse.Namespace) -> None:
 def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
     """Run :func:`probe` for every mode in a fresh subprocess; {mode: its JSON}."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    argv = [sys.executable, __file__, "--batch", str(args.batch), "--shape", *map(str, args.shape),
-            "--levels", str(args.levels), "--steps", str(args.steps), "--hidden", str(args.hidden),
-            "--conv", args.conv, "--coupling", args.coupling, "--threads", str(args.threads),
-            "--blocks", *map(str, args.blocks if isinstance(args.blocks, list) else [args.blocks])]
+    argv = [
+        sys.executable,
+        __file__,
+        "--batch",
+        str(args.batch),
+        "--shape",
+        *map(str, args.shape),
+        "--levels",
+        str(args.levels),
+        "--steps",
+        str(args.steps),
+        "--hidden",
+        str(args.hidden),
+        "--conv",
+        args.conv,
+        "--coupling",
+        args.coupling,
+        "--threads",
+        str(args.threads),
+        "--blocks",
+        *map(str, args.blocks if isinstance(args.blocks, list) else [args.blocks]),
+    ]
     results = {}
     for mode in MODES:
-        out = subprocess.run(argv + ["--probe", mode], env=env, capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(argv + ["--probe", mode], env=env, capture_output=True, text=True, check=True)
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
 
@@ -227,28 +254,38 @@ def saved_bytes(mode: str, args: argparse.Namespace, batch: int = 2) -> float:
 def report_memory(args: argparse.Namespace) -> None:
     """Print peak step memory per mode, ratios, and the largest batch per GPU size."""
     saved = {mode: saved_bytes(mode, args) for mode in ("standard", "reversible")}
-    print(f"saved for backward (autograd hooks) per image: standard {saved['standard'] / 2**20:.2f} "
-          f"MiB, reversible {saved['reversible'] / 2**20:.3f} MiB "
-          f"({saved['standard'] / saved['reversible']:.0f}x; the reversible recomputation adds "
-          "one layer's activations during backward, counted in the peak below)")
+    print(
+        f"saved for backward (autograd hooks) per image: standard {saved['standard'] / 2**20:.2f} "
+        f"MiB, reversible {saved['reversible'] / 2**20:.3f} MiB "
+        f"({saved['standard'] / saved['reversible']:.0f}x; the reversible recomputation adds "
+        "one layer's activations during backward, counted in the peak below)"
+    )
     results = measure_memory(args)
     half = args.batch // 2
-    print(f"peak-memory rise of one training step in a fresh process (VmHWM), at batch {half} and "
-          f"{args.batch}; per image = slope between the two, fixed = the rest (parameter gradients):")
+    print(
+        f"peak-memory rise of one training step in a fresh process (VmHWM), at batch {half} and "
+        f"{args.batch}; per image = slope between the two, fixed = the rest (parameter gradients):"
+    )
     per_image = {}
     for mode, r in results.items():
         per_image[mode] = (r["full"] - r["half"]) / (args.batch - half)
         fixed = r["full"] - per_image[mode] * args.batch
         state = 4 * 4 * r["params"]  # float32 weights, 2 Adamax states, EMA copy
-        fits = ", ".join(f"{name}: batch {int((cap - state - fixed) // per_image[mode])}"
-                         for name, cap in GPU_BYTES.items())
-        print(f"{mode:>10}: {r['full'] / 2**20:7.1f} MiB at batch {args.batch}, "
-              f"{per_image[mode] / 2**20:6.2f} MiB per image + {fixed / 2**20:6.1f} MiB fixed; "
-              f"largest batch (estimate) {fits}")
-    print(f"per-image memory ratio standard/reversible: "
-          f"{per_image['standard'] / per_image['reversible']:.2f}x, normflows/reversible: "
-          f"{per_image['normflows'] / per_image['reversible']:.2f}x, standard/normflows: "
-          f"{per_image['standard'] / per_image['normflows']:.2f}")
+        fits = ", ".join(
+            f"{name}: batch {int((cap - state - fixed) // per_image[mode])}"
+            for name, cap in GPU_BYTES.items()
+        )
+        print(
+            f"{mode:>10}: {r['full'] / 2**20:7.1f} MiB at batch {args.batch}, "
+            f"{per_image[mode] / 2**20:6.2f} MiB per image + {fixed / 2**20:6.1f} MiB fixed; "
+            f"largest batch (estimate) {fits}"
+        )
+    print(
+        f"per-image memory ratio standard/reversible: "
+        f"{per_image['standard'] / per_image['reversible']:.2f}x, normflows/reversible: "
+        f"{per_image['normflows'] / per_image['reversible']:.2f}x, standard/normflows: "
+        f"{per_image['standard'] / per_image['normflows']:.2f}"
+    )
 
 
 def report_throughput(args: argparse.Namespace) -> None:
@@ -289,19 +326,30 @@ def report_throughput(args: argparse.Namespace) -> None:
     for name in models:
         median, best = statistics.median(times[name]), min(times[name])
         rate[name], best_rate[name] = args.batch / median, args.batch / best
-        achieved = "" if flops[name] is None else (
-            f", {flops[name] / median / 1e9:.1f} GFLOP/s = {flops[name] / median / mm_rate:.1%} "
-            "of matmul rate")
-        print(f"{name:>9}: {rate[name]:8.1f} images/s median ({best_rate[name]:.1f} best step), "
-              f"median step {median * 1e3:.1f} ms{achieved}")
+        achieved = (
+            ""
+            if flops[name] is None
+            else (
+                f", {flops[name] / median / 1e9:.1f} GFLOP/s = {flops[name] / median / mm_rate:.1%} "
+                "of matmul rate"
+            )
+        )
+        print(
+            f"{name:>9}: {rate[name]:8.1f} images/s median ({best_rate[name]:.1f} best step), "
+            f"median step {median * 1e3:.1f} ms{achieved}"
+        )
     cpu = {name: statistics.median(cpu_times[name]) for name in models}
-    print(f"step time reversible/standard: {rate['nfpi'] / rate['nfpi-rev']:.3f} median, "
-          f"{best_rate['nfpi'] / best_rate['nfpi-rev']:.3f} best step, "
-          f"{cpu['nfpi-rev'] / cpu['nfpi']:.3f} by median CPU time per step")
+    print(
+        f"step time reversible/standard: {rate['nfpi'] / rate['nfpi-rev']:.3f} median, "
+        f"{best_rate['nfpi'] / best_rate['nfpi-rev']:.3f} best step, "
+        f"{cpu['nfpi-rev'] / cpu['nfpi']:.3f} by median CPU time per step"
+    )
     if "normflows" in rate:
-        print(f"ratio nfpi/normflows (images/s): {rate['nfpi'] / rate['normflows']:.3f} median, "
-              f"{best_rate['nfpi'] / best_rate['normflows']:.3f} best step, "
-              f"{cpu['normflows'] / cpu['nfpi']:.3f} by median CPU time per step")
+        print(
+            f"ratio nfpi/normflows (images/s): {rate['nfpi'] / rate['normflows']:.3f} median, "
+            f"{best_rate['nfpi'] / best_rate['normflows']:.3f} best step, "
+            f"{cpu['normflows'] / cpu['nfpi']:.3f} by median CPU time per step"
+        )
 
 
 def report_coupling_cost(args: argparse.Namespace) -> None:
@@ -310,8 +358,15 @@ def report_coupling_cost(args: argparse.Namespace) -> None:
     x = torch.rand(args.batch, *args.shape) * 2 - 1
     steps_fn = {}
     for coupling in ("affine", "matexp"):
-        model = Glow(tuple(args.shape), args.levels, args.steps, args.hidden, conv=args.conv,
-                     coupling=coupling, blocks=args.blocks)
+        model = Glow(
+            tuple(args.shape),
+            args.levels,
+            args.steps,
+            args.hidden,
+            conv=args.conv,
+            coupling=coupling,
+            blocks=args.blocks,
+        )
         with torch.no_grad():
             model(x)
         steps_fn[coupling] = make_step(model, x, lr=1e-3)
@@ -323,11 +378,15 @@ def report_coupling_cost(args: argparse.Namespace) -> None:
             step()
             times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
-    print(f"training step, coupling matexp vs affine: {median['matexp'] * 1e3:.1f} ms vs "
-          f"{median['affine'] * 1e3:.1f} ms = {median['matexp'] / median['affine']:.2f}x")
+    print(
+        f"training step, coupling matexp vs affine: {median['matexp'] * 1e3:.1f} ms vs "
+        f"{median['affine'] * 1e3:.1f} ms = {median['matexp'] / median['affine']:.2f}x"
+    )
 
-    print("batched expm of bounded W = tanh(r) / c2 + saturated rows (float32, fwd+bwd time, "
-          "max rel. error vs float64 matrix_exp):")
+    print(
+        "batched expm of bounded W = tanh(r) / c2 + saturated rows (float32, fwd+bwd time, "
+        "max rel. error vs float64 matrix_exp):"
+    )
     for c2, pixels in ((6, 64 * 16 * 16), (12, 64 * 8 * 8), (24, 64 * 4 * 4)):
         raw = 3 * torch.randn(pixels, c2, c2, dtype=torch.float64)
         w = torch.tanh(raw) / c2  # the MEF bound at init: ||W||_inf <= 1
@@ -355,22 +414,38 @@ def main() -> None:
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4, help="flow steps per level")
     parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--blocks", type=int, nargs="+", default=[1],
-                        help="residual blocks per coupling net: one count, or one per level")
-    parser.add_argument("--conv", choices=("lu", "matexp"), default="lu",
-                        help="our 1x1 conv (normflows always uses LU)")
-    parser.add_argument("--coupling", choices=("affine", "additive", "matexp"), default="affine",
-                        help="our coupling (normflows always uses affine)")
-    parser.add_argument("--paper", action="store_true",
-                        help="paper size: levels=3, steps=8, hidden=128")
-    parser.add_argument("--iters", type=int, default=8,
-                        help="timed training steps per model (the models alternate step by step)")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="residual blocks per coupling net: one count, or one per level",
+    )
+    parser.add_argument(
+        "--conv", choices=("lu", "matexp"), default="lu", help="our 1x1 conv (normflows always uses LU)"
+    )
+    parser.add_argument(
+        "--coupling",
+        choices=("affine", "additive", "matexp"),
+        default="affine",
+        help="our coupling (normflows always uses affine)",
+    )
+    parser.add_argument("--paper", action="store_true", help="paper size: levels=3, steps=8, hidden=128")
+    parser.add_argument(
+        "--iters",
+        type=int,
+        default=8,
+        help="timed training steps per model (the models alternate step by step)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--mm-size", type=int, default=2048)
     parser.add_argument("--no-normflows", action="store_true", help="time only our Glow")
-    parser.add_argument("--report", choices=("default", "throughput", "memory", "coupling"),
-                        default="default", help="default: throughput and memory; coupling: MEF "
-                        "coupling vs affine and matrix_exp vs series")
+    parser.add_argument(
+        "--report",
+        choices=("default", "throughput", "memory", "coupling"),
+        default="default",
+        help="default: throughput and memory; coupling: MEF coupling vs affine and matrix_exp vs series",
+    )
     parser.add_argument("--probe", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.paper:
@@ -380,9 +455,11 @@ def main() -> None:
     if args.probe:
         probe(args.probe, args)
         return
-    print(f"config: batch={args.batch} shape={tuple(args.shape)} levels={args.levels} "
-          f"steps={args.steps} hidden={args.hidden} blocks={args.blocks} conv={args.conv} "
-          f"coupling={args.coupling} threads={args.threads} torch={torch.__version__}")
+    print(
+        f"config: batch={args.batch} shape={tuple(args.shape)} levels={args.levels} "
+        f"steps={args.steps} hidden={args.hidden} blocks={args.blocks} conv={args.conv} "
+        f"coupling={args.coupling} threads={args.threads} torch={torch.__version__}"
+    )
     if args.report == "coupling":
         report_coupling_cost(args)
     if args.report in ("default", "throughput"):

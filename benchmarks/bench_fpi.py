@@ -10,6 +10,7 @@
 
     python benchmarks/bench_fpi.py [--threads 2] [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,26 +29,26 @@ from nfpi.fpi import ClassStats
 def latent_stats(k: int, d: int, n: int = 20, sep: float = 0.3, seed: int = 0) -> ClassStats:
     """Class statistics shaped like flow latents: unit-ish noise, nearby class means."""
     g = torch.Generator().manual_seed(seed)
-    scale = (0.5 + torch.rand(d, generator=g, dtype=torch.float64))
+    scale = 0.5 + torch.rand(d, generator=g, dtype=torch.float64)
     means = sep * torch.randn(k, d, generator=g, dtype=torch.float64)
     count = torch.full((k,), float(n), dtype=torch.float64)
-    var = scale ** 2 * (0.5 + torch.rand(k, d, generator=g, dtype=torch.float64))
-    return ClassStats(count, means * n, (var + means ** 2) * n)
+    var = scale**2 * (0.5 + torch.rand(k, d, generator=g, dtype=torch.float64))
+    return ClassStats(count, means * n, (var + means**2) * n)
 
 
 def dense_update(m, v, mu, s, c, alpha):
     """Peer: Eqs. 5-7 (pairwise pi) with K x K x D broadcasting, as in the released code."""
-    d = mu[:, None, :] - mu[None, :, :]                                   # (K, K, D)
+    d = mu[:, None, :] - mu[None, :, :]  # (K, K, D)
     ratio = s[:, None, :] / s[None, :, :]
-    kl = 0.5 * (ratio + d ** 2 / s[None, :, :] - 1 - ratio.log()).sum(2)
+    kl = 0.5 * (ratio + d**2 / s[None, :, :] - 1 - ratio.log()).sum(2)
     kl.fill_diagonal_(1.0)
     kmat = torch.exp(torch.tensor(-1 / alpha)) / (kl * alpha)
     kmat.fill_diagonal_(0.0)
     push = (kmat[:, :, None] / s[None, :, :] + kmat.T[:, :, None] / s[:, None, :]) * d
     mu_new = m + c * s * push.sum(1)
     tau = c * (kmat.sum(1) - kmat.sum(0))[:, None]
-    a = (1 + tau) / s + c / s ** 2 * (kmat.T[:, :, None] * (d ** 2 + s[None, :, :])).sum(1)
-    b = v + (m - mu) ** 2 + c * s ** 2 * (kmat[:, :, None] / s[None, :, :]).sum(1)
+    a = (1 + tau) / s + c / s**2 * (kmat.T[:, :, None] * (d**2 + s[None, :, :])).sum(1)
+    b = v + (m - mu) ** 2 + c * s**2 * (kmat[:, :, None] / s[None, :, :]).sum(1)
     return mu_new, (b / a).sqrt()
 
 
@@ -59,7 +60,7 @@ def quiet(fn, *args, **kw):
 
 def bench_solve(k: int, d: int, lam: float) -> dict:
     stats = latent_stats(k, d)
-    res = quiet(fpi.solve, stats, lam)            # warm-up (allocator, threads)
+    res = quiet(fpi.solve, stats, lam)  # warm-up (allocator, threads)
     t0 = time.perf_counter()
     res = quiet(fpi.solve, stats, lam)
     total = time.perf_counter() - t0
@@ -73,10 +74,14 @@ def bench_solve(k: int, d: int, lam: float) -> dict:
         dense_update(m, v, m, v, c, 10.0)
     dense = (time.perf_counter() - t0) / reps
     resid = fpi.gradient_residual(stats, res.means, res.variances, lam)
-    print(f"[1] K={k} D={d} lambda={lam:g}: solve to convergence {total:.3f} s "
-          f"({res.iterations} iterations, converged={res.converged}, residual {resid:.1e}); target <= 2 s")
-    print(f"    per iteration: ours {per_iter * 1e3:.1f} ms (incl. objective and Anderson) vs dense "
-          f"K x K x D update alone {dense * 1e3:.1f} ms -> ratio {dense / per_iter:.1f}x")
+    print(
+        f"[1] K={k} D={d} lambda={lam:g}: solve to convergence {total:.3f} s "
+        f"({res.iterations} iterations, converged={res.converged}, residual {resid:.1e}); target <= 2 s"
+    )
+    print(
+        f"    per iteration: ours {per_iter * 1e3:.1f} ms (incl. objective and Anderson) vs dense "
+        f"K x K x D update alone {dense * 1e3:.1f} ms -> ratio {dense / per_iter:.1f}x"
+    )
     return {"seconds": total, "iterations": res.iterations, "dense_ratio": dense / per_iter}
 
 
@@ -110,6 +115,7 @@ print(status("VmHWM:") - base)
 def peak_mb(k: int, d: int, mode: str, lam: float, iters: int) -> float:
     """Peak RSS increase (MB) of one solve in a fresh process, statistics already built."""
     from pathlib import Path
+
     root = str(Path(__file__).resolve().parents[1])
     code = PEAK_SNIPPET.format(root=root, k=k, d=d, mode=mode, lam=lam, iters=iters)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -122,22 +128,33 @@ def bench_memory(quick: bool) -> dict:
     ours = peak_mb(1000, 3072, "ours", 1e3, 3 if quick else 10)
     dense = peak_mb(100, 3072, "dense", 1e3, 1)
     ours100 = peak_mb(100, 3072, "ours", 1e3, 10)
-    print(f"[2] K=1000 D=3072: peak memory of the solve above the process before it {ours:.0f} MB; target < 2048 MB")
-    print(f"    K=100 D=3072 one dense K x K x D update {dense:.0f} MB vs our whole solve {ours100:.0f} MB "
-          f"-> ratio {dense / max(ours100, 1):.1f}x (the dense update at K=1000 would need ~100x more)")
+    print(
+        f"[2] K=1000 D=3072: peak memory of the solve above the process before it {ours:.0f} MB; "
+        "target < 2048 MB"
+    )
+    print(
+        f"    K=100 D=3072 one dense K x K x D update {dense:.0f} MB vs our whole solve {ours100:.0f} MB "
+        f"-> ratio {dense / max(ours100, 1):.1f}x (the dense update at K=1000 would need ~100x more)"
+    )
     return {"peak_mb_k1000": ours, "dense_mb_k100": dense, "ours_mb_k100": ours100}
 
 
 def bench_acceleration(k: int, d: int, lam: float) -> dict:
     stats = latent_stats(k, d, sep=0.05)
     acc = quiet(fpi.solve, stats, lam, learn="means", max_iter=20000)
-    plain = {eta: quiet(fpi.solve, stats, lam, learn="means", accel="none", damping=eta, max_iter=20000)
-             for eta in (1.0, 0.5)}
-    print(f"[3] K={k} D={d} means-only lambda={lam:g}: Anderson {acc.iterations} iterations "
-          f"(converged={acc.converged})")
+    plain = {
+        eta: quiet(fpi.solve, stats, lam, learn="means", accel="none", damping=eta, max_iter=20000)
+        for eta in (1.0, 0.5)
+    }
+    print(
+        f"[3] K={k} D={d} means-only lambda={lam:g}: Anderson {acc.iterations} iterations "
+        f"(converged={acc.converged})"
+    )
     for eta, r in plain.items():
-        print(f"    plain damped eta={eta}: {r.iterations} iterations (converged={r.converged}) -> "
-              f"ratio {r.iterations / acc.iterations:.1f}x; target >= 5x")
+        print(
+            f"    plain damped eta={eta}: {r.iterations} iterations (converged={r.converged}) -> "
+            f"ratio {r.iterations / acc.iterations:.1f}x; target >= 5x"
+        )
     return {"anderson": acc.iterations, **{f"plain_{eta}": r.iterations for eta, r in plain.items()}}
 
 
@@ -156,9 +173,14 @@ def bench_vs_gd(k: int, d: int, lam: float, steps: int) -> dict:
     t_fpi = reach(ours.history)
     t_gd = min(reach(r.history) for r in runs.values())
     best_policy = min(runs, key=lambda p: min(runs[p].history["objective"]))
-    print(f"[4] K={k} D={d} lambda={lam:g}: GD best objective {best_gd:.6f} ({best_policy}, {steps} steps); "
-          f"FPI optimum {ours.objective:.6f}")
-    print(f"    time to reach it: FPI {t_fpi:.3f} s, GD {t_gd:.3f} s -> ratio {t_gd / t_fpi:.1f}x; target >= 10x")
+    print(
+        f"[4] K={k} D={d} lambda={lam:g}: GD best objective {best_gd:.6f} ({best_policy}, {steps} steps); "
+        f"FPI optimum {ours.objective:.6f}"
+    )
+    print(
+        f"    time to reach it: FPI {t_fpi:.3f} s, GD {t_gd:.3f} s -> ratio {t_gd / t_fpi:.1f}x; "
+        "target >= 10x"
+    )
     return {"t_fpi": t_fpi, "t_gd": t_gd, "ratio": t_gd / t_fpi, "total": time.perf_counter() - t0}
 
 

@@ -15,6 +15,7 @@ The solve is :func:`nfpi.schedule.fit`, i.e. exactly what training calls with th
 
     NFPI_DATA=/work/shared/data python benchmarks/bench_fpi_configs.py [--per-class 500] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,17 +39,17 @@ def untrained_latent_stats(cfg: TrainConfig, per_class: int) -> fpi.ClassStats:
     """Statistics of the latents of ``cfg``'s untrained flow on its training images (for configs
     that train on a whole dataset: ``per_class`` images per class; digits: all 1,438)."""
     pseudo = cfg.dataset == "cifar100"
-    if pseudo:   # not available offline: CIFAR-10 images, 10 pseudo-classes per class (see above)
+    if pseudo:  # not available offline: CIFAR-10 images, 10 pseudo-classes per class (see above)
         small = TrainConfig.from_yaml(CONFIGS / "cifar10_cpu.yaml").to_dict()["model"]
         cfg = cfg.replace(dataset="cifar10", download=False, **{f"model.{k}": v for k, v in small.items()})
-    if cfg.per_class is None and cfg.dataset != "digits":   # full-set configs: a class-balanced share
+    if cfg.per_class is None and cfg.dataset != "digits":  # full-set configs: a class-balanced share
         cfg = cfg.replace(per_class=per_class * (10 if pseudo else 1))
     torch.manual_seed(cfg.seed)
     arrays, _ = load_data(cfg)
     model = build_flow(cfg.model, arrays.shape)
     gen = torch.Generator().manual_seed(cfg.seed)
-    idx = torch.randperm(len(arrays), generator=gen)[:cfg.init_images]
-    with torch.no_grad():   # data-dependent ActNorm init (SPEC §4 step 1)
+    idx = torch.randperm(len(arrays), generator=gen)[: cfg.init_images]
+    with torch.no_grad():  # data-dependent ActNorm init (SPEC §4 step 1)
         model(data.dequantize(data.quantize(arrays.x[idx], cfg.bits), cfg.bits, noise=True, generator=gen))
     if not pseudo:
         return class_stats(model, arrays, cfg.bits, 250, noise=cfg.seed)
@@ -63,25 +64,39 @@ def untrained_latent_stats(cfg: TrainConfig, per_class: int) -> fpi.ClassStats:
 
 
 # Released ablation lambdas named in the configs' comments (SPEC §4): same statistics, other blocks.
-ABLATIONS = {"cifar10": [("means", 5e5), ("variances", 1e5)],
-             "cifar100": [("means", 7.5e6), ("variances", 2e6)]}
+ABLATIONS = {
+    "cifar10": [("means", 5e5), ("variances", 1e5)],
+    "cifar100": [("means", 7.5e6), ("variances", 2e6)],
+}
 
 
 def distance(stats: fpi.ClassStats, cfg: TrainConfig, lam: float, info: dict) -> float:
     """Max distance of a solve's result to the fixed point (a relative-tol 1e-13 solve): means
     in class-std units, variances relative."""
-    tight = cfg.replace(**{"solver.stop": "relative", "solver.accel": "anderson", "solver.tol": 1e-13,
-                           "solver.max_iter": 20_000})
+    tight = cfg.replace(
+        **{
+            "solver.stop": "relative",
+            "solver.accel": "anderson",
+            "solver.tol": 1e-13,
+            "solver.max_iter": 20_000,
+        }
+    )
     ref, _ = fit(tight, stats, lam)
     std = stats.var().sqrt()
-    return max(float(((info["means"] - ref.means) / std).abs().max()),
-               float(((info["variances"] - ref.variances) / ref.variances).abs().max()))
+    return max(
+        float(((info["means"] - ref.means) / std).abs().max()),
+        float(((info["variances"] - ref.variances) / ref.variances).abs().max()),
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--per-class", type=int, default=500,
-                    help="images per class for the statistics of full-dataset configs")
+    ap.add_argument(
+        "--per-class",
+        type=int,
+        default=500,
+        help="images per class for the statistics of full-dataset configs",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", help="folder to keep the statistics in between runs")
     ap.add_argument("--distance", action="store_true", help="also the distance to the fixed point (slow)")
@@ -89,9 +104,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.configs or sorted(p.stem for p in CONFIGS.glob("*.yaml"))
-    print("| config | K | D | lambda | rule | learn | stop | accel | iterations | final change | converged "
-          "| seconds |"
-          + (" distance to fixed point |" if args.distance else ""))
+    print(
+        "| config | K | D | lambda | rule | learn | stop | accel | iterations | final change | converged "
+        "| seconds |" + (" distance to fixed point |" if args.distance else "")
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.distance else ""))
     for name in names:
         cfg = TrainConfig.from_yaml(CONFIGS / f"{name}.yaml")
@@ -102,11 +118,16 @@ def main() -> None:
             stats = untrained_latent_stats(cfg, args.per_class)
             if cached is not None:
                 torch.save((stats.count, stats.total, stats.total_sq), cached)
-        rows = [cfg] + [cfg.replace(**{"gaussians.learn": learn, "gaussians.lam": lam})
-                        for learn, lam in ABLATIONS.get(name, [])]
+        rows = [cfg] + [
+            cfg.replace(**{"gaussians.learn": learn, "gaussians.lam": lam})
+            for learn, lam in ABLATIONS.get(name, [])
+        ]
         # configs on the released solve also get the default one (Anderson, relative tol), for comparison
-        rows += [row.replace(**{"solver.stop": "relative", "solver.accel": "anderson"})
-                 for row in rows if row.solver.stop == "released"]
+        rows += [
+            row.replace(**{"solver.stop": "relative", "solver.accel": "anderson"})
+            for row in rows
+            if row.solver.stop == "released"
+        ]
         for row in rows:
             gs, solver = row.gaussians, row.solver
             with warnings.catch_warnings():
@@ -118,10 +139,12 @@ def main() -> None:
                 if args.distance:
                     info.update(means=fitted.means, variances=fitted.variances)
                     extra = f" {distance(stats, row, gs.lam, info):.1e} |"
-            print(f"| {name} | {stats.num_classes} | {stats.dim} | {gs.lam:g} | {solver.rule} | {gs.learn} | "
-                  f"{solver.stop} | {solver.accel} | "
-                  f"{info['iterations']} | {info['change']:.2g} | {info['converged']} | {seconds:.1f} |{extra}",
-                  flush=True)
+            print(
+                f"| {name} | {stats.num_classes} | {stats.dim} | {gs.lam:g} | {solver.rule} | {gs.learn} | "
+                f"{solver.stop} | {solver.accel} | "
+                f"{info['iterations']} | {info['change']:.2g} | {info['converged']} | {seconds:.1f} |{extra}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

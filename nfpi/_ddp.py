@@ -1,6 +1,7 @@
 """Process layout of a training run under ``torchrun`` (SPEC §4: DistributedDataParallel, NCCL on
 GPU, gloo on CPU; ``batch_size`` is the global batch and only rank 0 writes files).
 """
+
 from __future__ import annotations
 
 import os

@@ -10,6 +10,7 @@ never finds the ``.ipynb`` newer than its source ("... is more recent than ..." 
 
     python -m nfpi._notebooks EXECUTED.ipynb TARGET.ipynb [SOURCE.py]
 """
+
 from __future__ import annotations
 
 import os
@@ -20,7 +21,7 @@ import nbformat
 
 from ._util import atomic_write
 
-__all__ = ["KERNELSPEC", "NOTEBOOK_KEYS", "CELL_KEYS", "finish", "strip"]
+__all__ = ["CELL_KEYS", "KERNELSPEC", "NOTEBOOK_KEYS", "finish", "strip"]
 
 # ipykernel's own kernel: the name every Python environment with ipykernel provides and the
 # display name JupyterLab writes back on save.
@@ -54,8 +55,11 @@ def _keep_ids(nb: nbformat.NotebookNode, old: nbformat.NotebookNode) -> None:
             cell.id = match.pop(0)
 
 
-def finish(executed: str | os.PathLike[str], target: str | os.PathLike[str],
-           source: str | os.PathLike[str] | None = None) -> bool:
+def finish(
+    executed: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    source: str | os.PathLike[str] | None = None,
+) -> bool:
     """Strip ``executed`` into ``target`` if that changes its bytes; touch ``source``.
 
     Cells keep the ids they have in ``target``. Returns whether ``target`` was (re)written.

@@ -10,6 +10,7 @@
 The mode is ``$NFPI_PROGRESS`` (``bar`` or ``log``; ``make reproduce`` sets ``log``) if set, else
 ``bar`` inside a Jupyter kernel or when stderr is a terminal, else ``log`` (redirected output).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,9 @@ def mode() -> str:
     chosen = os.environ.get(ENV_VAR, "").strip().lower()
     if chosen:
         if chosen not in MODES:
-            raise ValueError(f"{ENV_VAR}={chosen!r} is not a progress mode; use one of {list(MODES)} or unset it")
+            raise ValueError(
+                f"{ENV_VAR}={chosen!r} is not a progress mode; use one of {list(MODES)} or unset it"
+            )
         return chosen
     return "bar" if _in_jupyter_kernel() or sys.stderr.isatty() else "log"
 
@@ -50,8 +53,16 @@ class LogLines:
     Supports what nfpi's loops use: iteration, ``update``, ``set_postfix`` and ``close``.
     """
 
-    def __init__(self, iterable: Iterable | None = None, desc: str | None = None, total: int | None = None,
-                 initial: int = 0, leave: bool = True, disable: bool = False, **_: Any) -> None:
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        desc: str | None = None,
+        total: int | None = None,
+        initial: int = 0,
+        leave: bool = True,
+        disable: bool = False,
+        **_: Any,
+    ) -> None:
         self.iterable = iterable
         self.desc = desc or ""
         if total is None and iterable is not None and hasattr(iterable, "__len__"):

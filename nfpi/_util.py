@@ -6,6 +6,7 @@ Example:
     >>> with threads(1), eval_mode(model):
     ...     z, logdet = model(x)
 """
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["atomic_write", "check_choice", "check_labels", "derive_seed", "eval_mode", "pick_device",
-           "threads"]
+__all__ = [
+    "atomic_write",
+    "check_choice",
+    "check_labels",
+    "derive_seed",
+    "eval_mode",
+    "pick_device",
+    "threads",
+]
 
 
 def atomic_write(path: str | os.PathLike[str], payload: bytes | Callable[[IO[bytes]], object]) -> None:
@@ -90,8 +98,13 @@ def check_choice(name: str, value: object, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
-def check_labels(y: Tensor, n: int | None = None, num_classes: int | None = None, name: str = "labels",
-                 nonempty: bool = False) -> Tensor:
+def check_labels(
+    y: Tensor,
+    n: int | None = None,
+    num_classes: int | None = None,
+    name: str = "labels",
+    nonempty: bool = False,
+) -> Tensor:
     """``y`` as int64 (n,), or a one-line ValueError: a 1-D integer tensor of ``n`` class indices
     (any length for None; at least one with ``nonempty``), in [0, num_classes) (>= 0 for None)."""
     if not isinstance(y, Tensor) or y.dim() != 1 or (n is not None and y.shape[0] != n):
@@ -99,8 +112,10 @@ def check_labels(y: Tensor, n: int | None = None, num_classes: int | None = None
         size = "" if n is None else f"{n} class indices, shape ({n},) to match the data"
         raise ValueError(f"{name} must be a 1-D tensor of {size or 'class indices'}; got {shape}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise ValueError(f"{name} must be an integer tensor (torch.long), got {y.dtype}: 1-D integer class "
-                         "indices; convert with y.long() after checking they are whole numbers")
+        raise ValueError(
+            f"{name} must be an integer tensor (torch.long), got {y.dtype}: 1-D integer class "
+            "indices; convert with y.long() after checking they are whole numbers"
+        )
     if nonempty and not y.numel():
         raise ValueError(f"{name} must be a non-empty 1-D integer tensor of class indices; got an empty one")
     if y.numel():
@@ -108,6 +123,8 @@ def check_labels(y: Tensor, n: int | None = None, num_classes: int | None = None
         if num_classes is None and lo < 0:
             raise ValueError(f"{name} must be non-negative class indices; got values in [{lo}, {hi}]")
         if num_classes is not None and (lo < 0 or hi >= num_classes):
-            raise ValueError(f"{name} must lie in [0, {num_classes}), i.e. [0, {num_classes - 1}], for "
-                             f"{num_classes} classes; got values in [{lo}, {hi}]")
+            raise ValueError(
+                f"{name} must lie in [0, {num_classes}), i.e. [0, {num_classes - 1}], for "
+                f"{num_classes} classes; got values in [{lo}, {hi}]"
+            )
     return y.long()

@@ -12,9 +12,11 @@ References:
     | Anderson Acceleration for Fixed-Point Iterations (Walker & Ni, 2011)
     | https://doi.org/10.1137/10078356X
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -40,11 +42,16 @@ def anderson_step(xs: list[Tensor], fs: list[Tensor], beta: float) -> Tensor:
     return x + beta * f - (dx + beta * df) @ gamma
 
 
-def fixed_point(g: Callable[[Tensor], tuple[Tensor, Any]], x0: Tensor,
-                done: Callable[[Tensor, Tensor, Any], bool],
-                project: Callable[[Tensor], Tensor] | None = None,
-                accel: Literal["anderson", "none"] = "anderson", memory: int = 5, damping: float = 1.0,
-                max_iter: int = 1000) -> tuple[Tensor, Tensor, Any, bool]:
+def fixed_point(
+    g: Callable[[Tensor], tuple[Tensor, Any]],
+    x0: Tensor,
+    done: Callable[[Tensor, Tensor, Any], bool],
+    project: Callable[[Tensor], Tensor] | None = None,
+    accel: Literal["anderson", "none"] = "anderson",
+    memory: int = 5,
+    damping: float = 1.0,
+    max_iter: int = 1000,
+) -> tuple[Tensor, Tensor, Any, bool]:
     """Safeguarded Anderson mixing (or damped Picard iteration) for x = g(x) on flat vectors.
 
     ``g(x)`` returns (g(x), aux); ``done(x, g(x), aux)`` is called once per iterate, in order,
@@ -71,7 +78,7 @@ def fixed_point(g: Callable[[Tensor], tuple[Tensor, Any]], x0: Tensor,
             return x, gx, aux, True
         f = gx - x
         if accel == "anderson":
-            xs, fs = (xs + [x])[-(memory + 1):], (fs + [f])[-(memory + 1):]
+            xs, fs = (xs + [x])[-(memory + 1) :], (fs + [f])[-(memory + 1) :]
             x_new = project(anderson_step(xs, fs, damping))
             if torch.isfinite(x_new).all():
                 g_new, aux_new = g(x_new)

@@ -23,6 +23,7 @@ Uses: :meth:`NFAugmenter.augment` on batches, :class:`NFADataset` on the fly (pr
 and :func:`generate_dataset` offline (the paper's protocol: the training set is enlarged with
 augmented copies), which writes a SPEC §9 npz resumably (:mod:`nfpi.generated`, re-exported here).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,13 +37,22 @@ from torch.utils.data import Dataset
 
 from . import data
 from ._util import check_labels, eval_mode
-from .layers import ActNorm
 from .generated import generate_dataset, generation_fingerprint, load_generated
 from .latents import encode
+from .layers import ActNorm
 from .priors import ClassGaussians
 
-__all__ = ["AugmentConfig", "ClassPCA", "NFADataset", "NFAugmenter", "generate_dataset",
-           "generation_fingerprint", "load_generated", "mix", "sample_beta"]
+__all__ = [
+    "AugmentConfig",
+    "ClassPCA",
+    "NFADataset",
+    "NFAugmenter",
+    "generate_dataset",
+    "generation_fingerprint",
+    "load_generated",
+    "mix",
+    "sample_beta",
+]
 
 LAWS = ("uniform", "beta")
 
@@ -85,7 +95,9 @@ class AugmentConfig:
         if not self.beta_a > 0:
             raise ValueError(f"beta_a (shape of the Beta law) must be > 0; got {self.beta_a}")
         if not 0 < self.beta_max <= 1:
-            raise ValueError(f"beta_max must lie in (0, 1] (1 = move fully to the partner); got {self.beta_max}")
+            raise ValueError(
+                f"beta_max must lie in (0, 1] (1 = move fully to the partner); got {self.beta_max}"
+            )
         if isinstance(self.copies, bool) or not isinstance(self.copies, int) or self.copies < 1:
             raise ValueError(f"copies must be an integer >= 1; got {self.copies!r}")
         if not self.temperature > 0:
@@ -122,7 +134,7 @@ class ClassPCA:
         return self.axes.shape[2]
 
     @classmethod
-    def fit(cls, z: Tensor, y: Tensor, num_classes: int, k: int) -> "ClassPCA":
+    def fit(cls, z: Tensor, y: Tensor, num_classes: int, k: int) -> ClassPCA:
         """Top-k principal axes of the latents z (N, D) of each class y (N,) in [0, K).
 
         Computed in float64 by a thin SVD of each class's centred latents (N_y, D). Every
@@ -141,19 +153,23 @@ class ClassPCA:
         for c in range(num_classes):
             zc = z[(y == c).to(z.device)]
             if zc.shape[0] <= k:
-                raise ValueError(f"class {c} has {zc.shape[0]} latents: a PCA with k={k} axes needs at least "
-                                 f"k + 1 = {k + 1} per class; lower k or give more training images")
+                raise ValueError(
+                    f"class {c} has {zc.shape[0]} latents: a PCA with k={k} axes needs at least "
+                    f"k + 1 = {k + 1} per class; lower k or give more training images"
+                )
             mean = zc.mean(0)
             _, s, vh = torch.linalg.svd(zc - mean, full_matrices=False)
             means.append(mean)
             axes.append(vh[:k])
             variances.append(s[:k] ** 2 / zc.shape[0])
-            totals.append((s ** 2).sum() / zc.shape[0])
+            totals.append((s**2).sum() / zc.shape[0])
         return cls(torch.stack(means), torch.stack(axes), torch.stack(variances), torch.stack(totals))
 
-    def to(self, device: torch.device | str) -> "ClassPCA":
+    def to(self, device: torch.device | str) -> ClassPCA:
         """The same PCA with tensors on ``device`` (still float64)."""
-        return ClassPCA(*(t.to(device) for t in (self.means, self.axes, self.variances, self.total_variances)))
+        return ClassPCA(
+            *(t.to(device) for t in (self.means, self.axes, self.variances, self.total_variances))
+        )
 
     def project(self, v: Tensor, y: Tensor) -> Tensor:
         """P_y P_y^T v for vectors v (B, D) of classes y (B,); (B, D) in v's dtype."""
@@ -169,14 +185,20 @@ def mix(z: Tensor, y: Tensor, z_partner: Tensor, pca: ClassPCA, beta: Tensor | f
     coordinates to the partner. Computed in z's dtype.
     """
     if z.dim() != 2 or z_partner.shape != z.shape:
-        raise ValueError(f"z and z_partner must both be (B, D); got {tuple(z.shape)} and {tuple(z_partner.shape)}")
+        raise ValueError(
+            f"z and z_partner must both be (B, D); got {tuple(z.shape)} and {tuple(z_partner.shape)}"
+        )
     if z.shape[1] != pca.dim:
-        raise ValueError(f"latents have D={z.shape[1]} but the PCA was fitted on D={pca.dim}; "
-                         "fit ClassPCA on latents of the same flow")
+        raise ValueError(
+            f"latents have D={z.shape[1]} but the PCA was fitted on D={pca.dim}; "
+            "fit ClassPCA on latents of the same flow"
+        )
     y = check_labels(y, z.shape[0], pca.num_classes)
     beta = torch.as_tensor(beta, dtype=z.dtype, device=z.device)
     if beta.dim() > 1 or (beta.dim() == 1 and beta.shape[0] != z.shape[0]):
-        raise ValueError(f"beta must be a scalar or one weight per latent ({z.shape[0]},); got {tuple(beta.shape)}")
+        raise ValueError(
+            f"beta must be a scalar or one weight per latent ({z.shape[0]},); got {tuple(beta.shape)}"
+        )
     weight = beta[:, None] if beta.dim() == 1 else beta
     return z + pca.project(weight * (z_partner - z), y)
 
@@ -213,30 +235,44 @@ class NFAugmenter:
         bank: (z (N, D), y (N,)) training latents to draw same-class partners from.
     """
 
-    def __init__(self, flow: nn.Module, prior: ClassGaussians | None, pca: ClassPCA,
-                 cfg: AugmentConfig | None = None, bank: tuple[Tensor, Tensor] | None = None) -> None:
+    def __init__(
+        self,
+        flow: nn.Module,
+        prior: ClassGaussians | None,
+        pca: ClassPCA,
+        cfg: AugmentConfig | None = None,
+        bank: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
         self.cfg = cfg or AugmentConfig()
         self.flow = flow
         self.device, self.dtype = _flow_device_dtype(flow)
         self.in_shape = tuple(int(s) for s in flow.in_shape)
         dim = math.prod(self.in_shape)
         if any(isinstance(m, ActNorm) and not bool(m.initialized) for m in flow.modules()):
-            raise ValueError("the flow has uninitialised ActNorm layers (an untrained flow would initialise them "
-                             "on the first batch it augments); load a trained checkpoint or run one forward "
-                             "pass on training images first")
+            raise ValueError(
+                "the flow has uninitialised ActNorm layers (an untrained flow would initialise them "
+                "on the first batch it augments); load a trained checkpoint or run one forward "
+                "pass on training images first"
+            )
         if pca.dim != dim:
-            raise ValueError(f"the PCA has D={pca.dim} but the flow's latents have D={dim} for images "
-                             f"{self.in_shape}; fit ClassPCA on this flow's latents")
+            raise ValueError(
+                f"the PCA has D={pca.dim} but the flow's latents have D={dim} for images "
+                f"{self.in_shape}; fit ClassPCA on this flow's latents"
+            )
         self.num_classes = pca.num_classes
         self.pca = pca.to(self.device)
         self.prior = prior
         if bank is None:
             if prior is None:
-                raise ValueError("NFA needs partners: pass bank=(z, y) of training latents or the prior "
-                                 "(class Gaussians) to sample partners from")
+                raise ValueError(
+                    "NFA needs partners: pass bank=(z, y) of training latents or the prior "
+                    "(class Gaussians) to sample partners from"
+                )
             if (prior.num_classes, prior.dim) != (self.num_classes, dim):
-                raise ValueError(f"the prior has K={prior.num_classes}, D={prior.dim} but the PCA has "
-                                 f"K={self.num_classes}, D={dim}")
+                raise ValueError(
+                    f"the prior has K={prior.num_classes}, D={prior.dim} but the PCA has "
+                    f"K={self.num_classes}, D={dim}"
+                )
             self._bank = None
         else:
             self._bank = self._sorted_bank(*bank, dim)
@@ -256,14 +292,23 @@ class NFAugmenter:
         return z[order].to(self.device, self.dtype), offsets, counts
 
     @classmethod
-    def from_arrays(cls, flow: nn.Module, arrays: data.ImageArrays, bits: int, cfg: AugmentConfig | None = None,
-                    prior: ClassGaussians | None = None, batch_size: int = 500) -> "NFAugmenter":
+    def from_arrays(
+        cls,
+        flow: nn.Module,
+        arrays: data.ImageArrays,
+        bits: int,
+        cfg: AugmentConfig | None = None,
+        prior: ClassGaussians | None = None,
+        batch_size: int = 500,
+    ) -> NFAugmenter:
         """Encode the training images ``arrays`` (+0.5 dequantisation at ``bits``), fit the
         class-wise PCA on their latents and keep them as the partner bank."""
         cfg = cfg or AugmentConfig()
         if tuple(arrays.shape) != tuple(flow.in_shape):
-            raise ValueError(f"images have shape {arrays.shape} but the flow expects {tuple(flow.in_shape)}; "
-                             "pad/crop them as in the flow's training config (TrainConfig.pad)")
+            raise ValueError(
+                f"images have shape {arrays.shape} but the flow expects {tuple(flow.in_shape)}; "
+                "pad/crop them as in the flow's training config (TrainConfig.pad)"
+            )
         z, _ = encode(flow, arrays, bits, batch_size)
         pca = ClassPCA.fit(z, arrays.y, arrays.num_classes, cfg.k)
         return cls(flow, prior, pca, cfg, bank=(z, arrays.y))
@@ -292,7 +337,9 @@ class NFAugmenter:
         """
         if not isinstance(x, Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != self.in_shape:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"images must be (B, {', '.join(map(str, self.in_shape))}) to match the flow; got {shape}")
+            raise ValueError(
+                f"images must be (B, {', '.join(map(str, self.in_shape))}) to match the flow; got {shape}"
+            )
         if not x.is_floating_point():
             raise ValueError(f"images must be floats in [-1, 1] (nfpi.data.dequantize); got dtype {x.dtype}")
         y = check_labels(y.cpu() if isinstance(y, Tensor) else y, x.shape[0], self.num_classes)
@@ -304,8 +351,12 @@ class NFAugmenter:
             out = self.flow.inverse(mix(z, y.to(self.device), partners, self.pca, beta))
         bad = ~torch.isfinite(out.flatten(1)).all(1)
         if bad.any():
-            warnings.warn(f"NFA: {int(bad.sum())} of {len(bad)} variants were not finite after f^-1 and were "
-                          "replaced by their originals", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"NFA: {int(bad.sum())} of {len(bad)} variants were not finite after f^-1 and were "
+                "replaced by their originals",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             out[bad] = xin[bad]
         return out.clamp_(-1.0, 1.0).to(x.device, x.dtype)
 

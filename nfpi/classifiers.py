@@ -24,9 +24,10 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -238,7 +239,10 @@ def train_classifier(
     # cycle_momentum=False: the paper's recipe has a fixed momentum (0.9); OneCycleLR would
     # otherwise cycle it between 0.85 and 0.95 and overwrite cfg.momentum.
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.max_lr, total_steps=cfg.epochs * n_batches, div_factor=cfg.max_lr / cfg.lr,
+        optimizer,
+        max_lr=cfg.max_lr,
+        total_steps=cfg.epochs * n_batches,
+        div_factor=cfg.max_lr / cfg.lr,
         cycle_momentum=False,
     )
     use_amp = cfg.amp and device.type == "cuda"

@@ -8,6 +8,7 @@
 ``RUN`` is a run directory (or its ``checkpoint.pt``) written by ``nfpi train``. Each command
 has ``--help``. ``python -m nfpi.cli`` is the same program.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ COMMANDS = {
     "sample": "a grid of class-conditional samples of a run",
     "augment": "write NF-augmented copies of a run's training images (SPEC §9 npz)",
 }
-ERRORS = (CheckpointError, NonFiniteLossError, data.DatasetFormatError, ValueError,
-          FileNotFoundError, FileExistsError)
+ERRORS = (
+    CheckpointError,
+    NonFiniteLossError,
+    data.DatasetFormatError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+)
 
 
 def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, TrainConfig]:
@@ -43,7 +50,9 @@ def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, TrainConfig]:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="run directory (or its checkpoint.pt) written by nfpi train")
+    parser.add_argument(
+        "run", metavar="RUN", help="run directory (or its checkpoint.pt) written by nfpi train"
+    )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu), e.g. cuda")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of their EMA")
     parser.add_argument("--batch-size", type=int, default=500, help="images per forward pass (default 500)")
@@ -60,8 +69,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     confusion = torch.bincount(test_set.y * k + scores.argmax(1), minlength=k * k).reshape(k, k)
     width = max(6, *(len(c) for c in test_set.classes))
     print(f"{cfg.dataset}: {len(test_set)} test images, {k} classes")
-    print(f"NF-Acc top-1 {metrics['acc_top1']:.2f} %  top-5 {metrics['acc_top5']:.2f} %  "
-          f"bits/dim {metrics['test_bpd']:.4f}  NLL {metrics['test_nll']:.2f} nats")
+    print(
+        f"NF-Acc top-1 {metrics['acc_top1']:.2f} %  top-5 {metrics['acc_top5']:.2f} %  "
+        f"bits/dim {metrics['test_bpd']:.4f}  NLL {metrics['test_nll']:.2f} nats"
+    )
     print("confusion matrix (rows: true class, columns: predicted)")
     print(" " * width + "".join(f"{c[:width]:>{width + 1}}" for c in test_set.classes))
     for name, row in zip(test_set.classes, confusion.tolist()):
@@ -77,8 +88,10 @@ def _class_index(value: str, classes: tuple[str, ...]) -> int:
         return classes.index(value)
     if value.isdigit() and int(value) < len(classes):
         return int(value)
-    raise ValueError(f"--class {value!r} is neither a class name nor an index below {len(classes)}; the classes "
-                     f"are {list(classes)}")
+    raise ValueError(
+        f"--class {value!r} is neither a class name nor an index below {len(classes)}; the classes "
+        f"are {list(classes)}"
+    )
 
 
 def cmd_sample(args: argparse.Namespace) -> Path:
@@ -91,8 +104,14 @@ def cmd_sample(args: argparse.Namespace) -> Path:
     gen = torch.Generator(device=gaussians.means.device).manual_seed(args.seed)
     with torch.no_grad():
         images = model.inverse(gaussians.sample(y, temperature=args.temperature, generator=gen)).cpu()
-    fig = plots.image_grid(images, cfg.bits, args.n, row_labels=[classes[k] for k in chosen],
-                           title=f"samples of {Path(args.run).name}, T = {args.temperature:g}", path=args.out)
+    fig = plots.image_grid(
+        images,
+        cfg.bits,
+        args.n,
+        row_labels=[classes[k] for k in chosen],
+        title=f"samples of {Path(args.run).name}, T = {args.temperature:g}",
+        path=args.out,
+    )
     plt.close(fig)
     print(f"wrote {args.out} ({len(chosen)} class(es) x {args.n} samples)")
     return Path(args.out)
@@ -102,17 +121,31 @@ def cmd_augment(args: argparse.Namespace) -> Path:
     model, gaussians, cfg = _load(args)
     train_set, _ = load_data(cfg)
     aug_cfg = augment.AugmentConfig(k=args.k, copies=args.copies, beta_max=args.beta_max)
-    augmenter = augment.NFAugmenter.from_arrays(model, train_set, cfg.bits, aug_cfg, gaussians, args.batch_size)
-    out = generated.generate_dataset(augmenter, train_set, args.copies, args.out, cfg.bits, args.batch_size,
-                                     progress=not args.no_progress, seed=args.seed)
+    augmenter = augment.NFAugmenter.from_arrays(
+        model, train_set, cfg.bits, aug_cfg, gaussians, args.batch_size
+    )
+    out = generated.generate_dataset(
+        augmenter,
+        train_set,
+        args.copies,
+        args.out,
+        cfg.bits,
+        args.batch_size,
+        progress=not args.no_progress,
+        seed=args.seed,
+    )
     with np.load(out, allow_pickle=False) as npz:
-        print(f"wrote {out}: {npz['x'].shape[0]} images {tuple(npz['x'].shape[1:])} of {len(npz['classes'])} classes")
+        print(
+            f"wrote {out}: {npz['x'].shape[0]} images {tuple(npz['x'].shape[1:])} "
+            f"of {len(npz['classes'])} classes"
+        )
     return out
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nfpi", description="Class-conditional normalizing flows with FPI class Gaussians (NFPI).")
+        prog="nfpi", description="Class-conditional normalizing flows with FPI class Gaussians (NFPI)."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     sub.add_parser("train", help=COMMANDS["train"], add_help=False)
 
@@ -122,8 +155,13 @@ def _parser() -> argparse.ArgumentParser:
 
     sa = sub.add_parser("sample", help=COMMANDS["sample"], description=COMMANDS["sample"])
     _common(sa)
-    sa.add_argument("--class", dest="classes", action="append", metavar="C",
-                    help="class name or index; repeat for several (default: every class, one row each)")
+    sa.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        metavar="C",
+        help="class name or index; repeat for several (default: every class, one row each)",
+    )
     sa.add_argument("--temperature", type=float, default=0.7, help="scale T of the class std (default 0.7)")
     sa.add_argument("-n", type=int, default=10, help="samples per class (default 10)")
     sa.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
@@ -133,10 +171,16 @@ def _parser() -> argparse.ArgumentParser:
     _common(au)
     defaults = augment.AugmentConfig()
     au.add_argument("--out", required=True, help="npz file to write (SPEC §9 plus source and fingerprint)")
-    au.add_argument("--copies", type=int, default=defaults.copies, help=f"variants per image ({defaults.copies})")
+    au.add_argument(
+        "--copies", type=int, default=defaults.copies, help=f"variants per image ({defaults.copies})"
+    )
     au.add_argument("--k", type=int, default=defaults.k, help=f"principal axes per class ({defaults.k})")
-    au.add_argument("--beta-max", type=float, default=defaults.beta_max,
-                    help=f"largest mixing weight ({defaults.beta_max})")
+    au.add_argument(
+        "--beta-max",
+        type=float,
+        default=defaults.beta_max,
+        help=f"largest mixing weight ({defaults.beta_max})",
+    )
     au.add_argument("--seed", type=int, default=0, help="seed of the variants (default 0)")
     au.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser

@@ -16,6 +16,7 @@ Example:
     >>> x_with_codes = codes.append(x, y)          # (N, 1, H + 4, 8)
     >>> codes.decode(x_with_codes)                 # (N,) labels
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,8 +70,16 @@ class ClassCodes:
         self.prototypes = prototypes.detach().float().cpu()
 
     @classmethod
-    def learn(cls, num_classes: int, shape: tuple[int, int, int], amplitude: float = 0.8,
-              steps: int = 100, seed: int = 0, reg: float = 0.01, tau: float = 0.05) -> "ClassCodes":
+    def learn(
+        cls,
+        num_classes: int,
+        shape: tuple[int, int, int],
+        amplitude: float = 0.8,
+        steps: int = 100,
+        seed: int = 0,
+        reg: float = 0.01,
+        tau: float = 0.05,
+    ) -> ClassCodes:
         """Place K codes of ``shape`` (C, rows, W): P = amplitude tanh(theta) minimising
 
             tau log sum_{y<y'} exp(-MSE(P_y, P_y') / tau) + reg mean(P^2),
@@ -98,7 +107,7 @@ class ClassCodes:
             return cls(amplitude * torch.tanh(theta))
 
     @classmethod
-    def for_config(cls, codes: CodeConfig, num_classes: int, channels: int, width: int) -> "ClassCodes":
+    def for_config(cls, codes: CodeConfig, num_classes: int, channels: int, width: int) -> ClassCodes:
         """The codes of a training config's ``codes`` section (recomputed, deterministic)."""
         return cls.learn(num_classes, (channels, codes.rows, width), codes.amplitude, codes.steps, codes.seed)
 
@@ -123,8 +132,9 @@ class ClassCodes:
             c = c + noise * (2 * torch.rand(c.shape, generator=generator) - 1)
         return c.clamp(-1, 1)
 
-    def append(self, x: Tensor, y: Tensor, noise: float = 0.0,
-               generator: torch.Generator | None = None) -> Tensor:
+    def append(
+        self, x: Tensor, y: Tensor, noise: float = 0.0, generator: torch.Generator | None = None
+    ) -> Tensor:
         """Images x (N, C, H, W) in [-1, 1] -> (N, C, H + rows, W) with the codes of y below."""
         self._check_width(x)
         return torch.cat([x, self.codes(y, noise, generator).to(x)], dim=2)
@@ -141,8 +151,9 @@ class ClassCodes:
     def append_random(self, arrays: data.ImageArrays, seed: int = 0) -> data.ImageArrays:
         """uint8 images with uniformly random code rows (test images: their label is unknown)."""
         n, c, _, w = arrays.x.shape
-        rows = torch.randint(0, 256, (n, c, self.rows, w), generator=torch.Generator().manual_seed(seed),
-                             dtype=torch.uint8)
+        rows = torch.randint(
+            0, 256, (n, c, self.rows, w), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8
+        )
         return self._with_rows(arrays, rows)
 
     def _with_rows(self, arrays: data.ImageArrays, rows: Tensor) -> data.ImageArrays:
@@ -151,7 +162,7 @@ class ClassCodes:
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(N, C, H + rows, W) -> images (N, C, H, W) and code rows (N, C, rows, W)."""
-        return x[:, :, :-self.rows], x[:, :, -self.rows:]
+        return x[:, :, : -self.rows], x[:, :, -self.rows :]
 
     def decode(self, x: Tensor) -> Tensor:
         """Labels (N,) of images with codes (N, C, H + rows, W): the nearest prototype (MSE)."""

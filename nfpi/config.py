@@ -20,6 +20,7 @@ Example:
     >>> cfg.replace(epochs=5).to_dict()["schedule"]["solve_epoch"]
     0
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,20 @@ from ._util import check_choice
 from .codes import CodeConfig
 from .flows import MEMORY_MODES
 
-__all__ = ["GDConfig", "GaussianConfig", "ModelConfig", "NOT_KEYED", "OptimConfig", "PRIORS", "RESUME_FREE",
-           "ScheduleConfig", "SolverConfig", "TrainConfig", "parse_overrides", "upgrade"]
+__all__ = [
+    "NOT_KEYED",
+    "PRIORS",
+    "RESUME_FREE",
+    "GDConfig",
+    "GaussianConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "SolverConfig",
+    "TrainConfig",
+    "parse_overrides",
+    "upgrade",
+]
 
 PRIORS = ("data", "fpi", "gd", "random", "standard")
 # Settings that may change when a run is resumed: they do not alter the computation
@@ -49,8 +62,19 @@ NOT_KEYED = tuple(k for k in RESUME_FREE if k != "epochs")
 MOVED = {
     **{k: ("solver", k) for k in ("rule", "isotropic_mean_step", "rho", "tol", "max_iter", "stop", "accel")},
     **{f"gd_{k}": ("gd", k) for k in ("policy", "steps", "lr")},
-    **{k: ("schedule", k) for k in ("solve_epoch", "resolve_every", "dg_fraction", "merge_epoch",
-                                    "warm_start", "lam_decay", "lam_min", "stats_noise")},
+    **{
+        k: ("schedule", k)
+        for k in (
+            "solve_epoch",
+            "resolve_every",
+            "dg_fraction",
+            "merge_epoch",
+            "warm_start",
+            "lam_decay",
+            "lam_min",
+            "stats_noise",
+        )
+    },
 }
 
 
@@ -77,8 +101,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_choice("model.memory", self.memory, MEMORY_MODES)
         if isinstance(self.blocks, list) and len(self.blocks) != self.levels:
-            raise ValueError(f"model.blocks must be one int or a list of model.levels = {self.levels} "
-                             f"ints (one per level), got {self.blocks}")
+            raise ValueError(
+                f"model.blocks must be one int or a list of model.levels = {self.levels} "
+                f"ints (one per level), got {self.blocks}"
+            )
 
 
 @dataclass
@@ -192,22 +218,28 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.lam_decay <= 1:
-            raise ValueError(f"schedule.lam_decay must lie in (0, 1] (1: constant lambda), "
-                             f"got {self.lam_decay}")
+            raise ValueError(
+                f"schedule.lam_decay must lie in (0, 1] (1: constant lambda), got {self.lam_decay}"
+            )
         if self.solve_epoch < -1:
-            raise ValueError(f"schedule.solve_epoch must be >= -1 (-1: before training), "
-                             f"got {self.solve_epoch}")
+            raise ValueError(
+                f"schedule.solve_epoch must be >= -1 (-1: before training), got {self.solve_epoch}"
+            )
         if self.resolve_every is not None and self.resolve_every < 1:
             raise ValueError(f"schedule.resolve_every must be >= 1 or null, got {self.resolve_every}")
         if (self.dg_fraction is None) != (self.merge_epoch is None):
-            raise ValueError("schedule.dg_fraction and schedule.merge_epoch go together: set both "
-                             "(D_NF/D_G split) or neither")
+            raise ValueError(
+                "schedule.dg_fraction and schedule.merge_epoch go together: set both "
+                "(D_NF/D_G split) or neither"
+            )
         if self.dg_fraction is not None:
             if not 0 < self.dg_fraction < 1:
                 raise ValueError(f"schedule.dg_fraction must lie in (0, 1), e.g. 0.1; got {self.dg_fraction}")
             if self.merge_epoch < self.solve_epoch:
-                raise ValueError(f"schedule.merge_epoch ({self.merge_epoch}) must be >= solve_epoch "
-                                 f"({self.solve_epoch}): the Gaussians are learned on D_G before the merge")
+                raise ValueError(
+                    f"schedule.merge_epoch ({self.merge_epoch}) must be >= solve_epoch "
+                    f"({self.solve_epoch}): the Gaussians are learned on D_G before the merge"
+                )
 
 
 @dataclass
@@ -274,26 +306,36 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 0.5:
-            raise ValueError(f"val_fraction must lie in [0, 0.5) (e.g. 0.1; 0 = no validation split), "
-                             f"got {self.val_fraction}")
+            raise ValueError(
+                f"val_fraction must lie in [0, 0.5) (e.g. 0.1; 0 = no validation split), "
+                f"got {self.val_fraction}"
+            )
         self._check_groups()
 
     def _check_groups(self) -> None:
         """Rules across the gaussians / solver / schedule groups."""
         gs, sched = self.gaussians, self.schedule
         if not 0 <= sched.lam_min <= gs.lam:
-            raise ValueError(f"schedule.lam_min must lie in [0, gaussians.lam={gs.lam:g}], "
-                             f"got {sched.lam_min}")
+            raise ValueError(
+                f"schedule.lam_min must lie in [0, gaussians.lam={gs.lam:g}], got {sched.lam_min}"
+            )
         try:  # the solver's own checks, run now instead of after the first epoch
-            fpi.check_solver_args(lam=gs.lam, alpha=gs.alpha, pi=gs.pi, learn=gs.learn, rho=self.solver.rho,
-                                  tol=self.solver.tol, max_iter=self.solver.max_iter)
+            fpi.check_solver_args(
+                lam=gs.lam,
+                alpha=gs.alpha,
+                pi=gs.pi,
+                learn=gs.learn,
+                rho=self.solver.rho,
+                tol=self.solver.tol,
+                max_iter=self.solver.max_iter,
+            )
         except ValueError as err:
             group = "solver" if str(err).split()[0] in ("rho", "tol", "max_iter") else "gaussians"
             raise ValueError(f"{group}.{err}") from None
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, values: dict[str, Any], **overrides: Any) -> "TrainConfig":
+    def from_dict(cls, values: dict[str, Any], **overrides: Any) -> TrainConfig:
         """Build from a nested dict; ``overrides`` use dotted keys (``**{"model.hidden": 32}``)
         or nested dicts (``model={"hidden": 32}``). Unknown keys raise a ValueError listing
         the valid ones."""
@@ -301,7 +343,7 @@ class TrainConfig:
         return _build(cls, merged, "")
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> "TrainConfig":
+    def from_yaml(cls, path: str | os.PathLike[str], **overrides: Any) -> TrainConfig:
         """Load a YAML file (nested sections ``model``, ``optim``, ``gaussians``, ...); an empty file or
         invalid YAML raises a one-line ValueError naming the file (and line)."""
         with open(path) as f:
@@ -311,11 +353,15 @@ class TrainConfig:
                 mark = getattr(err, "problem_mark", None)
                 where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
                 problem = getattr(err, "problem", None) or err
-                raise ValueError(f"{path}: invalid YAML{where} ({problem}); write `key: value` pairs, "
-                                 "sections indented with spaces (see configs/)") from None
+                raise ValueError(
+                    f"{path}: invalid YAML{where} ({problem}); write `key: value` pairs, "
+                    "sections indented with spaces (see configs/)"
+                ) from None
         if values is None:
-            raise ValueError(f"{path} is empty: a training config must set its options (start from a copy "
-                             "of one in configs/) rather than silently train on the defaults")
+            raise ValueError(
+                f"{path} is empty: a training config must set its options (start from a copy "
+                "of one in configs/) rather than silently train on the defaults"
+            )
         if not isinstance(values, dict):
             raise ValueError(f"{path}: a training config must be a YAML mapping, got {type(values).__name__}")
         try:
@@ -323,7 +369,7 @@ class TrainConfig:
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
 
-    def replace(self, **overrides: Any) -> "TrainConfig":
+    def replace(self, **overrides: Any) -> TrainConfig:
         """A copy with ``overrides`` applied (same key forms as :meth:`from_dict`)."""
         return TrainConfig.from_dict(self.to_dict(), **overrides)
 
@@ -362,8 +408,10 @@ def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
     if moved:
         raise ValueError("; ".join(f"gaussians.{k} moved to {'.'.join(MOVED[k])}" for k in moved))
     if unknown:
-        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys "
-                         f"{'in ' + prefix.rstrip('.') if prefix else 'at the top level'}: {names}")
+        raise ValueError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; valid keys "
+            f"{'in ' + prefix.rstrip('.') if prefix else 'at the top level'}: {names}"
+        )
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
@@ -422,8 +470,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         try:
             out[key] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise SystemExit(f"error: override {item!r}: {value!r} is not a YAML value; quote strings "
-                             "(key='a b') and close brackets") from None
+            raise SystemExit(
+                f"error: override {item!r}: {value!r} is not a YAML value; quote strings "
+                "(key='a b') and close brackets"
+            ) from None
     return out
 
 

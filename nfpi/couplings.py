@@ -73,9 +73,7 @@ class _Coupling(FlowLayer):
 
     _params_per_channel: int
 
-    def __init__(
-        self, channels: int, hidden: int = 128, blocks: int = 1, net_out: int | None = None
-    ) -> None:
+    def __init__(self, channels: int, hidden: int = 128, blocks: int = 1, net_out: int | None = None) -> None:
         super().__init__()
         if channels < 2:
             raise ValueError(f"A coupling needs at least 2 channels to split; got {channels}.")
@@ -130,9 +128,7 @@ class AffineCoupling(_Coupling):
 
     _params_per_channel = 2
 
-    def __init__(
-        self, channels: int, hidden: int = 128, blocks: int = 1, scale_bound: float = 2.0
-    ) -> None:
+    def __init__(self, channels: int, hidden: int = 128, blocks: int = 1, scale_bound: float = 2.0) -> None:
         super().__init__(channels, hidden, blocks)
         if not scale_bound > 0:
             raise ValueError(f"scale_bound must be positive; got {scale_bound}.")
@@ -176,7 +172,7 @@ def expm_series(w: Tensor, terms: int = 12) -> Tensor:
     # The scaling is a constant for autograd (log2 of a zero norm would give NaN gradients).
     norm = w.detach().abs().sum(-2).amax(-1)
     squarings = torch.log2(norm / 0.5).ceil().clamp_min(0)
-    x = w / (2.0 ** squarings)[..., None, None]
+    x = w / (2.0**squarings)[..., None, None]
     result = eye.expand_as(w)
     for k in range(terms, 0, -1):
         result = eye + x @ result / k
@@ -293,5 +289,7 @@ class MatExpCoupling(_Coupling):
 
 
 COUPLINGS: dict[str, type[_Coupling]] = {
-    "affine": AffineCoupling, "additive": AdditiveCoupling, "matexp": MatExpCoupling,
+    "affine": AffineCoupling,
+    "additive": AdditiveCoupling,
+    "matexp": MatExpCoupling,
 }

@@ -25,6 +25,7 @@ Datasets (:data:`DATASETS`, or a folder):
 Preprocessing (SPEC §4: quantisation, dequantisation, bits/dim, subsets and splits, the
 training loader) lives in :mod:`nfpi.preprocess`; its names are re-exported here.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,17 +40,27 @@ import torch
 from torch import Tensor
 
 from ._util import atomic_write
-from .preprocess import (FlowDataset, bin_centres, bits_per_dim, class_balanced_indices, dequantize,
-                         make_loader, quantize, stratified_split, to_uint8, tsne_embedding)
+from .preprocess import (
+    FlowDataset,
+    bin_centres,
+    bits_per_dim,
+    class_balanced_indices,
+    dequantize,
+    make_loader,
+    quantize,
+    stratified_split,
+    to_uint8,
+    tsne_embedding,
+)
 
 __all__ = [
     "DATASETS",
     "DIGITS_SPLIT_SEED",
+    "REPO_ROOT",
     "DatasetFormatError",
     "DatasetInfo",
     "FlowDataset",
     "ImageArrays",
-    "REPO_ROOT",
     "bin_centres",
     "bits_per_dim",
     "check_dataset",
@@ -104,12 +115,14 @@ DATASETS: dict[str, DatasetInfo] = {
     "kmnist": DatasetInfo((1, 28, 28), 10, flip=False, torchvision_name="KMNIST"),
     "qmnist": DatasetInfo((1, 28, 28), 10, flip=False, torchvision_name="QMNIST"),
     "usps": DatasetInfo((1, 16, 16), 10, flip=False, torchvision_name="USPS"),
-    "svhn": DatasetInfo((3, 32, 32), 10, flip=False, torchvision_name="SVHN", split_arg=True,
-                        channels_first=True),
+    "svhn": DatasetInfo(
+        (3, 32, 32), 10, flip=False, torchvision_name="SVHN", split_arg=True, channels_first=True
+    ),
     "cifar10": DatasetInfo((3, 32, 32), 10, flip=True, torchvision_name="CIFAR10"),
     "cifar100": DatasetInfo((3, 32, 32), 100, flip=True, torchvision_name="CIFAR100"),
-    "stl10": DatasetInfo((3, 96, 96), 10, flip=True, torchvision_name="STL10", split_arg=True,
-                         channels_first=True),
+    "stl10": DatasetInfo(
+        (3, 96, 96), 10, flip=True, torchvision_name="STL10", split_arg=True, channels_first=True
+    ),
 }
 
 
@@ -134,12 +147,13 @@ class ImageArrays:
     def __post_init__(self) -> None:
         if self.x.dtype != torch.uint8 or self.x.dim() != 4:
             raise ValueError(
-                f"x must be a uint8 tensor of shape (N, C, H, W); got {self.x.dtype} "
-                f"{tuple(self.x.shape)}")
+                f"x must be a uint8 tensor of shape (N, C, H, W); got {self.x.dtype} {tuple(self.x.shape)}"
+            )
         if self.y.dtype != torch.int64 or self.y.shape != self.x.shape[:1]:
             raise ValueError(
                 f"y must be an int64 tensor of shape ({self.x.shape[0]},); got {self.y.dtype} "
-                f"{tuple(self.y.shape)}")
+                f"{tuple(self.y.shape)}"
+            )
         if not self.classes:
             raise ValueError("classes must name at least one class")
         if self.y.numel():
@@ -147,7 +161,8 @@ class ImageArrays:
             if lo < 0 or hi >= len(self.classes):
                 raise ValueError(
                     f"labels must lie in [0, {len(self.classes)}) (one per class name); "
-                    f"found values in [{lo}, {hi}]")
+                    f"found values in [{lo}, {hi}]"
+                )
 
     @property
     def num_classes(self) -> int:
@@ -169,7 +184,8 @@ class ImageArrays:
         if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
             raise TypeError(
                 f"subset needs integer indices, got dtype {idx.dtype}; for a boolean mask "
-                "pass mask.nonzero().squeeze(1)")
+                "pass mask.nonzero().squeeze(1)"
+            )
         idx = idx.long()
         return ImageArrays(self.x[idx], self.y[idx], self.classes, self.name)
 
@@ -207,11 +223,13 @@ def _folder(name: str, root: str | os.PathLike[str] | None) -> Path:
     raise ValueError(
         f"unknown dataset {name!r}: neither a known dataset ({', '.join(sorted(DATASETS))}) nor a folder "
         f"(looked for {Path(name).expanduser().resolve()} and {(_data_dir(root) / name).resolve()}); a "
-        "dataset folder holds train.npz and test.npz (SPEC §9) or train/ and test/ with a subfolder per class")
+        "dataset folder holds train.npz and test.npz (SPEC §9) or train/ and test/ with a subfolder per class"
+    )
 
 
-def load(name: str, split: str = "train", data_dir: str | os.PathLike[str] | None = None,
-         download: bool = False) -> ImageArrays:
+def load(
+    name: str, split: str = "train", data_dir: str | os.PathLike[str] | None = None, download: bool = False
+) -> ImageArrays:
     """Load split ``"train"`` or ``"test"`` of dataset ``name`` as x uint8 (N, C, H, W), y (N,).
 
     ``digits`` needs no file. Other registered datasets are read from
@@ -237,7 +255,8 @@ def load(name: str, split: str = "train", data_dir: str | os.PathLike[str] | Non
                 f"SPEC §9 npz files in one directory and point the environment variable "
                 f"{ENV_VAR} (or data_dir=...) at it, or call load({key!r}, {split!r}, "
                 f"download=True) on a machine with internet access to fetch it via "
-                f"torchvision.datasets.{info.torchvision_name} and convert it.")
+                f"torchvision.datasets.{info.torchvision_name} and convert it."
+            )
         _download(key, split, root)
     return _read_npz(path, key, info)
 
@@ -266,8 +285,11 @@ def _load_digits(split: str) -> ImageArrays:
 
 def _read_npz(path: Path, name: str, info: DatasetInfo | None) -> ImageArrays:
     """A SPEC §9 file; ``info`` None (a user's folder): any shape and class count."""
-    remedy = (f"load({name!r}, ..., download=True) on an online machine" if info is not None
-              else "x uint8 (N, H, W, C), y int64 (N,), classes (K,) strings: see data/README.md")
+    remedy = (
+        f"load({name!r}, ..., download=True) on an online machine"
+        if info is not None
+        else "x uint8 (N, H, W, C), y int64 (N,), classes (K,) strings: see data/README.md"
+    )
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in ("x", "y", "classes") if key in npz.files}
@@ -275,33 +297,41 @@ def _read_npz(path: Path, name: str, info: DatasetInfo | None) -> ImageArrays:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise DatasetFormatError(
             f"{path} is not a readable npz archive ({type(err).__name__}: {err}); delete it and "
-            f"re-create it ({remedy})") from err
+            f"re-create it ({remedy})"
+        ) from err
     missing = {"x", "y", "classes"} - arrays.keys()
     if missing:
         raise DatasetFormatError(
-            f"{path} lacks array(s) {sorted(missing)}; a SPEC §9 file holds x, y and classes")
+            f"{path} lacks array(s) {sorted(missing)}; a SPEC §9 file holds x, y and classes"
+        )
     x, y, classes = arrays["x"], arrays["y"], arrays["classes"]
     if info is not None:
         c, h, w = info.shape
         if x.dtype != np.uint8 or x.shape[1:] != (h, w, c):
             raise DatasetFormatError(
-                f"{path}: x must be uint8 of shape (N, {h}, {w}, {c}) for {name}; got {x.dtype} {x.shape}")
+                f"{path}: x must be uint8 of shape (N, {h}, {w}, {c}) for {name}; got {x.dtype} {x.shape}"
+            )
     elif x.dtype != np.uint8 or x.ndim != 4 or x.shape[3] not in (1, 3):
         raise DatasetFormatError(
             f"{path}: x must be uint8 of shape (N, H, W, C) with C = 1 or 3 (channel last); got "
-            f"{x.dtype} {x.shape}")
+            f"{x.dtype} {x.shape}"
+        )
     if not np.issubdtype(y.dtype, np.integer):
         raise DatasetFormatError(f"{path}: y must hold integer labels; got {y.dtype}")
     k = info.num_classes if info is not None else None
     if classes.dtype.kind not in "US" or classes.ndim != 1 or (k is not None and classes.shape != (k,)):
         raise DatasetFormatError(
-            f"{path}: classes must be {k or 'K'} strings" + (f" for {name}" if k else "")
-            + f"; got {classes.dtype} {classes.shape}")
+            f"{path}: classes must be {k or 'K'} strings"
+            + (f" for {name}" if k else "")
+            + f"; got {classes.dtype} {classes.shape}"
+        )
     try:
         return ImageArrays(
             torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
             torch.from_numpy(y.astype(np.int64)),
-            tuple(str(s) for s in classes), name)
+            tuple(str(s) for s in classes),
+            name,
+        )
     except ValueError as err:
         raise DatasetFormatError(f"{path}: {err}") from err
 
@@ -314,7 +344,8 @@ def _load_folder(folder: Path, split: str, name: str) -> ImageArrays:
         return _read_image_folder(folder / split, name)
     raise FileNotFoundError(
         f"dataset folder {folder.resolve()} has neither {split}.npz nor {split}/: provide "
-        f"{folder / f'{split}.npz'} (SPEC §9, see data/README.md) or {folder / split}/<class>/<images>")
+        f"{folder / f'{split}.npz'} (SPEC §9, see data/README.md) or {folder / split}/<class>/<images>"
+    )
 
 
 def _read_image_folder(root: Path, name: str) -> ImageArrays:
@@ -322,12 +353,17 @@ def _read_image_folder(root: Path, name: str) -> ImageArrays:
     from PIL import Image
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = [(f, k) for k, c in enumerate(classes) for f in sorted((root / c).iterdir())
-             if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [
+        (f, k)
+        for k, c in enumerate(classes)
+        for f in sorted((root / c).iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
     if not files:
         raise DatasetFormatError(
             f"{root} holds no images in class subfolders ({root}/<class>/<image>.png; "
-            f"suffixes {', '.join(IMAGE_SUFFIXES)})")
+            f"suffixes {', '.join(IMAGE_SUFFIXES)})"
+        )
     images = []
     for f, _ in files:
         with Image.open(f) as img:
@@ -340,12 +376,17 @@ def _read_image_folder(root: Path, name: str) -> ImageArrays:
         if p.shape[:2] != size:
             raise DatasetFormatError(
                 f"{f} is {p.shape[0]}x{p.shape[1]} pixels but {files[0][0]} is {size[0]}x{size[1]}: all "
-                "images of a dataset must have one size; resize them")
+                "images of a dataset must have one size; resize them"
+            )
     x = np.stack(pixels)
     x = x[..., None] if gray else x
     y = np.array([k for _, k in files], dtype=np.int64)
-    return ImageArrays(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
-                       torch.from_numpy(y), tuple(classes), name)
+    return ImageArrays(
+        torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+        torch.from_numpy(y),
+        tuple(classes),
+        name,
+    )
 
 
 def _download(name: str, split: str, root: Path) -> None:
@@ -357,7 +398,8 @@ def _download(name: str, split: str, root: Path) -> None:
     split_kw = {"split": split} if info.split_arg else {"train": split == "train"}
     try:
         source = getattr(torchvision.datasets, info.torchvision_name)(
-            root=str(root / "raw"), download=True, **split_kw)
+            root=str(root / "raw"), download=True, **split_kw
+        )
     # offline: URLError (an OSError) or torchvision's RuntimeError after trying every mirror
     except (OSError, RuntimeError) as err:
         first = (str(err).strip().splitlines() or [""])[0]
@@ -365,7 +407,8 @@ def _download(name: str, split: str, root: Path) -> None:
             f"could not download {name} ({split}) with torchvision.datasets.{info.torchvision_name} "
             f"({type(err).__name__}: {first}); this machine looks offline: provide {target.resolve()} "
             f"(copy {name}_{split}.npz into {root.resolve()}, or point {ENV_VAR} at its directory) and set "
-            "download=False.") from None
+            "download=False."
+        ) from None
     x = np.asarray(source.data, dtype=np.uint8)
     if info.channels_first:
         x = x.transpose(0, 2, 3, 1)

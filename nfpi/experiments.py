@@ -2,8 +2,8 @@
 (SPEC §6-§8; GLEM §5, supplementary §3.3).
 
 :func:`evaluate_run` turns one checkpoint of :func:`nfpi.train.train` into ONE tidy row
-(a flat dict) holding the run's config (dotted keys: ``gaussians.lam``, ``schedule.solve_epoch``, ...), the evaluation
-settings (``eval.*``) and the metrics:
+(a flat dict) holding the run's config (dotted keys: ``gaussians.lam``,
+``schedule.solve_epoch``, ...), the evaluation settings (``eval.*``) and the metrics:
 
 * ``nf_top1`` / ``nf_top5``, ``bpd``, ``bpd_centres``: NF accuracy at the bin centres, test
   bits/dim as the uniform-dequantisation bound (seeded noise, deterministic; the number
@@ -20,11 +20,12 @@ settings (``eval.*``) and the metrics:
   GLEM proxy metrics on the oracle's 512-d (8 x width) features (SPEC §7, GLEM supplementary
   §3.3; not comparable with Inception FIDs), generated images against the real test set;
   precision, recall, coverage and label reliability in percent, as GLEM reports them;
-* GLEM options (:class:`nfpi.priors.FullGaussians`, :mod:`nfpi.codes`): ``covariance="rfcm"`` re-estimates full class covariances
-  of the training latents and uses them to classify and sample (GLEM Table 5); a checkpoint
-  trained with class codes (CE / CEGLEM) is sampled with its codes cropped off, the label of
-  an unconditional CE sample is decoded from its code, and ``code_agreement`` is the percent
-  of CEGLEM samples whose code names their conditioning class.
+* GLEM options (:class:`nfpi.priors.FullGaussians`, :mod:`nfpi.codes`): ``covariance="rfcm"``
+  re-estimates full class covariances of the training latents and uses them to classify and
+  sample (GLEM Table 5); a checkpoint trained with class codes (CE / CEGLEM) is sampled with
+  its codes cropped off, the label of an unconditional CE sample is decoded from its code, and
+  ``code_agreement`` is the percent of CEGLEM samples whose code names their conditioning
+  class.
 
 Generated images are quantised to the flow's bit depth (bin centres), like the real images
 the oracle and the CNN see. Samples whose decoding is not finite are dropped and counted
@@ -32,11 +33,12 @@ the oracle and the CNN see. Samples whose decoding is not finite are dropped and
 monomodal CE flow).
 
 :func:`append_row` (:mod:`nfpi.tables`, re-exported here) keeps a CSV with one row per
-(``run``, ``eval``) key, rewritten atomically; a row with the same key replaces the old one. :func:`run_grid` trains (through
-:func:`nfpi.train.train`, which resumes and reuses finished runs) and evaluates only the
-(run, evaluation) pairs whose row is missing or was computed from another configuration
-(``config_hash``). The papers' numbers are in :mod:`nfpi.references`.
+(``run``, ``eval``) key, rewritten atomically; a row with the same key replaces the old one.
+:func:`run_grid` trains (through :func:`nfpi.train.train`, which resumes and reuses finished
+runs) and evaluates only the (run, evaluation) pairs whose row is missing or was computed
+from another configuration (``config_hash``). The papers' numbers are in :mod:`nfpi.references`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -69,8 +71,21 @@ from .splits import load_data, load_validation
 from .tables import KEY, append_row, find_row, read_rows
 from .train import train
 
-__all__ = ["KEY", "EvalConfig", "Oracle", "append_row", "check_compatible", "config_hash", "evaluate_run",
-           "generate", "load_oracle", "read_rows", "rfcm", "run_grid", "train_settings"]
+__all__ = [
+    "KEY",
+    "EvalConfig",
+    "Oracle",
+    "append_row",
+    "check_compatible",
+    "config_hash",
+    "evaluate_run",
+    "generate",
+    "load_oracle",
+    "read_rows",
+    "rfcm",
+    "run_grid",
+    "train_settings",
+]
 
 _EVAL_NOT_HASHED = ("batch_size", "threads")
 Prior = ClassGaussians | FullGaussians
@@ -118,7 +133,7 @@ class EvalConfig:
             raise ValueError(f"threads must be >= 1 or None, got {self.threads}")
 
     @classmethod
-    def paper(cls, dataset: str, **overrides: Any) -> "EvalConfig":
+    def paper(cls, dataset: str, **overrides: Any) -> EvalConfig:
         """The papers' protocol: as many samples as real training images (GLEM Table 4 "1x":
         5,000 per class on CIFAR-10, 500 on CIFAR-100), CNN-Acc ResNet-18 of GLEM §5.1 with
         30 (CIFAR-10) / 50 (CIFAR-100) epochs, flips only for natural images."""
@@ -127,21 +142,28 @@ class EvalConfig:
         clf = ClassifierConfig(epochs=epochs, flip=data.DATASETS[dataset].flip)
         return cls(**{"samples_per_class": per_class, "classifier": clf, "threads": None, **overrides})
 
-    def replace(self, **overrides: Any) -> "EvalConfig":
+    def replace(self, **overrides: Any) -> EvalConfig:
         return dataclasses.replace(self, **overrides)
 
     def tag(self) -> str:
         """The ``eval`` part of a row's key: the sampling settings ("nf" without samples)."""
         if not (self.cnn or self.generated):
             return "nf" if self.covariance == "diag" else f"nf,{self._cov()}"
-        parts = [f"n={self.samples_per_class}", f"T={self.temperature:g}", f"ms={self.mean_scale:g}", self._cov()]
+        parts = [
+            f"n={self.samples_per_class}",
+            f"T={self.temperature:g}",
+            f"ms={self.mean_scale:g}",
+            self._cov(),
+        ]
         parts += (["cnn"] if self.cnn else []) + (["gen"] if self.generated else [])
         if (self.seed, self.classifier.seed) != (0, 0):
             parts.append(f"seed={self.seed}/{self.classifier.seed}")
         return ",".join(parts)
 
     def _cov(self) -> str:
-        return "diag" if self.covariance == "diag" else f"rfcm{'' if self.rfcm_rank is None else self.rfcm_rank}"
+        return (
+            "diag" if self.covariance == "diag" else f"rfcm{'' if self.rfcm_rank is None else self.rfcm_rank}"
+        )
 
     def flat(self) -> dict[str, Any]:
         """``eval.<field>`` columns, the classifier as ``eval.classifier.<field>``."""
@@ -166,10 +188,16 @@ def config_hash(cfg: TrainConfig, ev: EvalConfig) -> str:
     the ``nfpi`` code included (:func:`nfpi.repro.code_fingerprint`): a row made by other code
     is recomputed."""
     train_part = {k: v for k, v in cfg.to_dict().items() if k not in NOT_KEYED}
-    eval_part = {k: v for k, v in ev.flat().items()
-                 if k.removeprefix("eval.") not in _EVAL_NOT_HASHED and k != "eval.classifier.device"}
-    text = json.dumps({"train": train_part, "eval": eval_part, "code": repro.code_fingerprint()},
-                      sort_keys=True, default=str)
+    eval_part = {
+        k: v
+        for k, v in ev.flat().items()
+        if k.removeprefix("eval.") not in _EVAL_NOT_HASHED and k != "eval.classifier.device"
+    }
+    text = json.dumps(
+        {"train": train_part, "eval": eval_part, "code": repro.code_fingerprint()},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -200,35 +228,64 @@ class Oracle:
         return (c, h, w)
 
 
-def load_oracle(cfg: TrainConfig, classifier: ClassifierConfig, path: str | os.PathLike[str],
-                progress: bool = False, threads: int | None = 1) -> Oracle:
+def load_oracle(
+    cfg: TrainConfig,
+    classifier: ClassifierConfig,
+    path: str | os.PathLike[str],
+    progress: bool = False,
+    threads: int | None = 1,
+) -> Oracle:
     """The oracle for the real data of ``cfg`` (dataset, bits, pad, class-balanced subsets),
     trained on its training images once and cached at ``path``
     (:func:`nfpi.classifiers.load_or_train_oracle`; a cache made for other data is an error).
     Class codes of ``cfg`` are ignored: the oracle sees real images only."""
     real = cfg.replace(**{"codes.rows": 0})
     train_set, test_set = load_data(real)
-    meta = {"dataset": cfg.dataset, "bits": cfg.bits, "pad": cfg.pad, "per_class": cfg.per_class,
-            "test_per_class": cfg.test_per_class, "subset_seed": cfg.seed}
+    meta = {
+        "dataset": cfg.dataset,
+        "bits": cfg.bits,
+        "pad": cfg.pad,
+        "per_class": cfg.per_class,
+        "test_per_class": cfg.test_per_class,
+        "subset_seed": cfg.seed,
+    }
     with cpu_threads(threads):
-        model = load_or_train_oracle(bin_centres(train_set.x, cfg.bits), train_set.y, train_set.num_classes,
-                                     classifier, path, meta, progress=progress)
-    return Oracle(model, cfg.dataset, cfg.bits, cfg.pad, test_set.classes, bin_centres(test_set.x, cfg.bits),
-                  test_set.y)
+        model = load_or_train_oracle(
+            bin_centres(train_set.x, cfg.bits),
+            train_set.y,
+            train_set.num_classes,
+            classifier,
+            path,
+            meta,
+            progress=progress,
+        )
+    return Oracle(
+        model, cfg.dataset, cfg.bits, cfg.pad, test_set.classes, bin_centres(test_set.x, cfg.bits), test_set.y
+    )
 
 
 def check_compatible(cfg: TrainConfig, oracle: Oracle) -> None:
     """Raise ValueError unless a flow of ``cfg`` generates what ``oracle`` can judge."""
     info = data.info(cfg.dataset, cfg.data_dir)
     c, h, w = info.shape
-    flow = {"dataset": cfg.dataset, "number of classes": info.num_classes,
-            "bits": cfg.bits, "image shape": (c, h + 2 * cfg.pad, w + 2 * cfg.pad)}
-    judge = {"dataset": oracle.dataset, "number of classes": oracle.num_classes, "bits": oracle.bits,
-             "image shape": oracle.shape}
+    flow = {
+        "dataset": cfg.dataset,
+        "number of classes": info.num_classes,
+        "bits": cfg.bits,
+        "image shape": (c, h + 2 * cfg.pad, w + 2 * cfg.pad),
+    }
+    judge = {
+        "dataset": oracle.dataset,
+        "number of classes": oracle.num_classes,
+        "bits": oracle.bits,
+        "image shape": oracle.shape,
+    }
     diff = [f"{k}: flow {flow[k]!r}, oracle/test set {judge[k]!r}" for k in flow if flow[k] != judge[k]]
     if diff:
-        raise ValueError("the checkpoint and the oracle/test set do not match (" + "; ".join(diff) + "). "
-                         "Build the oracle with load_oracle(<the run's TrainConfig>, ...) and its own cache path.")
+        raise ValueError(
+            "the checkpoint and the oracle/test set do not match (" + "; ".join(diff) + "). "
+            "Build the oracle with load_oracle(<the run's TrainConfig>, ...) and its own cache path."
+        )
 
 
 def _check_sample_sizes(ev: EvalConfig, num_classes: int, oracle: Oracle) -> None:
@@ -238,15 +295,25 @@ def _check_sample_sizes(ev: EvalConfig, num_classes: int, oracle: Oracle) -> Non
     n_gen, n_real = ev.samples_per_class * num_classes, oracle.test_x.shape[0]
     need = max(2, ev.k + 1)
     if n_gen < need or n_real < need:
-        raise ValueError(f"too few samples for FID / Coverage with k={ev.k}: {n_gen} generated "
-                         f"({ev.samples_per_class} per class x {num_classes} classes) and {n_real} real test "
-                         f"images; both need at least {need}. Raise samples_per_class or lower k.")
+        raise ValueError(
+            f"too few samples for FID / Coverage with k={ev.k}: {n_gen} generated "
+            f"({ev.samples_per_class} per class x {num_classes} classes) and {n_real} real test "
+            f"images; both need at least {need}. Raise samples_per_class or lower k."
+        )
 
 
 # ----------------------------------------------------------------------------------- sampling
 @torch.no_grad()
-def generate(model: nn.Module, gaussians: Prior, y: Tensor, bits: int, temperature: float = 1.0,
-             mean_scale: float = 1.0, seed: int = 0, batch_size: int = 500) -> tuple[Tensor, Tensor, int]:
+def generate(
+    model: nn.Module,
+    gaussians: Prior,
+    y: Tensor,
+    bits: int,
+    temperature: float = 1.0,
+    mean_scale: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> tuple[Tensor, Tensor, int]:
     """Images x = f^-1(z), z ~ the class-y Gaussian at temperature and mean scale, for labels y (N,).
 
     Returns the images (M, C, H, W) at ``bits`` bits (bin centres), their labels (M,) and the
@@ -265,14 +332,21 @@ def generate(model: nn.Module, gaussians: Prior, y: Tensor, bits: int, temperatu
     return torch.cat(images), torch.cat(labels), dropped
 
 
-def rfcm(model: nn.Module, arrays: data.ImageArrays, bits: int, rank: int | None = None,
-         batch_size: int = 500, noise: int | None = 0) -> FullGaussians:
+def rfcm(
+    model: nn.Module,
+    arrays: data.ImageArrays,
+    bits: int,
+    rank: int | None = None,
+    batch_size: int = 500,
+    noise: int | None = 0,
+) -> FullGaussians:
     """GLEM's RFCM: means and full covariances re-estimated from the latents of ``arrays``
     (one class at a time; ``noise``: seed of the training dequantisation noise, so that pixels
     constant within a class do not give zero-variance directions)."""
     return FullGaussians.fit(
         encode(model, arrays.subset((arrays.y == c).nonzero().flatten()), bits, batch_size, noise=noise)[0]
-        for c in range(arrays.num_classes))
+        for c in range(arrays.num_classes)
+    )
 
 
 def _solve_info(run_dir: Path) -> dict[str, Any]:
@@ -281,15 +355,24 @@ def _solve_info(run_dir: Path) -> dict[str, Any]:
     last = solves[-1] if solves else {}
     # Counts as floats (NaN without a solve): a CSV column then reads back as float whatever
     # rows it holds, so printed tables do not depend on which rows exist yet.
-    return {"lam": float(last.get("lam", 0.0)) if last.get("kind") in ("fpi", "gd") else 0.0,
-            "lam_normalised": float(last.get("lam_normalised", 0.0)), "solves": len(solves),
-            "solve_iterations": float(last.get("iterations", math.nan)), "solve_converged": last.get("converged"),
-            "solve_bounds_active": float(last.get("bounds_active", math.nan))}
+    return {
+        "lam": float(last.get("lam", 0.0)) if last.get("kind") in ("fpi", "gd") else 0.0,
+        "lam_normalised": float(last.get("lam_normalised", 0.0)),
+        "solves": len(solves),
+        "solve_iterations": float(last.get("iterations", math.nan)),
+        "solve_converged": last.get("converged"),
+        "solve_bounds_active": float(last.get("bounds_active", math.nan)),
+    }
 
 
 # ----------------------------------------------------------------------------------- one row
-def evaluate_run(run_dir: str | os.PathLike[str], ev: EvalConfig | None = None, oracle: Oracle | None = None,
-                 name: str | None = None, progress: bool = False) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | os.PathLike[str],
+    ev: EvalConfig | None = None,
+    oracle: Oracle | None = None,
+    name: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
     """One result row for the finished run in ``run_dir`` (see the module docstring).
 
     ``name``: the ``run`` key (default: the directory name). An ``oracle`` is needed for
@@ -303,28 +386,42 @@ def evaluate_run(run_dir: str | os.PathLike[str], ev: EvalConfig | None = None, 
     model, gaussians, cfg = load_checkpoint(run_dir, device=pick_device())
     k = gaussians.num_classes
     if (ev.cnn or ev.generated) and oracle is None:
-        raise ValueError("CNN-Acc and FID / Coverage / Label Reliability need an oracle (load_oracle(cfg, ...)); "
-                         "or set cnn=False, generated=False for NF accuracy and bits/dim only")
+        raise ValueError(
+            "CNN-Acc and FID / Coverage / Label Reliability need an oracle (load_oracle(cfg, ...)); "
+            "or set cnn=False, generated=False for NF accuracy and bits/dim only"
+        )
     if oracle is not None:
         check_compatible(cfg, oracle)
         _check_sample_sizes(ev, k, oracle)
     standard = cfg.gaussians.prior == "standard"
-    row: dict[str, Any] = {"run": name or run_dir.name, "eval": ev.tag(), "config_hash": config_hash(cfg, ev),
-                           "code": repro.code_fingerprint(),
-                           **_flatten(cfg.to_dict()), **ev.flat(), **_solve_info(run_dir)}
+    row: dict[str, Any] = {
+        "run": name or run_dir.name,
+        "eval": ev.tag(),
+        "config_hash": config_hash(cfg, ev),
+        "code": repro.code_fingerprint(),
+        **_flatten(cfg.to_dict()),
+        **ev.flat(),
+        **_solve_info(run_dir),
+    }
     with cpu_threads(ev.threads):
         train_set, test_set = load_data(cfg)
         if ev.covariance == "rfcm":
             gaussians = rfcm(model, train_set, cfg.bits, ev.rfcm_rank, ev.batch_size).to(pick_device())
         nf = evaluate_flow(model, gaussians, test_set, cfg.bits, ev.batch_size)
-        row.update(nf_top1=math.nan if standard else nf["acc_top1"],
-                   nf_top5=math.nan if standard else nf["acc_top5"], bpd=nf["test_bpd"],
-                   bpd_centres=nf["test_bpd_centres"])
+        row.update(
+            nf_top1=math.nan if standard else nf["acc_top1"],
+            nf_top5=math.nan if standard else nf["acc_top5"],
+            bpd=nf["test_bpd"],
+            bpd_centres=nf["test_bpd_centres"],
+        )
         val_set = load_validation(cfg)
         if val_set is not None:  # what settings are chosen on (the test set never is)
             val = evaluate_flow(model, gaussians, val_set, cfg.bits, ev.batch_size)
-            row.update(val_nf_top1=math.nan if standard else val["acc_top1"],
-                       val_nf_top5=math.nan if standard else val["acc_top5"], val_bpd=val["test_bpd"])
+            row.update(
+                val_nf_top1=math.nan if standard else val["acc_top1"],
+                val_nf_top5=math.nan if standard else val["acc_top5"],
+                val_bpd=val["test_bpd"],
+            )
         if ev.cnn or ev.generated:
             row.update(_generated_row(model, gaussians, cfg, ev, oracle, progress))
     epochs = pd.read_csv(run_dir / "metrics.csv")
@@ -332,11 +429,14 @@ def evaluate_run(run_dir: str | os.PathLike[str], ev: EvalConfig | None = None, 
     return row
 
 
-def _generated_row(model: nn.Module, gaussians: Prior, cfg: TrainConfig, ev: EvalConfig, oracle: Oracle,
-                   progress: bool) -> dict[str, Any]:
+def _generated_row(
+    model: nn.Module, gaussians: Prior, cfg: TrainConfig, ev: EvalConfig, oracle: Oracle, progress: bool
+) -> dict[str, Any]:
     k = gaussians.num_classes
     wanted = torch.arange(k).repeat_interleave(ev.samples_per_class)
-    x, y, dropped = generate(model, gaussians, wanted, cfg.bits, ev.temperature, ev.mean_scale, ev.seed, ev.batch_size)
+    x, y, dropped = generate(
+        model, gaussians, wanted, cfg.bits, ev.temperature, ev.mean_scale, ev.seed, ev.batch_size
+    )
     out: dict[str, Any] = {"n_generated": len(y), "nonfinite": dropped, "code_agreement": math.nan}
     if cfg.codes.rows:
         codes = ClassCodes.for_config(cfg.codes, k, x.shape[1], x.shape[3])
@@ -352,16 +452,25 @@ def _generated_row(model: nn.Module, gaussians: Prior, cfg: TrainConfig, ev: Eva
     if ev.generated:
         scores = generated_metrics(oracle.model, oracle.test_x, x, y, ev.k, ev.batch_size, progress=progress)
         # Percent, as GLEM reports Coverage; density is a ratio without a percent scale.
-        out.update({m: 100.0 * v if m in ("precision", "recall", "coverage") else v for m, v in scores.items()})
+        out.update(
+            {m: 100.0 * v if m in ("precision", "recall", "coverage") else v for m, v in scores.items()}
+        )
     return out
 
 
-def run_grid(grid: Mapping[str, Mapping[str, Any]], base_cfg: TrainConfig, runs_dir: str | os.PathLike[str],
-             results_csv: str | os.PathLike[str], oracle: Oracle | None = None,
-             evals: EvalConfig | Sequence[EvalConfig] = (EvalConfig(),), progress: bool = False,
-             seeds: Sequence[int] | None = None) -> pd.DataFrame:
+def run_grid(
+    grid: Mapping[str, Mapping[str, Any]],
+    base_cfg: TrainConfig,
+    runs_dir: str | os.PathLike[str],
+    results_csv: str | os.PathLike[str],
+    oracle: Oracle | None = None,
+    evals: EvalConfig | Sequence[EvalConfig] | None = None,
+    progress: bool = False,
+    seeds: Sequence[int] | None = None,
+) -> pd.DataFrame:
     """Train and evaluate every run of ``grid`` (setting name -> config overrides of
-    ``base_cfg``, dotted keys) under every evaluation of ``evals``; return their rows in grid
+    ``base_cfg``, dotted keys) under every evaluation of ``evals`` (default: one
+    ``EvalConfig()``); return their rows in grid
     order, each with a ``setting`` column holding its grid name.
 
     With ``seeds`` every setting is trained once per seed (``seed`` overridden), as the run
@@ -372,12 +481,18 @@ def run_grid(grid: Mapping[str, Mapping[str, Any]], base_cfg: TrainConfig, runs_
     finished checkpoint costs nothing) and evaluated, and its row is appended to the CSV at
     once, so an interrupted grid continues where it stopped.
     """
-    evals = [evals] if isinstance(evals, EvalConfig) else list(evals)
+    evals = [EvalConfig()] if evals is None else [evals] if isinstance(evals, EvalConfig) else list(evals)
     if not evals:
         raise ValueError("evals is empty: give at least one EvalConfig")
-    runs = [(name, name, base_cfg.replace(**overrides)) for name, overrides in grid.items()] if seeds is None else \
-        [(name, f"{name}_seed{s}", base_cfg.replace(**overrides, seed=s)) for name, overrides in grid.items()
-         for s in seeds]
+    runs = (
+        [(name, name, base_cfg.replace(**overrides)) for name, overrides in grid.items()]
+        if seeds is None
+        else [
+            (name, f"{name}_seed{s}", base_cfg.replace(**overrides, seed=s))
+            for name, overrides in grid.items()
+            for s in seeds
+        ]
+    )
     table = read_rows(results_csv)
     keys = []
     for setting, run, cfg in runs:
@@ -393,13 +508,21 @@ def run_grid(grid: Mapping[str, Mapping[str, Any]], base_cfg: TrainConfig, runs_
         if todo:
             train(cfg, folder, progress=progress)
         for ev in todo:
-            table = append_row(results_csv, {"setting": setting, **evaluate_run(folder, ev, oracle, run, progress)})
+            table = append_row(
+                results_csv, {"setting": setting, **evaluate_run(folder, ev, oracle, run, progress)}
+            )
     table = read_rows(results_csv)  # as stored, so that fresh and reused rows have the same types
     return pd.DataFrame([find_row(table, run, tag) for _, run, tag in keys]).reset_index(drop=True)
 
 
-def train_settings(base_cfg: TrainConfig, settings: Mapping[str, Mapping[str, Any]], seeds: Sequence[int],
-                   runs_dir: str | os.PathLike[str], name: str, progress: bool = False) -> pd.DataFrame:
+def train_settings(
+    base_cfg: TrainConfig,
+    settings: Mapping[str, Mapping[str, Any]],
+    seeds: Sequence[int],
+    runs_dir: str | os.PathLike[str],
+    name: str,
+    progress: bool = False,
+) -> pd.DataFrame:
     """Train every setting (label -> config overrides of ``base_cfg``, dotted keys) with every
     seed and return one tidy row per (setting, seed): ``setting``, ``seed``, ``run_dir``,
     ``code``, ``lam`` / ``lam_normalised`` of the last solve, and the final metrics row of
@@ -416,6 +539,14 @@ def train_settings(base_cfg: TrainConfig, settings: Mapping[str, Mapping[str, An
             cfg = base_cfg.replace(**overrides, seed=seed)
             folder = keyed_run_dir(runs_dir, name, cfg)
             final = train(cfg, folder, progress=progress)
-            rows.append({"setting": label, "seed": seed, "run_dir": str(folder), "code": repro.code_fingerprint(),
-                         **{k: v for k, v in _solve_info(folder).items() if k.startswith("lam")}, **final})
+            rows.append(
+                {
+                    "setting": label,
+                    "seed": seed,
+                    "run_dir": str(folder),
+                    "code": repro.code_fingerprint(),
+                    **{k: v for k, v in _solve_info(folder).items() if k.startswith("lam")},
+                    **final,
+                }
+            )
     return pd.DataFrame(rows)

@@ -24,6 +24,7 @@ shrunk to 4 blocks of width 64, 7x7 patches on 28x28 MNIST) trained from scratch
 since a from-scratch model does not move at lr 1e-5. Images are float tensors in [-1, 1] at
 the flow's bit depth; models see them through :class:`InputAdapter`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,9 +57,21 @@ from .generated import generate_dataset, generation_fingerprint, load_generated
 from .preprocess import bin_centres
 from .priors import ClassGaussians
 
-__all__ = ["PAPER_MODEL", "SETTINGS", "FinetuneConfig", "InputAdapter", "PretrainedWeightsMissing",
-           "build_model", "cached_weights", "compare", "make_optimizer", "nfa_copies", "train_setting", "training_set",
-           "weights_status"]
+__all__ = [
+    "PAPER_MODEL",
+    "SETTINGS",
+    "FinetuneConfig",
+    "InputAdapter",
+    "PretrainedWeightsMissing",
+    "build_model",
+    "cached_weights",
+    "compare",
+    "make_optimizer",
+    "nfa_copies",
+    "train_setting",
+    "training_set",
+    "weights_status",
+]
 
 PAPER_MODEL = "eva02_base_patch14_448.mim_in22k_ft_in22k_in1k"
 SETTINGS = ("baseline", "sa", "nfa", "nfa+sa")
@@ -88,8 +101,9 @@ class FinetuneConfig:
     """
 
     model: str = "eva02_tiny_patch14_224"
-    model_kwargs: dict[str, Any] = field(default_factory=lambda: dict(
-        patch_size=7, embed_dim=64, depth=4, num_heads=4))
+    model_kwargs: dict[str, Any] = field(
+        default_factory=lambda: dict(patch_size=7, embed_dim=64, depth=4, num_heads=4)
+    )
     pretrained: bool = False
     optimizer: str = "adamw"
     lr: float = 3e-3
@@ -127,7 +141,7 @@ class FinetuneConfig:
             raise ValueError(f"threads must be >= 1 or None; got {self.threads}")
 
     @classmethod
-    def cpu(cls, **overrides: Any) -> "FinetuneConfig":
+    def cpu(cls, **overrides: Any) -> FinetuneConfig:
         """The CPU default (module docstring): a 0.2M-parameter EVA02 from scratch, AdamW lr 3e-3,
         wd 0.05, batch 32, 10 epochs with one SGDR cycle, clipping at 1, data tripled. Sized so
         that the model fits a small training set (train loss ~0.1 on 20 MNIST images per class),
@@ -135,15 +149,28 @@ class FinetuneConfig:
         return cls(**overrides)
 
     @classmethod
-    def paper(cls, **overrides: Any) -> "FinetuneConfig":
+    def paper(cls, **overrides: Any) -> FinetuneConfig:
         """The paper's EVA02 protocol (GLEM supplementary §1): pretrained EVA02-base at 448 px,
         SGD lr 1e-5, clipping at 1, SGDR over 3 epochs, batch 64, data tripled."""
-        values = dict(model=PAPER_MODEL, model_kwargs={}, pretrained=True, optimizer="sgd", lr=1e-5,
-                      momentum=0.9, weight_decay=0.0, clip=1.0, epochs=3, restart_epochs=3, batch_size=64,
-                      copies=3, eval_batch_size=64, threads=None)
+        values = dict(
+            model=PAPER_MODEL,
+            model_kwargs={},
+            pretrained=True,
+            optimizer="sgd",
+            lr=1e-5,
+            momentum=0.9,
+            weight_decay=0.0,
+            clip=1.0,
+            epochs=3,
+            restart_epochs=3,
+            batch_size=64,
+            copies=3,
+            eval_batch_size=64,
+            threads=None,
+        )
         return cls(**{**values, **overrides})
 
-    def replace(self, **overrides: Any) -> "FinetuneConfig":
+    def replace(self, **overrides: Any) -> FinetuneConfig:
         return dataclasses.replace(self, **overrides)
 
     def flat(self) -> dict[str, Any]:
@@ -179,10 +206,12 @@ def weights_status(model_name: str = PAPER_MODEL) -> str:
     path = cached_weights(model_name)
     if path is not None:
         return f"{model_name}: pretrained weights found in the local Hugging Face cache ({path})"
-    return (f"{model_name}: pretrained weights not cached locally (nothing is downloaded here); the paper's "
-            "setting (FinetuneConfig.paper()) needs them: on an online machine run "
-            f"`python -c \"import timm; timm.create_model('{model_name}', pretrained=True)\"` and copy "
-            "~/.cache/huggingface/hub to this machine.")
+    return (
+        f"{model_name}: pretrained weights not cached locally (nothing is downloaded here); the paper's "
+        "setting (FinetuneConfig.paper()) needs them: on an online machine run "
+        f"`python -c \"import timm; timm.create_model('{model_name}', pretrained=True)\"` and copy "
+        "~/.cache/huggingface/hub to this machine."
+    )
 
 
 class InputAdapter(nn.Module):
@@ -190,8 +219,14 @@ class InputAdapter(nn.Module):
     model's channels, resized (bicubic) to its input size when it is fixed and different, and
     normalised with the model's mean/std. Returns logits (B, K)."""
 
-    def __init__(self, model: nn.Module, in_chans: int, size: tuple[int, int] | None,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        in_chans: int,
+        size: tuple[int, int] | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         super().__init__()
         self.model, self.in_chans, self.size = model, in_chans, size
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -216,10 +251,16 @@ def build_model(cfg: FinetuneConfig, num_classes: int, image_shape: Sequence[int
     if cfg.pretrained:
         path = cached_weights(cfg.model)
         if path is None:
-            raise PretrainedWeightsMissing(weights_status(cfg.model) + " Or train from scratch (pretrained=False, "
-                                           "FinetuneConfig.cpu()).")
-        model = timm.create_model(cfg.model, pretrained=True, num_classes=num_classes,
-                                  pretrained_cfg_overlay=dict(file=str(path)), **cfg.model_kwargs)
+            raise PretrainedWeightsMissing(
+                weights_status(cfg.model) + " Or train from scratch (pretrained=False, FinetuneConfig.cpu())."
+            )
+        model = timm.create_model(
+            cfg.model,
+            pretrained=True,
+            num_classes=num_classes,
+            pretrained_cfg_overlay=dict(file=str(path)),
+            **cfg.model_kwargs,
+        )
         in_chans = 3
         data_cfg = timm.data.resolve_model_data_config(model)
         mean, std = data_cfg["mean"], data_cfg["std"]
@@ -227,9 +268,13 @@ def build_model(cfg: FinetuneConfig, num_classes: int, image_shape: Sequence[int
         kwargs = {"img_size": int(image_shape[1]), **cfg.model_kwargs}
         patch = kwargs.get("patch_size")
         if patch is not None and any(int(s) % patch for s in image_shape[1:]):
-            raise ValueError(f"images of size {tuple(image_shape[1:])} do not split into {patch}x{patch} patches; "
-                             "set model_kwargs['patch_size'] to a divisor of the image size (7 for 28, 8 or 4 for 32)")
-        model = timm.create_model(cfg.model, pretrained=False, num_classes=num_classes, in_chans=channels, **kwargs)
+            raise ValueError(
+                f"images of size {tuple(image_shape[1:])} do not split into {patch}x{patch} patches; "
+                "set model_kwargs['patch_size'] to a divisor of the image size (7 for 28, 8 or 4 for 32)"
+            )
+        model = timm.create_model(
+            cfg.model, pretrained=False, num_classes=num_classes, in_chans=channels, **kwargs
+        )
         in_chans, mean, std = channels, (0.5,) * channels, (0.5,) * channels
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     size = tuple(int(s) for s in img_size) if img_size is not None else None
@@ -257,7 +302,9 @@ class _Images(Dataset):
         pixels = self.x[i]
         if self.randaugment is not None:
             image = Image.fromarray(pixels.permute(1, 2, 0).squeeze(-1).numpy())
-            array = np.asarray(self.randaugment(image), dtype=np.uint8).reshape(pixels.shape[1], pixels.shape[2], -1)
+            array = np.asarray(self.randaugment(image), dtype=np.uint8).reshape(
+                pixels.shape[1], pixels.shape[2], -1
+            )
             pixels = torch.from_numpy(array.copy()).permute(2, 0, 1)
         x = bin_centres(pixels, self.bits)
         if self.erasing is not None:
@@ -265,8 +312,9 @@ class _Images(Dataset):
         return x, int(self.y[i])
 
 
-def training_set(setting: str, train: data.ImageArrays, nfa: data.ImageArrays | None, copies: int
-                 ) -> data.ImageArrays:
+def training_set(
+    setting: str, train: data.ImageArrays, nfa: data.ImageArrays | None, copies: int
+) -> data.ImageArrays:
     """The images of ``setting`` (see the module docstring): ``copies`` * N images, either the
     originals repeated or the originals followed by the first ``(copies - 1) * N`` NFA images."""
     if setting not in SETTINGS:
@@ -274,15 +322,20 @@ def training_set(setting: str, train: data.ImageArrays, nfa: data.ImageArrays | 
     if not setting.startswith("nfa"):
         return train.subset(torch.arange(len(train)).repeat(copies))
     if copies < 2:
-        raise ValueError(f"setting {setting!r} adds NFA copies to the originals: it needs copies >= 2, got {copies}")
+        raise ValueError(
+            f"setting {setting!r} adds NFA copies to the originals: it needs copies >= 2, got {copies}"
+        )
     extra = (copies - 1) * len(train)
     if nfa is None or len(nfa) < extra or nfa.shape != train.shape:
         have = "none" if nfa is None else f"{len(nfa)} of shape {nfa.shape}"
-        raise ValueError(f"setting {setting!r} needs {extra} NFA images of shape {train.shape} "
-                         f"({copies - 1} copies of the {len(train)} training images); got {have}. "
-                         "Generate them with nfpi.augment.generate_dataset(copies=copies - 1)")
-    return data.ImageArrays(torch.cat([train.x, nfa.x[:extra]]), torch.cat([train.y, nfa.y[:extra]]),
-                            train.classes, train.name)
+        raise ValueError(
+            f"setting {setting!r} needs {extra} NFA images of shape {train.shape} "
+            f"({copies - 1} copies of the {len(train)} training images); got {have}. "
+            "Generate them with nfpi.augment.generate_dataset(copies=copies - 1)"
+        )
+    return data.ImageArrays(
+        torch.cat([train.x, nfa.x[:extra]]), torch.cat([train.y, nfa.y[:extra]]), train.classes, train.name
+    )
 
 
 def _seed_everything(seed: int) -> None:
@@ -293,8 +346,9 @@ def _seed_everything(seed: int) -> None:
 
 
 # ------------------------------------------------------------------------------ training
-def make_optimizer(cfg: FinetuneConfig, params: Sequence[nn.Parameter]
-                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts]:
+def make_optimizer(
+    cfg: FinetuneConfig, params: Sequence[nn.Parameter]
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts]:
     """SGD (momentum) or AdamW, and SGDR with period ``restart_epochs`` (default ``epochs``),
     to be stepped once per epoch: the paper's 3 epochs give lr, 0.75 lr, 0.25 lr."""
     if cfg.optimizer == "sgd":
@@ -305,9 +359,16 @@ def make_optimizer(cfg: FinetuneConfig, params: Sequence[nn.Parameter]
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=period)
 
 
-def train_setting(setting: str, train: data.ImageArrays, test: data.ImageArrays, bits: int,
-                  cfg: FinetuneConfig, nfa: data.ImageArrays | None = None, progress: bool = True,
-                  max_steps: int | None = None) -> dict[str, Any]:
+def train_setting(
+    setting: str,
+    train: data.ImageArrays,
+    test: data.ImageArrays,
+    bits: int,
+    cfg: FinetuneConfig,
+    nfa: data.ImageArrays | None = None,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
     """Train the classifier of ``cfg`` under ``setting`` and evaluate it on ``test``.
 
     Returns {"setting", "seed", "top1", "top5" (test accuracy, %), "train_loss" (last epoch
@@ -321,8 +382,13 @@ def train_setting(setting: str, train: data.ImageArrays, test: data.ImageArrays,
         _seed_everything(cfg.seed)
         model = build_model(cfg, train.num_classes, train.shape).to(device)
         dataset = _Images(images.x, images.y, bits, setting.endswith("sa"), cfg)
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=len(dataset) > cfg.batch_size,
-                            generator=torch.Generator().manual_seed(cfg.seed))
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            drop_last=len(dataset) > cfg.batch_size,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer, scheduler = make_optimizer(cfg, params)
         steps, loss_mean = 0, math.nan
@@ -349,28 +415,61 @@ def train_setting(setting: str, train: data.ImageArrays, test: data.ImageArrays,
         x_test = bin_centres(test.x, bits)
         logits = apply_batched(model, x_test, cfg.eval_batch_size)
         acc = topk_accuracy(logits, test.y, ks=(1, 5))
-    return {"setting": setting, "seed": cfg.seed, "top1": acc["top1"], "top5": acc["top5"],
-            "train_loss": loss_mean, "n_train": len(images), "steps": steps,
-            "seconds": time.perf_counter() - start}
+    return {
+        "setting": setting,
+        "seed": cfg.seed,
+        "top1": acc["top1"],
+        "top5": acc["top5"],
+        "train_loss": loss_mean,
+        "n_train": len(images),
+        "steps": steps,
+        "seconds": time.perf_counter() - start,
+    }
 
 
-def nfa_copies(flow: nn.Module, prior: ClassGaussians | None, train: data.ImageArrays, bits: int,
-               aug_cfg: AugmentConfig, copies: int, out_dir: str | os.PathLike[str], seed: int,
-               batch_size: int = 256, progress: bool = True) -> tuple[data.ImageArrays, NFAugmenter]:
+def nfa_copies(
+    flow: nn.Module,
+    prior: ClassGaussians | None,
+    train: data.ImageArrays,
+    bits: int,
+    aug_cfg: AugmentConfig,
+    copies: int,
+    out_dir: str | os.PathLike[str],
+    seed: int,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> tuple[data.ImageArrays, NFAugmenter]:
     """``copies`` NFA variants of every image of ``train`` (PCA and partner bank fitted on
     ``train``'s latents), generated resumably into ``out_dir`` under a name derived from their
     fingerprint, so a rerun with the same inputs reuses the file. Returns (images, augmenter)."""
     augmenter = NFAugmenter.from_arrays(flow, train, bits, aug_cfg, prior)
     key = generation_fingerprint(augmenter, train, copies, bits, batch_size, seed)[:16]
-    path = generate_dataset(augmenter, train, copies, Path(out_dir) / f"nfa_{train.name}_{key}.npz", bits,
-                            batch_size, progress=progress, seed=seed)
+    path = generate_dataset(
+        augmenter,
+        train,
+        copies,
+        Path(out_dir) / f"nfa_{train.name}_{key}.npz",
+        bits,
+        batch_size,
+        progress=progress,
+        seed=seed,
+    )
     return load_generated(path, train.name), augmenter
 
 
-def compare(flow: nn.Module, prior: ClassGaussians | None, train: data.ImageArrays, test: data.ImageArrays,
-            bits: int, cfg: FinetuneConfig, aug_cfg: AugmentConfig, seeds: Sequence[int],
-            out_dir: str | os.PathLike[str], settings: Sequence[str] = SETTINGS,
-            progress: bool = True) -> pd.DataFrame:
+def compare(
+    flow: nn.Module,
+    prior: ClassGaussians | None,
+    train: data.ImageArrays,
+    test: data.ImageArrays,
+    bits: int,
+    cfg: FinetuneConfig,
+    aug_cfg: AugmentConfig,
+    seeds: Sequence[int],
+    out_dir: str | os.PathLike[str],
+    settings: Sequence[str] = SETTINGS,
+    progress: bool = True,
+) -> pd.DataFrame:
     """Tables 5-6 at any scale: every setting x seed, tidy (one row per run with its config).
 
     For each seed the NFA copies are generated with that seed (``cfg.copies - 1`` per image)
@@ -384,10 +483,20 @@ def compare(flow: nn.Module, prior: ClassGaussians | None, train: data.ImageArra
     for seed in tqdm(seeds, desc="seeds", disable=not progress):
         nfa = None
         if any(s.startswith("nfa") for s in settings):
-            nfa, _ = nfa_copies(flow, prior, train, bits, aug_cfg, cfg.copies - 1, out_dir, seed, progress=progress)
+            nfa, _ = nfa_copies(
+                flow, prior, train, bits, aug_cfg, cfg.copies - 1, out_dir, seed, progress=progress
+            )
         for setting in settings:
             run = cfg.replace(seed=seed)
             result = train_setting(setting, train, test, bits, run, nfa, progress=progress)
-            rows.append({**result, "dataset": train.name, "bits": bits, "n_test": len(test),
-                         **{f"nfa_{k}": v for k, v in dataclasses.asdict(aug_cfg).items()}, **run.flat()})
+            rows.append(
+                {
+                    **result,
+                    "dataset": train.name,
+                    "bits": bits,
+                    "n_test": len(test),
+                    **{f"nfa_{k}": v for k, v in dataclasses.asdict(aug_cfg).items()},
+                    **run.flat(),
+                }
+            )
     return pd.DataFrame(rows)

@@ -42,21 +42,21 @@ from .couplings import (
 from .layers import CONVS, ActNorm, FlowLayer, FlowSequence, InvConv1x1LU, InvConv1x1MatExp, Squeeze
 
 __all__ = [
-    "FlowLayer",
-    "FlowSequence",
-    "Squeeze",
-    "ActNorm",
-    "InvConv1x1LU",
-    "InvConv1x1MatExp",
-    "AffineCoupling",
-    "AdditiveCoupling",
-    "MatExpCoupling",
-    "CouplingNet",
-    "FlowStep",
-    "Glow",
     "CONVS",
     "COUPLINGS",
     "MEMORY_MODES",
+    "ActNorm",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "CouplingNet",
+    "FlowLayer",
+    "FlowSequence",
+    "FlowStep",
+    "Glow",
+    "InvConv1x1LU",
+    "InvConv1x1MatExp",
+    "MatExpCoupling",
+    "Squeeze",
     "expm_series",
     "saved_activation_bytes",
 ]
@@ -150,11 +150,10 @@ class _ReversibleSteps(torch.autograd.Function):
                 # A volume-preserving layer's log-det (e.g. Squeeze's zeros) has no graph.
                 pairs = [(t, g) for t, g in ((out, grad_y), (logdet, grad_logdet)) if t.requires_grad]
                 outputs, out_grads = zip(*pairs)
-                layer_grads = torch.autograd.grad(
-                    outputs, (*parts, *params), out_grads, allow_unused=True
-                )
-            part_grads = [torch.zeros_like(t) if g is None else g
-                          for t, g in zip(parts, layer_grads[: len(parts)])]
+                layer_grads = torch.autograd.grad(outputs, (*parts, *params), out_grads, allow_unused=True)
+            part_grads = [
+                torch.zeros_like(t) if g is None else g for t, g in zip(parts, layer_grads[: len(parts)])
+            ]
             grad_y = part_grads[0] if len(parts) == 1 else torch.cat(part_grads, dim=1)
             y = parts[0].detach() if len(parts) == 1 else torch.cat(parts, dim=1).detach()
             for p, g in zip(params, layer_grads[len(parts) :]):
@@ -165,8 +164,14 @@ class _ReversibleSteps(torch.autograd.Function):
 
 
 def _check_glow_args(
-    in_shape: Sequence[int], levels: int, steps: int, hidden: int, conv: str, coupling: str,
-    blocks: int | Sequence[int], memory: str,
+    in_shape: Sequence[int],
+    levels: int,
+    steps: int,
+    hidden: int,
+    conv: str,
+    coupling: str,
+    blocks: int | Sequence[int],
+    memory: str,
 ) -> tuple[tuple[int, ...], Sequence[int]]:
     """:class:`Glow`'s argument checks, before any layer is built: one-line ValueErrors naming the fix.
 
@@ -180,8 +185,10 @@ def _check_glow_args(
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}; got {value!r}.")
     level_blocks = [blocks] * levels if isinstance(blocks, int) else blocks
-    if not isinstance(level_blocks, (list, tuple)) or len(level_blocks) != levels or not all(
-        isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in level_blocks
+    if (
+        not isinstance(level_blocks, (list, tuple))
+        or len(level_blocks) != levels
+        or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 0 for b in level_blocks)
     ):
         raise ValueError(
             f"blocks must be an integer >= 0 or a list of {levels} such integers (one per "
@@ -245,19 +252,30 @@ class Glow(nn.Module):
         memory: str = "standard",
     ) -> None:
         super().__init__()
-        in_shape, level_blocks = _check_glow_args(in_shape, levels, steps, hidden, conv, coupling,
-                                                  blocks, memory)
+        in_shape, level_blocks = _check_glow_args(
+            in_shape, levels, steps, hidden, conv, coupling, blocks, memory
+        )
         c, h, w = in_shape
         self.in_shape = in_shape
         self.latent_dim = c * h * w
         # Constructor arguments, so a checkpoint can store how to rebuild the model.
-        self.config = dict(in_shape=in_shape, levels=levels, steps=steps, hidden=hidden,
-                           conv=conv, coupling=coupling, blocks=blocks, matexp_rank=matexp_rank,
-                           matexp_low_rank_above=matexp_low_rank_above, memory=memory)
+        self.config = dict(
+            in_shape=in_shape,
+            levels=levels,
+            steps=steps,
+            hidden=hidden,
+            conv=conv,
+            coupling=coupling,
+            blocks=blocks,
+            matexp_rank=matexp_rank,
+            matexp_low_rank_above=matexp_low_rank_above,
+            memory=memory,
+        )
         self.memory = memory
 
-        options = (dict(rank=matexp_rank, low_rank_above=matexp_low_rank_above)
-                   if coupling == "matexp" else None)
+        options = (
+            dict(rank=matexp_rank, low_rank_above=matexp_low_rank_above) if coupling == "matexp" else None
+        )
         levels_list = []
         #: (C, H, W) of each factored-out part, then of the final output, in latent order.
         self.part_shapes: list[tuple[int, int, int]] = []
@@ -266,8 +284,10 @@ class Glow(nn.Module):
             levels_list.append(
                 FlowSequence(
                     [Squeeze()]
-                    + [FlowStep(c, hidden, conv, coupling, level_blocks[level], options)
-                       for _ in range(steps)]
+                    + [
+                        FlowStep(c, hidden, conv, coupling, level_blocks[level], options)
+                        for _ in range(steps)
+                    ]
                 )
             )
             if level < levels - 1:
@@ -282,7 +302,9 @@ class Glow(nn.Module):
         """One level's squeeze and steps, through :class:`_ReversibleSteps` when it saves memory."""
         params = [p for p in level.parameters() if p.requires_grad]
         reversible = (
-            self.memory == "reversible" and torch.is_grad_enabled() and bool(params)
+            self.memory == "reversible"
+            and torch.is_grad_enabled()
+            and bool(params)
             # The ActNorm init needs a standard forward (it reads the batch once, no inverse).
             and all(m.is_initialized() for m in self._actnorms)
         )
@@ -314,13 +336,11 @@ class Glow(nn.Module):
         """z: (B, D) -> x (B, C, H, W)."""
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(
-                f"Glow.inverse expects latents of shape (B, {self.latent_dim}); "
-                f"got {tuple(z.shape)}."
+                f"Glow.inverse expects latents of shape (B, {self.latent_dim}); got {tuple(z.shape)}."
             )
         batch = z.shape[0]
         parts = [
-            p.reshape(batch, *shape)
-            for p, shape in zip(z.split(self._part_sizes, dim=1), self.part_shapes)
+            p.reshape(batch, *shape) for p, shape in zip(z.split(self._part_sizes, dim=1), self.part_shapes)
         ]
         x = parts[-1]
         last = len(self.level_flows) - 1

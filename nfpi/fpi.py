@@ -22,6 +22,7 @@ of Eqs. 5-7 in :mod:`nfpi.updates`; this module is the solver.
 
 All K x K quantities are built from (K, D) matrix products: O(K^2 D) time, O(K^2 + K D) memory.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,16 @@ from torch import Tensor
 
 from ._util import check_choice
 from .anderson import fixed_point
-from .objective import (Learn, Pi, gradient_residual, kernel, objective, pairwise_kl, potential,
-                        unbounded_threshold)
+from .objective import (
+    Learn,
+    Pi,
+    gradient_residual,
+    kernel,
+    objective,
+    pairwise_kl,
+    potential,
+    unbounded_threshold,
+)
 from .stats import ClassStats
 from .updates import Rule, diag_update, full_update, geometric_mean_solve, update
 
@@ -45,10 +54,21 @@ Stop = Literal["relative", "released"]
 RELEASED_TOL = 0.1  # the released stopping rule: per-class L2 change of mu and of s <= 0.1
 
 __all__ = [
-    "ClassStats", "FPIResult", "FPIWarning", "FPIDivergenceError",
-    "update", "fixed_point", "RELEASED_TOL",
-    "pairwise_kl", "kernel", "objective", "gradient_residual", "solve",
-    "unbounded_threshold", "check_solver_args", "geometric_mean_solve",
+    "RELEASED_TOL",
+    "ClassStats",
+    "FPIDivergenceError",
+    "FPIResult",
+    "FPIWarning",
+    "check_solver_args",
+    "fixed_point",
+    "geometric_mean_solve",
+    "gradient_residual",
+    "kernel",
+    "objective",
+    "pairwise_kl",
+    "solve",
+    "unbounded_threshold",
+    "update",
 ]
 
 
@@ -60,8 +80,17 @@ class FPIDivergenceError(RuntimeError):
     """The iteration produced non-finite values; raised instead of returning NaN."""
 
 
-def check_solver_args(*, lam: float, alpha: float, pi: str, learn: str, rho: float, tol: float,
-                      max_iter: int | None = None, tol_zero: bool = False) -> None:
+def check_solver_args(
+    *,
+    lam: float,
+    alpha: float,
+    pi: str,
+    learn: str,
+    rho: float,
+    tol: float,
+    max_iter: int | None = None,
+    tol_zero: bool = False,
+) -> None:
     """Argument checks shared by :func:`solve` and :func:`nfpi.gd.solve`: one-line ValueErrors
     naming the argument and its valid range, before any work (``tol_zero``: tol = 0 allowed)."""
     if not (lam >= 0 and math.isfinite(lam)):
@@ -70,8 +99,9 @@ def check_solver_args(*, lam: float, alpha: float, pi: str, learn: str, rho: flo
     if not (alpha > 0 and math.isfinite(alpha)):
         raise ValueError(f"alpha (kernel temperature) must be finite and > 0, e.g. 10; got {alpha}")
     if not (rho > 1 and math.isfinite(rho)):
-        raise ValueError(f"rho must be finite and > 1 (variances are kept in [v/rho, v*rho]), e.g. 1e3; "
-                         f"got {rho}")
+        raise ValueError(
+            f"rho must be finite and > 1 (variances are kept in [v/rho, v*rho]), e.g. 1e3; got {rho}"
+        )
     if not ((tol >= 0 if tol_zero else tol > 0) and math.isfinite(tol)):
         raise ValueError(f"tol must be finite and {'>=' if tol_zero else '>'} 0, e.g. 1e-10; got {tol}")
     if max_iter is not None and not (isinstance(max_iter, int) and max_iter >= 1):
@@ -98,21 +128,35 @@ class FPIResult:
     lam: float
     lam_normalised: float
     bounds_active: int = 0
-    history: dict[str, list[float]] = field(default_factory=lambda: {
-        "objective": [], "change": [], "active_bounds": [], "time": []})
+    history: dict[str, list[float]] = field(
+        default_factory=lambda: {"objective": [], "change": [], "active_bounds": [], "time": []}
+    )
 
     @property
     def objective(self) -> float:
         return self.history["objective"][-1]
 
 
-def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise",
-          learn: Learn = "both", init: tuple[Tensor, Tensor] | None = None, rule: Rule = "paper",
-          covariance: Literal["diag", "full"] = "diag", isotropic_mean_step: bool = False,
-          rho: float = 1e3, tol: float = 1e-10, max_iter: int = 1000, stop: Stop = "relative",
-          accel: Literal["anderson", "none"] = "anderson",
-          damping: float = 1.0, memory: int = 5, var_floor: float = 1e-8,
-          on_fail: Literal["warn", "raise"] = "warn") -> FPIResult:
+def solve(
+    stats: ClassStats,
+    lam: float,
+    alpha: float = 10.0,
+    pi: Pi = "pairwise",
+    learn: Learn = "both",
+    init: tuple[Tensor, Tensor] | None = None,
+    rule: Rule = "paper",
+    covariance: Literal["diag", "full"] = "diag",
+    isotropic_mean_step: bool = False,
+    rho: float = 1e3,
+    tol: float = 1e-10,
+    max_iter: int = 1000,
+    stop: Stop = "relative",
+    accel: Literal["anderson", "none"] = "anderson",
+    damping: float = 1.0,
+    memory: int = 5,
+    var_floor: float = 1e-8,
+    on_fail: Literal["warn", "raise"] = "warn",
+) -> FPIResult:
     """Fixed point of Eqs. 5-7 for the class Gaussians.
 
     Args:
@@ -152,21 +196,52 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         (True, torch.Size([3, 4]), torch.Size([3, 4]))
     """
     start = time.perf_counter()
-    _check_solve_args(stats, lam, alpha, pi, learn, rule, covariance, rho, tol, max_iter, stop,
-                      accel, damping, memory, var_floor, on_fail)
+    _check_solve_args(
+        stats,
+        lam,
+        alpha,
+        pi,
+        learn,
+        rule,
+        covariance,
+        rho,
+        tol,
+        max_iter,
+        stop,
+        accel,
+        damping,
+        memory,
+        var_floor,
+        on_fail,
+    )
     m, v = _data_moments(stats, covariance == "full", var_floor)
     init = _initial_point(init, m, v)
     _warn_if_unbounded(lam, stats.num_classes, alpha, pi, learn, rule, rho)
     step = _FPIMap(m, v, init, lam, alpha, pi, learn, rule, isotropic_mean_step, rho, stop, tol, start)
-    x, gx, (_, _, mapped), converged = fixed_point(step, step.pack(*init), step.done, step.project,
-                                                   accel, memory, damping, max_iter)
+    x, gx, (_, _, mapped), converged = fixed_point(
+        step, step.pack(*init), step.done, step.project, accel, memory, damping, max_iter
+    )
     return _report(step, x, gx, mapped, converged, max_iter, on_fail)
 
 
-def _check_solve_args(stats: ClassStats, lam: float, alpha: float, pi: str, learn: str, rule: str,
-                      covariance: str, rho: float, tol: float, max_iter: int,
-                      stop: str, accel: str, damping: float, memory: int, var_floor: float,
-                      on_fail: str) -> None:
+def _check_solve_args(
+    stats: ClassStats,
+    lam: float,
+    alpha: float,
+    pi: str,
+    learn: str,
+    rule: str,
+    covariance: str,
+    rho: float,
+    tol: float,
+    max_iter: int,
+    stop: str,
+    accel: str,
+    damping: float,
+    memory: int,
+    var_floor: float,
+    on_fail: str,
+) -> None:
     """:func:`solve`'s argument checks, before any work: one-line ValueErrors naming the fix."""
     if stats.num_classes < 2:
         raise ValueError("FPI needs at least 2 classes")
@@ -184,8 +259,9 @@ def _check_solve_args(stats: ClassStats, lam: float, alpha: float, pi: str, lear
     if not 0 < damping <= 1:
         raise ValueError(f"damping must be in (0, 1], got {damping}")
     if covariance == "full" and stats.dim > 64:
-        raise ValueError(f"full covariances are for small D (<= 64), got D={stats.dim}; "
-                         "use covariance='diag'")
+        raise ValueError(
+            f"full covariances are for small D (<= 64), got D={stats.dim}; use covariance='diag'"
+        )
     if stop not in ("relative", "released"):
         raise ValueError(f"stop must be 'relative' or 'released', got {stop!r}")
 
@@ -198,7 +274,7 @@ def _data_moments(stats: ClassStats, full: bool, var_floor: float) -> tuple[Tens
         v = stats.var()
         return m, v.clamp_min(var_floor * v.mean())
     v = stats.cov()
-    ref = torch.linalg.eigvalsh(v)                   # eigenvalues bound the geometry
+    ref = torch.linalg.eigvalsh(v)  # eigenvalues bound the geometry
     floor = var_floor * ref.mean()
     eye = torch.eye(stats.dim, dtype=v.dtype, device=v.device)
     return m, v + eye * (floor - ref.min(1).values).clamp_min(0)[:, None, None]
@@ -210,25 +286,34 @@ def _initial_point(init: tuple[Tensor, Tensor] | None, m: Tensor, v: Tensor) -> 
         return m.clone(), v.clone()
     mu0, s0 = init[0].to(m).clone(), init[1].to(m).clone()
     if mu0.shape != m.shape or s0.shape != v.shape:
-        raise ValueError(f"init must have shapes {tuple(m.shape)} and {tuple(v.shape)}, "
-                         f"got {tuple(mu0.shape)} and {tuple(s0.shape)}")
+        raise ValueError(
+            f"init must have shapes {tuple(m.shape)} and {tuple(v.shape)}, "
+            f"got {tuple(mu0.shape)} and {tuple(s0.shape)}"
+        )
     return mu0, s0
 
 
-def _warn_if_unbounded(lam: float, k: int, alpha: float, pi: Pi, learn: Learn, rule: Rule,
-                       rho: float) -> None:
+def _warn_if_unbounded(
+    lam: float, k: int, alpha: float, pi: Pi, learn: Learn, rule: Rule, rho: float
+) -> None:
     """FPIWarning (at solve's caller) when lambda puts the paper rule's variances in the unbounded regime."""
     threshold = unbounded_threshold(k, alpha, pi)
     if learn == "means" or rule != "paper" or not lam > threshold:
         return
-    why = ("J is unbounded below" if pi == "pairwise" else
-           "each update multiplies a large variance by sqrt(2 lambda e^{-K/alpha} / alpha) > 1, "
-           "so the variances are unbounded")
+    why = (
+        "J is unbounded below"
+        if pi == "pairwise"
+        else "each update multiplies a large variance by sqrt(2 lambda e^{-K/alpha} / alpha) > 1, "
+        "so the variances are unbounded"
+    )
     warnings.warn(
         f"lambda={lam:g} exceeds {threshold:.4g}, above which {why} for "
         f"pi={pi!r} with learned variances (K={k}, alpha={alpha}); variances will be held in "
         f"[v/{rho:g}, v*{rho:g}]. Lower lambda, use learn='means' or rule='released' for a "
-        "bounded problem.", FPIWarning, stacklevel=3)
+        "bounded problem.",
+        FPIWarning,
+        stacklevel=3,
+    )
 
 
 class _FPIMap:
@@ -240,9 +325,22 @@ class _FPIMap:
     Learned variances are kept in [v/rho, v*rho]; fixed ones (e.g. identity) stay as given.
     """
 
-    def __init__(self, m: Tensor, v: Tensor, init: tuple[Tensor, Tensor], lam: float, alpha: float,
-                 pi: Pi, learn: Learn, rule: Rule, isotropic_mean_step: bool, rho: float, stop: Stop,
-                 tol: float, start: float):
+    def __init__(
+        self,
+        m: Tensor,
+        v: Tensor,
+        init: tuple[Tensor, Tensor],
+        lam: float,
+        alpha: float,
+        pi: Pi,
+        learn: Learn,
+        rule: Rule,
+        isotropic_mean_step: bool,
+        rho: float,
+        stop: Stop,
+        tol: float,
+        start: float,
+    ):
         k = m.shape[0]
         self.m, self.v, (self.mu0, self.s0) = m, v, init
         self.lam, self.lam_normalised = lam, lam / (k * (k - 1))
@@ -257,7 +355,11 @@ class _FPIMap:
         self.stop, self.threshold = stop, RELEASED_TOL if stop == "released" else tol
         self.start = start
         self.history: dict[str, list[float]] = {
-            "objective": [], "change": [], "active_bounds": [], "time": []}
+            "objective": [],
+            "change": [],
+            "active_bounds": [],
+            "time": [],
+        }
 
     def pack(self, mu: Tensor, s: Tensor) -> Tensor:
         parts = [((mu - self.m) / self.std).flatten()] if self.upd_mu else []
@@ -307,18 +409,23 @@ class _FPIMap:
         elif self.full:
             mu_new, s_new = full_update(m, v, mu, s, kl, lam_n, self.alpha, self.pi, self.learn)
         else:
-            mu_new, s_new = diag_update(m, v, mu, s, kl, lam_n, self.alpha, self.pi, self.learn, self.rule,
-                                        self.isotropic)
+            mu_new, s_new = diag_update(
+                m, v, mu, s, kl, lam_n, self.alpha, self.pi, self.learn, self.rule, self.isotropic
+            )
         value = float(potential(m, v, mu, s, kl if lam_n else None, lam_n, self.alpha, self.pi))
         if self.upd_s:
-            s_new = _clamp_spd(s_new, self.vdiag, self.rho) if self.full else \
-                torch.minimum(torch.maximum(s_new, self.log_lo.exp()), self.log_hi.exp())
+            s_new = (
+                _clamp_spd(s_new, self.vdiag, self.rho)
+                if self.full
+                else torch.minimum(torch.maximum(s_new, self.log_lo.exp()), self.log_hi.exp())
+            )
         gx = self.pack(mu_new, s_new)
         if not torch.isfinite(gx).all():
             raise FPIDivergenceError(
                 f"FPI produced non-finite values at iteration {len(self.history['change'])} (lambda="
                 f"{self.lam:g}, pi={self.pi}, learn={self.learn}). Lower lambda, tighten rho, or use "
-                "accel='none' with damping < 1.")
+                "accel='none' with damping < 1."
+            )
         if self.stop == "released":  # max over classes of the L2 change of mu and of s, latent units
             k = self.m.shape[0]
             pairs = [(b, a) for b, a, on in zip((mu, s), (mu_new, s_new), (self.upd_mu, self.upd_s)) if on]
@@ -337,30 +444,48 @@ class _FPIMap:
         return change <= self.threshold
 
 
-def _report(step: _FPIMap, x: Tensor, gx: Tensor, mapped: tuple[Tensor, Tensor], converged: bool,
-            max_iter: int, on_fail: str) -> FPIResult:
+def _report(
+    step: _FPIMap,
+    x: Tensor,
+    gx: Tensor,
+    mapped: tuple[Tensor, Tensor],
+    converged: bool,
+    max_iter: int,
+    on_fail: str,
+) -> FPIResult:
     """The FPIResult of the last iterate; warns at solve's caller about active variance bounds,
     and about non-convergence (or raises FPIDivergenceError with ``on_fail="raise"``)."""
-    if converged:   # the mapped point itself (exact: no log/exp round trip)
+    if converged:  # the mapped point itself (exact: no log/exp round trip)
         (mu, s), x = mapped, gx
     else:
         mu, s = step.unpack(x)
     history = step.history
-    result = FPIResult(means=mu, variances=s, iterations=len(history["change"]), converged=converged,
-                       lam=step.lam, lam_normalised=step.lam_normalised, bounds_active=step.active(x),
-                       history=history)
+    result = FPIResult(
+        means=mu,
+        variances=s,
+        iterations=len(history["change"]),
+        converged=converged,
+        lam=step.lam,
+        lam_normalised=step.lam_normalised,
+        bounds_active=step.active(x),
+        history=history,
+    )
     rho = step.rho
     if result.bounds_active:
         warnings.warn(
             f"{result.bounds_active} variance entries sit on the bound [v/{rho:g}, v*{rho:g}]: the "
             "objective keeps pushing them outward (lambda is large for this problem). The result "
             "is the bounded optimum; lower lambda or change rho if that is not intended.",
-            FPIWarning, stacklevel=3)
+            FPIWarning,
+            stacklevel=3,
+        )
     if not converged:
-        msg = (f"FPI did not converge in {max_iter} iterations (last change "
-               f"{history['change'][-1]:.3g} > tol {step.threshold:g}, stop={step.stop!r}; "
-               f"lambda={step.lam:g}, pi={step.pi}, learn={step.learn}). "
-               "Raise max_iter, use damping < 1, or lower lambda.")
+        msg = (
+            f"FPI did not converge in {max_iter} iterations (last change "
+            f"{history['change'][-1]:.3g} > tol {step.threshold:g}, stop={step.stop!r}; "
+            f"lambda={step.lam:g}, pi={step.pi}, learn={step.learn}). "
+            "Raise max_iter, use damping < 1, or lower lambda."
+        )
         if on_fail == "raise":
             raise FPIDivergenceError(msg)
         warnings.warn(msg, FPIWarning, stacklevel=3)
@@ -374,4 +499,3 @@ def _clamp_spd(s: Tensor, vdiag: Tensor, rho: float) -> Tensor:
     ref = vdiag.mean(1, keepdim=True)
     w = torch.minimum(torch.maximum(w, ref / rho), ref * rho)
     return (q * w[..., None, :]) @ q.mT
-

@@ -11,12 +11,12 @@ linear, superlinear) without formulas; here they are lr_t = lr0 * (1 - t/T)^p:
 ("sub"/"super" refer to the exponent of the decay). It minimises the potential of
 :func:`nfpi.fpi.objective`, so its history compares directly with the FPI's.
 """
+
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -28,16 +28,32 @@ from .stats import ClassStats
 __all__ = ["POLICIES", "solve"]
 
 POLICIES: dict[str, float] = {
-    "constant": 0.0, "sublinear_v1": 0.5, "sublinear_v2": 0.75, "linear": 1.0,
-    "superlinear_v1": 1.5, "superlinear_v2": 2.0,
+    "constant": 0.0,
+    "sublinear_v1": 0.5,
+    "sublinear_v2": 0.75,
+    "linear": 1.0,
+    "superlinear_v1": 1.5,
+    "superlinear_v2": 2.0,
 }
 
 
-def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise",
-          learn: Learn = "both", init: tuple[Tensor, Tensor] | None = None,
-          policy: str = "linear", steps: int = 1000, lr: float = 0.05,
-          a: float | None = None, b: float = 1.0, c: float | None = None, rho: float = 10.0,
-          tol: float = 0.0, seconds: float = math.inf) -> FPIResult:
+def solve(
+    stats: ClassStats,
+    lam: float,
+    alpha: float = 10.0,
+    pi: Pi = "pairwise",
+    learn: Learn = "both",
+    init: tuple[Tensor, Tensor] | None = None,
+    policy: str = "linear",
+    steps: int = 1000,
+    lr: float = 0.05,
+    a: float | None = None,
+    b: float = 1.0,
+    c: float | None = None,
+    rho: float = 10.0,
+    tol: float = 0.0,
+    seconds: float = math.inf,
+) -> FPIResult:
     """Minimise J by Adam with a learning-rate policy; diagonal Gaussians.
 
     Args:
@@ -60,8 +76,9 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
     m, v, current = par.m, par.v, par.current
     params = [p for p in (par.u, par.theta) if p.requires_grad]
     opt, sched = _adam(params, lr, policy, steps)
-    result = FPIResult(means=m, variances=v, iterations=0, converged=False, lam=lam,
-                       lam_normalised=lam_normalised)
+    result = FPIResult(
+        means=m, variances=v, iterations=0, converged=False, lam=lam, lam_normalised=lam_normalised
+    )
     result.history["lr"] = []
     for step in range(1, steps + 1):
         before = [p.detach().clone() for p in params]
@@ -73,7 +90,7 @@ def solve(stats: ClassStats, lam: float, alpha: float = 10.0, pi: Pi = "pairwise
         opt.zero_grad()
         loss.backward()
         h = result.history
-        h["lr"].append(opt.param_groups[0]["lr"])     # the rate this step uses: lr0 (1 - t/T)^p, t = step - 1
+        h["lr"].append(opt.param_groups[0]["lr"])  # the rate this step uses: lr0 (1 - t/T)^p, t = step - 1
         opt.step()
         sched.step()
         change = math.sqrt(sum(float((p.detach() - q).pow(2).mean()) for p, q in zip(params, before)))
@@ -111,8 +128,16 @@ class _Parametrisation:
     theta: Tensor
 
     @classmethod
-    def start(cls, stats: ClassStats, learn: str, init: tuple[Tensor, Tensor] | None, a: float | None,
-              b: float, c: float | None, rho: float) -> _Parametrisation:
+    def start(
+        cls,
+        stats: ClassStats,
+        learn: str,
+        init: tuple[Tensor, Tensor] | None,
+        a: float | None,
+        b: float,
+        c: float | None,
+        rho: float,
+    ) -> _Parametrisation:
         """The sigmoid range of :func:`solve`'s a, b, c, rho and the variables at ``init`` (default: data)."""
         m, v = stats.mean(), stats.var().clamp_min(1e-8 * stats.var().mean())
         std = v.sqrt()
@@ -133,8 +158,9 @@ class _Parametrisation:
         return self.m + self.u * self.std, s
 
 
-def _adam(params: list[Tensor], lr: float, policy: str,
-          steps: int) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+def _adam(
+    params: list[Tensor], lr: float, policy: str, steps: int
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
     """Adam at lr0 = ``lr`` with the policy's rate lr_t = lr0 (1 - t/T)^p, T = ``steps``."""
     opt = torch.optim.Adam(params, lr=lr)
     power = POLICIES[policy]
@@ -142,8 +168,20 @@ def _adam(params: list[Tensor], lr: float, policy: str,
     return opt, sched
 
 
-def _check_args(stats: ClassStats, lam: float, alpha: float, pi: str, learn: str, policy: str, steps: int,
-                lr: float, a: float | None, c: float | None, rho: float, tol: float) -> None:
+def _check_args(
+    stats: ClassStats,
+    lam: float,
+    alpha: float,
+    pi: str,
+    learn: str,
+    policy: str,
+    steps: int,
+    lr: float,
+    a: float | None,
+    c: float | None,
+    rho: float,
+    tol: float,
+) -> None:
     """:func:`solve`'s argument checks, before any work: one-line ValueErrors naming the fix."""
     if policy not in POLICIES:
         raise ValueError(f"unknown lr policy {policy!r}; choose one of {sorted(POLICIES)}")

@@ -3,6 +3,7 @@ with augmented copies by :func:`generate_dataset`, written resumably as a SPEC ย
 :func:`generation_fingerprint`, and :func:`load_generated`. The augmentation itself is
 :class:`nfpi.augment.NFAugmenter`; :mod:`nfpi.augment` re-exports these names.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,9 @@ if TYPE_CHECKING:
 __all__ = ["generate_dataset", "generation_fingerprint", "load_generated"]
 
 
-def generation_fingerprint(augmenter: NFAugmenter, arrays: ImageArrays, copies: int, bits: int,
-                           batch_size: int, seed: int) -> str:
+def generation_fingerprint(
+    augmenter: NFAugmenter, arrays: ImageArrays, copies: int, bits: int, batch_size: int, seed: int
+) -> str:
     """SHA-256 (hex) of everything that determines :func:`generate_dataset`'s output: flow
     weights, PCA, partner source, config, images, labels, copies, bits, batch size, seed."""
     h = hashlib.sha256()
@@ -43,12 +45,23 @@ def generation_fingerprint(augmenter: NFAugmenter, arrays: ImageArrays, copies: 
         add(value)
     for t in (augmenter.pca.axes, arrays.x, arrays.y):
         add(t)
-    source = (augmenter._bank if augmenter._bank is not None
-              else (augmenter.prior.means, augmenter.prior.variances))
+    source = (
+        augmenter._bank if augmenter._bank is not None else (augmenter.prior.means, augmenter.prior.variances)
+    )
     for t in source:
         add(t)
-    h.update(json.dumps({"cfg": dataclasses.asdict(augmenter.cfg), "copies": copies, "bits": bits,
-                         "batch_size": batch_size, "seed": seed, "classes": list(arrays.classes)}).encode())
+    h.update(
+        json.dumps(
+            {
+                "cfg": dataclasses.asdict(augmenter.cfg),
+                "copies": copies,
+                "bits": bits,
+                "batch_size": batch_size,
+                "seed": seed,
+                "classes": list(arrays.classes),
+            }
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -60,9 +73,16 @@ def _read_fingerprint(path: Path) -> str | None:
         return None
 
 
-def generate_dataset(augmenter: NFAugmenter, arrays: ImageArrays, copies: int | None,
-                     out_path: str | os.PathLike[str], bits: int, batch_size: int = 256,
-                     progress: bool = True, seed: int = 0) -> Path:
+def generate_dataset(
+    augmenter: NFAugmenter,
+    arrays: ImageArrays,
+    copies: int | None,
+    out_path: str | os.PathLike[str],
+    bits: int,
+    batch_size: int = 256,
+    progress: bool = True,
+    seed: int = 0,
+) -> Path:
     """Write ``copies`` NFA variants of every image of ``arrays`` to ``out_path`` (SPEC ยง9 npz).
 
     The file holds ``x`` uint8 (copies * N, H, W, C) (variants quantised to ``bits``, stored
@@ -84,8 +104,10 @@ def generate_dataset(augmenter: NFAugmenter, arrays: ImageArrays, copies: int | 
     if out_path.exists():
         if _read_fingerprint(out_path) == fingerprint:
             return out_path
-        raise FileExistsError(f"{out_path} exists but was generated from other inputs (flow, images or "
-                              "settings); delete it or choose another out_path")
+        raise FileExistsError(
+            f"{out_path} exists but was generated from other inputs (flow, images or "
+            "settings); delete it or choose another out_path"
+        )
     parts = _parts_dir(out_path, fingerprint)
     files = _write_chunks(augmenter, arrays, copies, parts, bits, batch_size, progress, seed)
 
@@ -93,15 +115,24 @@ def generate_dataset(augmenter: NFAugmenter, arrays: ImageArrays, copies: int | 
     x = np.concatenate([np.load(f) for f in files]).transpose(0, 2, 3, 1)
     source = np.tile(np.arange(n, dtype=np.int64), copies)
     y = arrays.y.numpy()[source]
-    atomic_write(out_path, lambda f: np.savez_compressed(
-        f, x=np.ascontiguousarray(x), y=y, classes=np.array(arrays.classes), source=source,
-        fingerprint=np.array(fingerprint)))
+    atomic_write(
+        out_path,
+        lambda f: np.savez_compressed(
+            f,
+            x=np.ascontiguousarray(x),
+            y=y,
+            classes=np.array(arrays.classes),
+            source=source,
+            fingerprint=np.array(fingerprint),
+        ),
+    )
     shutil.rmtree(parts)
     return out_path
 
 
-def _check_generation(augmenter: NFAugmenter, arrays: ImageArrays, copies: int | None,
-                      batch_size: int) -> int:
+def _check_generation(
+    augmenter: NFAugmenter, arrays: ImageArrays, copies: int | None, batch_size: int
+) -> int:
     """:func:`generate_dataset`'s argument checks; returns the number of copies."""
     copies = augmenter.cfg.copies if copies is None else copies
     if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
@@ -109,11 +140,14 @@ def _check_generation(augmenter: NFAugmenter, arrays: ImageArrays, copies: int |
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     if tuple(arrays.shape) != augmenter.in_shape:
-        raise ValueError(f"images have shape {arrays.shape} but the flow expects {augmenter.in_shape}; "
-                         "pad/crop them as in the flow's training config (TrainConfig.pad)")
+        raise ValueError(
+            f"images have shape {arrays.shape} but the flow expects {augmenter.in_shape}; "
+            "pad/crop them as in the flow's training config (TrainConfig.pad)"
+        )
     if arrays.num_classes != augmenter.num_classes:
-        raise ValueError(f"the images have {arrays.num_classes} classes but the augmenter "
-                         f"{augmenter.num_classes}")
+        raise ValueError(
+            f"the images have {arrays.num_classes} classes but the augmenter {augmenter.num_classes}"
+        )
     return copies
 
 
@@ -123,14 +157,24 @@ def _parts_dir(out_path: Path, fingerprint: str) -> Path:
     parts.mkdir(exist_ok=True)
     manifest = parts / "fingerprint.txt"
     if manifest.exists() and manifest.read_text() != fingerprint:
-        raise FileExistsError(f"{parts} holds chunks of a different generation (other inputs or settings); "
-                              "delete that directory to start over")
+        raise FileExistsError(
+            f"{parts} holds chunks of a different generation (other inputs or settings); "
+            "delete that directory to start over"
+        )
     atomic_write(manifest, fingerprint.encode())
     return parts
 
 
-def _write_chunks(augmenter: NFAugmenter, arrays: ImageArrays, copies: int, parts: Path, bits: int,
-                  batch_size: int, progress: bool, seed: int) -> list[Path]:
+def _write_chunks(
+    augmenter: NFAugmenter,
+    arrays: ImageArrays,
+    copies: int,
+    parts: Path,
+    bits: int,
+    batch_size: int,
+    progress: bool,
+    seed: int,
+) -> list[Path]:
     """Write the missing chunk files of ``parts`` (each atomically, from its own seed); all chunk paths."""
     n = len(arrays)
     starts = list(range(0, n, batch_size))
@@ -141,9 +185,9 @@ def _write_chunks(augmenter: NFAugmenter, arrays: ImageArrays, copies: int, part
     for c, (s, file) in enumerate(zip(chunks, files)):
         if file.exists():
             continue
-        x = bin_centres(arrays.x[s:s + batch_size], bits)
+        x = bin_centres(arrays.x[s : s + batch_size], bits)
         gen = torch.Generator().manual_seed(derive_seed(seed, c))
-        pixels = to_uint8(augmenter.augment(x, arrays.y[s:s + batch_size], gen), bits).numpy()
+        pixels = to_uint8(augmenter.augment(x, arrays.y[s : s + batch_size], gen), bits).numpy()
         atomic_write(file, lambda f, a=pixels: np.save(f, a))
         bar.update(1)
     bar.close()
@@ -154,5 +198,9 @@ def load_generated(path: str | os.PathLike[str], name: str = "") -> ImageArrays:
     """The images of a :func:`generate_dataset` file as :class:`nfpi.ImageArrays`."""
     with np.load(path, allow_pickle=False) as npz:
         x, y, classes = npz["x"], npz["y"], npz["classes"]
-    return ImageArrays(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
-                            torch.from_numpy(y.astype(np.int64)), tuple(str(c) for c in classes), name)
+    return ImageArrays(
+        torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))),
+        torch.from_numpy(y.astype(np.int64)),
+        tuple(str(c) for c in classes),
+        name,
+    )

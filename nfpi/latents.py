@@ -11,6 +11,7 @@ Example:
     >>> metrics = evaluate_flow(flow, gaussians, test_set, bits=5)
     >>> metrics["test_bpd"], metrics["acc_top1"]
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,16 @@ from .preprocess import bin_centres, bits_per_dim
 from .priors import ClassGaussians, FullGaussians
 from .stats import ClassStats
 
-__all__ = ["EVAL_NOISE_SEED", "NOISE_BLOCK", "NonFiniteLossError", "batches", "class_stats", "encode",
-           "evaluate_flow", "image_noise"]
+__all__ = [
+    "EVAL_NOISE_SEED",
+    "NOISE_BLOCK",
+    "NonFiniteLossError",
+    "batches",
+    "class_stats",
+    "encode",
+    "evaluate_flow",
+    "image_noise",
+]
 
 # Seed of the dequantisation noise of the test bits/dim bound: fixed, so that every evaluation of
 # the same model gives the same number.
@@ -42,8 +51,14 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss or gradient became NaN/inf; training stops instead of continuing."""
 
 
-def batches(arrays: data.ImageArrays, bits: int, batch_size: int, device: torch.device,
-             noise: int | None = None, sharded: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+def batches(
+    arrays: data.ImageArrays,
+    bits: int,
+    batch_size: int,
+    device: torch.device,
+    noise: int | None = None,
+    sharded: bool = True,
+) -> Iterator[tuple[Tensor, Tensor]]:
     """Dequantised (x (B, C, H, W), y (B,)) batches of ``arrays`` in index order.
 
     ``noise=None``: the deterministic +0.5 offset; otherwise uniform noise that depends only on
@@ -58,19 +73,21 @@ def batches(arrays: data.ImageArrays, bits: int, batch_size: int, device: torch.
     for chunk, start in enumerate(range(0, len(arrays), batch_size)):
         if chunk % world != rank:
             continue
-        x = bin_centres(arrays.x[start:start + batch_size], bits)
+        x = bin_centres(arrays.x[start : start + batch_size], bits)
         if noise is not None:  # bin centre + (u - 1/2) bin widths = 2 (xq + u) / 2^bits - 1
             x += (image_noise(noise, start, start + len(x), x.shape[1:]) - 0.5) * (2.0 / (1 << bits))
-        yield x.to(device), arrays.y[start:start + batch_size].to(device)
+        yield x.to(device), arrays.y[start : start + batch_size].to(device)
 
 
 def image_noise(seed: int, start: int, stop: int, shape: torch.Size) -> Tensor:
     """U[0, 1) noise (stop - start, *shape) of images start..stop-1 of a set: image i's noise
     depends on (seed, i) only. Blocks of :data:`NOISE_BLOCK` images share a seeded generator."""
     first = start // NOISE_BLOCK
-    blocks = [torch.rand((NOISE_BLOCK, *shape), generator=torch.Generator().manual_seed(derive_seed(seed, b)))
-              for b in range(first, (stop - 1) // NOISE_BLOCK + 1)]
-    return torch.cat(blocks)[start - first * NOISE_BLOCK:stop - first * NOISE_BLOCK]
+    blocks = [
+        torch.rand((NOISE_BLOCK, *shape), generator=torch.Generator().manual_seed(derive_seed(seed, b)))
+        for b in range(first, (stop - 1) // NOISE_BLOCK + 1)
+    ]
+    return torch.cat(blocks)[start - first * NOISE_BLOCK : stop - first * NOISE_BLOCK]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -78,8 +95,9 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def encode(model: nn.Module, arrays: data.ImageArrays, bits: int, batch_size: int = 500,
-           noise: int | None = None) -> tuple[Tensor, Tensor]:
+def encode(
+    model: nn.Module, arrays: data.ImageArrays, bits: int, batch_size: int = 500, noise: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Latents z (N, D) and log-determinants (N,) of all images, float32 on the CPU, in eval
     mode (``noise``: see :func:`class_stats`). Holds every latent: for small sets (figures)."""
     zs, lds = [], []
@@ -92,8 +110,9 @@ def encode(model: nn.Module, arrays: data.ImageArrays, bits: int, batch_size: in
 
 
 @torch.no_grad()
-def class_stats(model: nn.Module, arrays: data.ImageArrays, bits: int, batch_size: int = 500,
-                noise: int | None = None) -> ClassStats:
+def class_stats(
+    model: nn.Module, arrays: data.ImageArrays, bits: int, batch_size: int = 500, noise: int | None = None
+) -> ClassStats:
     """Float64 class statistics of the latents of ``arrays`` in eval mode.
 
     ``noise``: seed of uniform dequantisation noise (the distribution the flow is trained
@@ -109,14 +128,23 @@ def class_stats(model: nn.Module, arrays: data.ImageArrays, bits: int, batch_siz
             stats = part if stats is None else stats + part
     if stats is None:  # a process without data still takes part in the all-reduce
         d = math.prod(arrays.shape)
-        stats = ClassStats.from_latents(torch.empty(0, d, device=_model_device(model)),
-                                        torch.empty(0, dtype=torch.long), arrays.num_classes)
+        stats = ClassStats.from_latents(
+            torch.empty(0, d, device=_model_device(model)),
+            torch.empty(0, dtype=torch.long),
+            arrays.num_classes,
+        )
     return stats.all_reduce()
 
 
 @torch.no_grad()
-def _test_pass(model: nn.Module, gaussians: Prior, arrays: data.ImageArrays, bits: int, batch_size: int,
-               noise: int | None) -> tuple[Tensor, Tensor, Tensor]:
+def _test_pass(
+    model: nn.Module,
+    gaussians: Prior,
+    arrays: data.ImageArrays,
+    bits: int,
+    batch_size: int,
+    noise: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-image NLL (N,), class log-densities (N, K) and labels (N,) of the whole set, float32
     on the CPU (gathered from every process under torch.distributed)."""
     nlls, scores, labels = [], [], []
@@ -135,14 +163,22 @@ def _test_pass(model: nn.Module, gaussians: Prior, arrays: data.ImageArrays, bit
         parts = [part for shard in gathered for part in shard]
     nll, score, y = (torch.cat(t) for t in zip(*parts))
     if not torch.isfinite(nll).all():
-        raise NonFiniteLossError("the test NLL is not finite: the model or the Gaussians diverged "
-                                 "(lower optim.lr or gaussians.lam)")
+        raise NonFiniteLossError(
+            "the test NLL is not finite: the model or the Gaussians diverged "
+            "(lower optim.lr or gaussians.lam)"
+        )
     return nll, score, y
 
 
 @torch.no_grad()
-def evaluate_flow(model: nn.Module, gaussians: Prior, arrays: data.ImageArrays, bits: int,
-             batch_size: int = 500, noise: int = EVAL_NOISE_SEED) -> dict[str, float]:
+def evaluate_flow(
+    model: nn.Module,
+    gaussians: Prior,
+    arrays: data.ImageArrays,
+    bits: int,
+    batch_size: int = 500,
+    noise: int = EVAL_NOISE_SEED,
+) -> dict[str, float]:
     """Held-out metrics of a flow under the true class Gaussian, eval mode, deterministic (two passes):
 
     - ``test_nll`` (nats/image) and ``test_bpd``: the uniform-dequantisation bound that
@@ -160,6 +196,10 @@ def evaluate_flow(model: nn.Module, gaussians: Prior, arrays: data.ImageArrays, 
         centres, score, y = _test_pass(model, gaussians, arrays, bits, batch_size, None)
     dim = math.prod(arrays.shape)
     acc = topk_accuracy(score, y, ks=(1, 5))
-    return {"test_nll": float(nll.mean()), "test_bpd": float(bits_per_dim(nll.mean(), dim, bits)),
-            "test_bpd_centres": float(bits_per_dim(centres.mean(), dim, bits)),
-            "acc_top1": acc["top1"], "acc_top5": acc["top5"]}
+    return {
+        "test_nll": float(nll.mean()),
+        "test_bpd": float(bits_per_dim(nll.mean(), dim, bits)),
+        "test_bpd_centres": float(bits_per_dim(centres.mean(), dim, bits)),
+        "acc_top1": acc["top1"],
+        "acc_top5": acc["top5"],
+    }

@@ -106,9 +106,7 @@ class _Precomputed(nn.Module):
         return feats
 
 
-def extract_features(
-    model: nn.Module, x: Tensor, batch_size: int = 500, progress: bool = False
-) -> Tensor:
+def extract_features(model: nn.Module, x: Tensor, batch_size: int = 500, progress: bool = False) -> Tensor:
     """``model.features`` of images x (N, C, H, W) as float64 on CPU, shape (N, F)."""
     check_images(x)
     if not callable(getattr(model, "features", None)):

@@ -10,6 +10,7 @@ off-diagonal KL). :func:`pairwise_kl` gives all KL_yy' from (K, D) matrix produc
 :func:`gradient_residual` the stationarity check of a solution and
 :func:`unbounded_threshold` the lambda above which J has no minimum.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,16 @@ from .stats import ClassStats
 Pi = Literal["pairwise", "mean"]
 Learn = Literal["both", "means", "variances"]
 
-__all__ = ["Pi", "Learn", "pairwise_kl", "kernel", "unbounded_threshold", "objective", "potential",
-           "gradient_residual"]
+__all__ = [
+    "Learn",
+    "Pi",
+    "gradient_residual",
+    "kernel",
+    "objective",
+    "pairwise_kl",
+    "potential",
+    "unbounded_threshold",
+]
 
 
 # ------------------------------------------------------------------------------ KL, kernel
@@ -36,10 +45,10 @@ def pairwise_kl(means: Tensor, variances: Tensor) -> Tensor:
     """
     k, d = means.shape
     if variances.ndim == 3:
-        prec = torch.linalg.inv(variances)                              # (K, D, D)
-        logdet = torch.linalg.slogdet(variances)[1]                     # (K,)
-        tr = torch.einsum("aij,bji->ab", variances, prec)               # tr(S_b^-1 S_a)
-        diff = means[:, None, :] - means[None, :, :]                    # (K, K, D): D is small here
+        prec = torch.linalg.inv(variances)  # (K, D, D)
+        logdet = torch.linalg.slogdet(variances)[1]  # (K,)
+        tr = torch.einsum("aij,bji->ab", variances, prec)  # tr(S_b^-1 S_a)
+        diff = means[:, None, :] - means[None, :, :]  # (K, K, D): D is small here
         quad = torch.einsum("abi,bij,abj->ab", diff, prec, diff)
     else:
         # KL is translation invariant: centring limits cancellation in the expanded square.
@@ -72,7 +81,8 @@ def kernel(kl: Tensor, alpha: float, pi: Pi) -> Tensor:
     if bool((p[off] <= tiny).any()):
         raise ValueError(
             "two class Gaussians are identical (KL = 0), so pi = KL is zero and the kernel is "
-            "undefined. Check for duplicated classes or labels, or use pi='mean'.")
+            "undefined. Check for duplicated classes or labels, or use pi='mean'."
+        )
     pa = p * alpha
     return torch.where(off, torch.exp(-kl / pa) / pa, torch.zeros_like(kl))
 
@@ -108,8 +118,9 @@ def _nll(m: Tensor, v: Tensor, means: Tensor, variances: Tensor) -> Tensor:
     return 0.5 * ((v + (m - means) ** 2) / variances + variances.log()).sum()
 
 
-def objective(stats: ClassStats, means: Tensor, variances: Tensor, lam: float,
-              alpha: float = 10.0, pi: Pi = "pairwise") -> Tensor:
+def objective(
+    stats: ClassStats, means: Tensor, variances: Tensor, lam: float, alpha: float = 10.0, pi: Pi = "pairwise"
+) -> Tensor:
     """The potential whose gradient is that of J with pi held fixed (scalar tensor).
 
     pi="mean": J itself with pi detached. pi="pairwise": J with pi = KL has a constant
@@ -124,8 +135,16 @@ def objective(stats: ClassStats, means: Tensor, variances: Tensor, lam: float,
     return potential(m, v, means, variances, kl, lam / (k * (k - 1)), alpha, pi)
 
 
-def potential(m: Tensor, v: Tensor, means: Tensor, variances: Tensor, kl: Tensor | None,
-               lam_normalised: float, alpha: float, pi: Pi) -> Tensor:
+def potential(
+    m: Tensor,
+    v: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    kl: Tensor | None,
+    lam_normalised: float,
+    alpha: float,
+    pi: Pi,
+) -> Tensor:
     """:func:`objective` from precomputed data moments and KL matrix (None when lambda = 0)."""
     nll = _nll(m, v, means, variances)
     if kl is None:
@@ -136,8 +155,15 @@ def potential(m: Tensor, v: Tensor, means: Tensor, variances: Tensor, kl: Tensor
     return nll + lam_normalised * torch.exp(-kl / (_scale(kl, pi) * alpha))[off].sum()
 
 
-def gradient_residual(stats: ClassStats, means: Tensor, variances: Tensor, lam: float,
-                      alpha: float = 10.0, pi: Pi = "pairwise", learn: Learn = "both") -> float:
+def gradient_residual(
+    stats: ClassStats,
+    means: Tensor,
+    variances: Tensor,
+    lam: float,
+    alpha: float = 10.0,
+    pi: Pi = "pairwise",
+    learn: Learn = "both",
+) -> float:
     """Relative stationarity residual ||grad J|| / (||grad NLL|| + ||grad repulsion||).
 
     Gradients of the learned parameters with pi held fixed, in natural units (mean gradient

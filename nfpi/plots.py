@@ -8,6 +8,7 @@ Every function returns the matplotlib Figure and, given ``path``, also saves it 
 parent directories created). Images are float tensors (N, C, H, W) in [-1, 1], shown after
 :func:`nfpi.data.to_uint8` at the model's bit depth.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,18 @@ from .fpi import FPIResult
 from .preprocess import bin_centres, to_uint8
 from .priors import ClassGaussians, interpolate
 
-__all__ = ["augmentation_bars", "class_samples", "image_grid", "interpolations", "latent_tsne", "nfa_grid",
-           "solver_curves", "temperature_sweep", "toy_panels", "training_curves"]
+__all__ = [
+    "augmentation_bars",
+    "class_samples",
+    "image_grid",
+    "interpolations",
+    "latent_tsne",
+    "nfa_grid",
+    "solver_curves",
+    "temperature_sweep",
+    "toy_panels",
+    "training_curves",
+]
 
 PathLike = str | os.PathLike[str] | None
 
@@ -45,20 +56,29 @@ def _ellipse(ax, mean: np.ndarray, cov: np.ndarray, colour, n_std: float = 2.0) 
     cov = np.diag(cov) if cov.ndim == 1 else cov
     w, v = np.linalg.eigh(cov)
     t = np.linspace(0, 2 * np.pi, 100)
-    pts = mean[:, None] + v @ (n_std * np.sqrt(np.clip(w, 0, None))[:, None] * np.stack([np.cos(t), np.sin(t)]))
+    pts = mean[:, None] + v @ (
+        n_std * np.sqrt(np.clip(w, 0, None))[:, None] * np.stack([np.cos(t), np.sin(t)])
+    )
     ax.plot(pts[0], pts[1], color=colour, lw=1.5)
     ax.plot(*mean, marker="x", color=colour, ms=6)
 
 
-def toy_panels(z: Tensor, y: Tensor, fits: Mapping[str, FPIResult], samples_per_class: int = 150,
-               seed: int = 0, path: PathLike = None) -> Figure:
+def toy_panels(
+    z: Tensor,
+    y: Tensor,
+    fits: Mapping[str, FPIResult],
+    samples_per_class: int = 150,
+    seed: int = 0,
+    path: PathLike = None,
+) -> Figure:
     """Paper Fig. 1 in 2-D: (a) the points z (N, 2) coloured by class y (N,), then one panel
     per fit (title -> result with means (K, 2), covariances (K, 2, 2)) showing
     ``samples_per_class`` samples of each class Gaussian and its 2-sigma ellipse. Panels share
     their limits so the shrinkage and repulsion are comparable; ``seed`` fixes the samples."""
     cmap = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 1 + len(fits), figsize=(4.2 * (1 + len(fits)), 4.2), squeeze=False,
-                             sharex=True, sharey=True)
+    fig, axes = plt.subplots(
+        1, 1 + len(fits), figsize=(4.2 * (1 + len(fits)), 4.2), squeeze=False, sharex=True, sharey=True
+    )
     axes = axes[0]
     axes[0].scatter(*z.double().numpy().T, s=3, c=[cmap(int(k) % 10) for k in y], alpha=0.8)
     axes[0].set_title("(a) data")
@@ -79,8 +99,13 @@ def toy_panels(z: Tensor, y: Tensor, fits: Mapping[str, FPIResult], samples_per_
     return _finish(fig, path)
 
 
-def solver_curves(runs: Mapping[str, FPIResult], x: str = "iteration", y: str = "change",
-                  relative_to: float | None = None, path: PathLike = None) -> Figure:
+def solver_curves(
+    runs: Mapping[str, FPIResult],
+    x: str = "iteration",
+    y: str = "change",
+    relative_to: float | None = None,
+    path: PathLike = None,
+) -> Figure:
     """Solver histories on a log scale: ``y`` ("change" or "objective", minus ``relative_to``
     when given) against ``x`` ("iteration" or "time" in seconds)."""
     if x not in ("iteration", "time") or y not in ("change", "objective"):
@@ -101,7 +126,9 @@ def solver_curves(runs: Mapping[str, FPIResult], x: str = "iteration", y: str = 
     return _finish(fig, path)
 
 
-def training_curves(tables: Mapping[str, pd.DataFrame], against: str = "epoch", path: PathLike = None) -> Figure:
+def training_curves(
+    tables: Mapping[str, pd.DataFrame], against: str = "epoch", path: PathLike = None
+) -> Figure:
     """Train and held-out bits/dim and NF accuracy per epoch for several runs.
 
     ``tables``: run label -> the run's ``metrics.csv`` as a DataFrame. ``against``: ``"epoch"``,
@@ -112,8 +139,11 @@ def training_curves(tables: Mapping[str, pd.DataFrame], against: str = "epoch", 
     are marked with a dot on the accuracy curve.
     """
     first = next(iter(tables.values()))
-    held, bpd, acc = (("validation", "val_bpd", "val_acc_top1") if first.get("val_bpd", pd.Series()).notna().any()
-                      else ("test", "test_bpd", "acc_top1"))
+    held, bpd, acc = (
+        ("validation", "val_bpd", "val_acc_top1")
+        if first.get("val_bpd", pd.Series()).notna().any()
+        else ("test", "test_bpd", "acc_top1")
+    )
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for i, (label, t) in enumerate(tables.items()):
         colour = f"C{i}"
@@ -123,8 +153,14 @@ def training_curves(tables: Mapping[str, pd.DataFrame], against: str = "epoch", 
         axes[2].plot(x, t[acc], color=colour, label=label)
         solved = t["solved"].notna()
         axes[2].scatter(x[solved], t[acc][solved], color=colour, zorder=3)
-    for ax, title in zip(axes, ("train bits/dim (noisy dequantisation)", f"{held} bits/dim (EMA)",
-                                f"{held} NF accuracy top-1 % (EMA; dot = Gaussians fitted)")):
+    for ax, title in zip(
+        axes,
+        (
+            "train bits/dim (noisy dequantisation)",
+            f"{held} bits/dim (EMA)",
+            f"{held} NF accuracy top-1 % (EMA; dot = Gaussians fitted)",
+        ),
+    ):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch" if against == "epoch" else "training wall time (minutes)")
         ax.grid(alpha=0.3)
@@ -133,16 +169,22 @@ def training_curves(tables: Mapping[str, pd.DataFrame], against: str = "epoch", 
     return _finish(fig, path)
 
 
-def latent_tsne(latents: Mapping[str, tuple[Tensor, Tensor]], classes: Sequence[str],
-                path: PathLike = None, perplexity: float = 30.0, seed: int = 0) -> Figure:
+def latent_tsne(
+    latents: Mapping[str, tuple[Tensor, Tensor]],
+    classes: Sequence[str],
+    path: PathLike = None,
+    perplexity: float = 30.0,
+    seed: int = 0,
+) -> Figure:
     """One t-SNE panel per entry of ``latents``: label -> (z (N, D), y (N,)), coloured by class."""
     from sklearn.manifold import TSNE
 
     fig, axes = plt.subplots(1, len(latents), figsize=(5.2 * len(latents), 5), squeeze=False)
     cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
     for ax, (label, (z, y)) in zip(axes[0], latents.items()):
-        emb = TSNE(n_components=2, perplexity=min(perplexity, (len(z) - 1) / 3), init="pca",
-                   random_state=seed).fit_transform(z.double().numpy())
+        emb = TSNE(
+            n_components=2, perplexity=min(perplexity, (len(z) - 1) / 3), init="pca", random_state=seed
+        ).fit_transform(z.double().numpy())
         y = y.numpy()
         for k, name in enumerate(classes):
             pts = emb[y == k]
@@ -156,9 +198,15 @@ def latent_tsne(latents: Mapping[str, tuple[Tensor, Tensor]], classes: Sequence[
     return _finish(fig, path)
 
 
-def image_grid(images: Tensor, bits: int, ncols: int, row_labels: Sequence[str] | None = None,
-               col_labels: Sequence[str] | None = None, title: str | None = None,
-               path: PathLike = None) -> Figure:
+def image_grid(
+    images: Tensor,
+    bits: int,
+    ncols: int,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
+    title: str | None = None,
+    path: PathLike = None,
+) -> Figure:
     """Images (N, C, H, W) in [-1, 1], row-major in a grid of ``ncols`` columns."""
     pixels = to_uint8(images.detach().cpu(), bits).permute(0, 2, 3, 1).numpy()
     n, h, w, c = pixels.shape
@@ -166,11 +214,16 @@ def image_grid(images: Tensor, bits: int, ncols: int, row_labels: Sequence[str] 
     canvas = np.full((nrows * (h + 1) - 1, ncols * (w + 1) - 1, c), 255, dtype=np.uint8)
     for i in range(n):
         r, q = divmod(i, ncols)
-        canvas[r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = pixels[i]
+        canvas[r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = pixels[i]
     cell = 0.6  # inches per image whatever its pixel size: small images are upscaled (nearest)
     fig, ax = plt.subplots(figsize=(ncols * cell + 1.0, nrows * cell + 0.7))
-    ax.imshow(canvas.squeeze(-1) if c == 1 else canvas, cmap="gray" if c == 1 else None,
-              interpolation="nearest", vmin=0, vmax=255)
+    ax.imshow(
+        canvas.squeeze(-1) if c == 1 else canvas,
+        cmap="gray" if c == 1 else None,
+        interpolation="nearest",
+        vmin=0,
+        vmax=255,
+    )
     ax.set_xticks([(w + 1) * q + w / 2 for q in range(ncols)] if col_labels else [])
     ax.set_xticklabels(col_labels or [], fontsize=8)
     ax.set_yticks([(h + 1) * r + h / 2 for r in range(nrows)] if row_labels else [])
@@ -190,36 +243,69 @@ def _decode(model: nn.Module, z: Tensor) -> Tensor:
     return model.inverse(z.to(device)).cpu()
 
 
-def class_samples(model: nn.Module, prior: ClassGaussians, bits: int, classes: Sequence[str],
-                  per_class: int = 10, temperature: float = 0.7, mean_scale: float = 1.0, seed: int = 0,
-                  path: PathLike = None) -> Figure:
+def class_samples(
+    model: nn.Module,
+    prior: ClassGaussians,
+    bits: int,
+    classes: Sequence[str],
+    per_class: int = 10,
+    temperature: float = 0.7,
+    mean_scale: float = 1.0,
+    seed: int = 0,
+    path: PathLike = None,
+) -> Figure:
     """A row of ``per_class`` samples x = f^-1(m_s mu_y + T sqrt(s_y) eps) for every class y."""
     k = prior.num_classes
     y = torch.arange(k, device=prior.means.device).repeat_interleave(per_class)
     gen = torch.Generator(device=prior.means.device).manual_seed(seed)
     z = prior.sample(y, temperature=temperature, mean_scale=mean_scale, generator=gen)
-    return image_grid(_decode(model, z), bits, per_class, row_labels=list(classes),
-                      title=f"class-conditional samples, T = {temperature:g}, mean scale {mean_scale:g}",
-                      path=path)
+    return image_grid(
+        _decode(model, z),
+        bits,
+        per_class,
+        row_labels=list(classes),
+        title=f"class-conditional samples, T = {temperature:g}, mean scale {mean_scale:g}",
+        path=path,
+    )
 
 
-def temperature_sweep(model: nn.Module, prior: ClassGaussians, bits: int, classes: Sequence[str],
-                      temperatures: Sequence[float] = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1),
-                      mean_scale: float = 1.0, seed: int = 0, path: PathLike = None) -> Figure:
+def temperature_sweep(
+    model: nn.Module,
+    prior: ClassGaussians,
+    bits: int,
+    classes: Sequence[str],
+    temperatures: Sequence[float] = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1),
+    mean_scale: float = 1.0,
+    seed: int = 0,
+    path: PathLike = None,
+) -> Figure:
     """One row per class, one column per temperature; the same noise eps along each row."""
     k = prior.num_classes
     device = prior.means.device
     eps = torch.randn(k, prior.dim, generator=torch.Generator(device=device).manual_seed(seed), device=device)
     z = torch.stack([mean_scale * prior.means + t * prior.variances.sqrt() * eps for t in temperatures], 1)
     images = _decode(model, z.flatten(0, 1))
-    return image_grid(images, bits, len(temperatures), row_labels=list(classes),
-                      col_labels=[f"T={t:g}" for t in temperatures],
-                      title="temperature sweep (same eps along a row)", path=path)
+    return image_grid(
+        images,
+        bits,
+        len(temperatures),
+        row_labels=list(classes),
+        col_labels=[f"T={t:g}" for t in temperatures],
+        title="temperature sweep (same eps along a row)",
+        path=path,
+    )
 
 
-def interpolations(model: nn.Module, prior: ClassGaussians, arrays: data.ImageArrays, bits: int,
-                   pairs: Sequence[tuple[int, int]], steps: int = 8, centred: bool = True,
-                   path: PathLike = None) -> Figure:
+def interpolations(
+    model: nn.Module,
+    prior: ClassGaussians,
+    arrays: data.ImageArrays,
+    bits: int,
+    pairs: Sequence[tuple[int, int]],
+    steps: int = 8,
+    centred: bool = True,
+    path: PathLike = None,
+) -> Figure:
     """Rescaled interpolations (SPEC §6) between the latents of two test images per row.
 
     ``pairs``: (class a, class b); a == b interpolates between the first two images of the
@@ -246,13 +332,27 @@ def interpolations(model: nn.Module, prior: ClassGaussians, arrays: data.ImageAr
         # interpolate() runs from its second argument (t = 0) to its first: flip to go a -> b.
         rows.append(torch.cat([x[0:1].cpu(), _decode(model, path_z.flip(0)), x[1:2].cpu()]))
         labels.append(f"{arrays.classes[a]} → {arrays.classes[b]}")
-    return image_grid(torch.cat(rows), bits, steps + 2, row_labels=labels,
-                      col_labels=["image"] + [""] * steps + ["image"],
-                      title="rescaled interpolation between two test images (ends: the images)", path=path)
+    return image_grid(
+        torch.cat(rows),
+        bits,
+        steps + 2,
+        row_labels=labels,
+        col_labels=["image"] + [""] * steps + ["image"],
+        title="rescaled interpolation between two test images (ends: the images)",
+        path=path,
+    )
 
 
-def nfa_grid(augmenter: NFAugmenter, arrays: data.ImageArrays, bits: int, classes: Sequence[int] | None = None,
-             per_class: int = 1, variants: int = 3, seed: int = 0, path: PathLike = None) -> Figure:
+def nfa_grid(
+    augmenter: NFAugmenter,
+    arrays: data.ImageArrays,
+    bits: int,
+    classes: Sequence[int] | None = None,
+    per_class: int = 1,
+    variants: int = 3,
+    seed: int = 0,
+    path: PathLike = None,
+) -> Figure:
     """Paper Fig. 2 / GLEM supplementary Figs. 6-12: per row an original image (left) and
     ``variants`` NFA variants of it (right), for the first ``per_class`` images of each class
     in ``classes`` (default: all). Images are shown at ``bits`` bits; ``seed`` fixes the variants."""
@@ -269,16 +369,23 @@ def nfa_grid(augmenter: NFAugmenter, arrays: data.ImageArrays, bits: int, classe
         for i in range(len(members)):
             rows.append(torch.stack([x[i]] + [o[i] for o in outs]))
             labels.append(arrays.classes[c])
-    return image_grid(torch.cat(rows), bits, 1 + variants, row_labels=labels,
-                      col_labels=["original"] + [f"NFA {j + 1}" for j in range(variants)],
-                      title=f"NF augmentation: same-class mix in the top-{augmenter.cfg.k} PCA subspace",
-                      path=path)
+    return image_grid(
+        torch.cat(rows),
+        bits,
+        1 + variants,
+        row_labels=labels,
+        col_labels=["original"] + [f"NFA {j + 1}" for j in range(variants)],
+        title=f"NF augmentation: same-class mix in the top-{augmenter.cfg.k} PCA subspace",
+        path=path,
+    )
 
 
-
-
-def augmentation_bars(results: pd.DataFrame, metrics: Sequence[str] = ("top1", "top5"),
-                      order: Sequence[str] | None = None, path: PathLike = None) -> Figure:
+def augmentation_bars(
+    results: pd.DataFrame,
+    metrics: Sequence[str] = ("top1", "top5"),
+    order: Sequence[str] | None = None,
+    path: PathLike = None,
+) -> Figure:
     """Paper Tables 5-6 as bars: mean test accuracy per ``setting`` with +-1 std error bars over
     the seeds and the individual seeds as dots; one panel per metric. ``results``: the tidy
     table of :func:`nfpi.finetune.compare` (columns ``setting``, ``seed`` and the metrics)."""
@@ -287,8 +394,17 @@ def augmentation_bars(results: pd.DataFrame, metrics: Sequence[str] = ("top1", "
     order = list(order) if order is not None else list(dict.fromkeys(results["setting"]))
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        sns.barplot(data=results, x="setting", y=metric, order=order, errorbar="sd", capsize=0.15,
-                    color="C0", alpha=0.6, ax=ax)
+        sns.barplot(
+            data=results,
+            x="setting",
+            y=metric,
+            order=order,
+            errorbar="sd",
+            capsize=0.15,
+            color="C0",
+            alpha=0.6,
+            ax=ax,
+        )
         sns.stripplot(data=results, x="setting", y=metric, order=order, color="black", size=4, ax=ax)
         values = results[metric]
         span = max(float(values.max() - values.min()), 1.0)
@@ -301,11 +417,17 @@ def augmentation_bars(results: pd.DataFrame, metrics: Sequence[str] = ("top1", "
     return _finish(fig, path)
 
 
-
-
-def metric_grid(table: pd.DataFrame, x: str, metrics: Sequence[str], row: str | None = None,
-                hue: str | None = None, kind: str = "line", logx: bool = False,
-                names: Mapping[str, str] | None = None, path: PathLike = None) -> Figure:
+def metric_grid(
+    table: pd.DataFrame,
+    x: str,
+    metrics: Sequence[str],
+    row: str | None = None,
+    hue: str | None = None,
+    kind: str = "line",
+    logx: bool = False,
+    names: Mapping[str, str] | None = None,
+    path: PathLike = None,
+) -> Figure:
     """Result tables as seaborn panels (NFPI Tables 1-3, GLEM Tables 1-7): one column per metric
     (each with its own y axis), one row per value of ``row`` (e.g. ours / paper), the metric
     against ``x`` as lines (``kind="line"``, e.g. lambda or temperature) or per ``x`` as bars
@@ -322,24 +444,48 @@ def metric_grid(table: pd.DataFrame, x: str, metrics: Sequence[str], row: str | 
     names = dict(names or {})
     keep = [m for m in metrics if m in table.columns and table[m].notna().any()]
     ids = list(dict.fromkeys(c for c in (x, row, hue) if c))
-    long = table.melt(id_vars=ids, value_vars=keep, var_name="metric", value_name="value").dropna(subset=["value"])
+    long = table.melt(id_vars=ids, value_vars=keep, var_name="metric", value_name="value").dropna(
+        subset=["value"]
+    )
     long["metric"] = long["metric"].map(lambda m: names.get(m, m))
     order = [names.get(m, m) for m in keep]
     hues = list(dict.fromkeys(long[hue])) if hue else [None]
     palette = dict(zip(hues, sns.color_palette(n_colors=len(hues)))) if hue else None
     at_zero = long[long[x] == 0] if logx else long.iloc[:0]
     shown = long[long[x] > 0] if logx else long
-    common = dict(data=shown, x=x, y="value", col="metric", col_order=order, row=row, hue=hue, height=2.6,
-                  col_wrap=None if row or kind == "bar" else min(3, len(order)))
+    common = dict(
+        data=shown,
+        x=x,
+        y="value",
+        col="metric",
+        col_order=order,
+        row=row,
+        hue=hue,
+        height=2.6,
+        col_wrap=None if row or kind == "bar" else min(3, len(order)),
+    )
     if kind == "line":
-        grid = sns.relplot(kind="line", marker="o", aspect=1.1, palette=palette, errorbar="sd",
-                           facet_kws={"sharey": False, "sharex": False}, **common)
+        grid = sns.relplot(
+            kind="line",
+            marker="o",
+            aspect=1.1,
+            palette=palette,
+            errorbar="sd",
+            facet_kws={"sharey": False, "sharex": False},
+            **common,
+        )
     elif kind == "bar":
         # Horizontal bars: long setting names stay readable; one category axis for all panels.
         common.update(x="value", y=x, height=0.25 * long[x].nunique() + 1.0)
-        grid = sns.catplot(kind="bar", errorbar="sd", sharex=False, sharey=True,
-                           aspect=3.0 / (0.25 * long[x].nunique() + 1.0),
-                           palette=palette, **common)
+        grid = sns.catplot(
+            kind="bar",
+            errorbar="sd",
+            sharex=False,
+            sharey=True,
+            aspect=3.0 / (0.25 * long[x].nunique() + 1.0),
+            palette=palette,
+            **common,
+        )
     else:
         raise ValueError(f"kind must be 'line' or 'bar', got {kind!r}")
     for key, ax in grid.axes_dict.items():
@@ -349,8 +495,13 @@ def metric_grid(table: pd.DataFrame, x: str, metrics: Sequence[str], row: str | 
         here = at_zero[(at_zero["metric"] == col_name) & ((at_zero[row] == row_name) if row else True)]
         # One dashed line per hue at the mean over repeated results (seeds), like the lines' means.
         for colour_key, values in here.groupby(hue)["value"] if hue else [(None, here["value"])]:
-            ax.axhline(values.mean(), ls="--", lw=1, color=palette[colour_key] if hue else "C0",
-                       label=f"{names.get(x, x)} = 0")
+            ax.axhline(
+                values.mean(),
+                ls="--",
+                lw=1,
+                color=palette[colour_key] if hue else "C0",
+                label=f"{names.get(x, x)} = 0",
+            )
         ax.grid(alpha=0.3)
     grid.set_titles(row_template="{row_name}", col_template="{col_name}")
     grid.set_ylabels("")

@@ -8,6 +8,7 @@ Preprocessing (SPEC §4): ``b``-bit data ``x_q in {0 .. 2^b - 1}`` maps to ``[-1
 ``u = 0.5`` for evaluation, so that likelihoods and NF accuracy are deterministic.
 :func:`bits_per_dim` uses the exact constant of this map.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,13 +51,14 @@ def quantize(x: Tensor, bits: int) -> Tensor:
     """
     bits = _check_bits(bits)
     if x.dtype != torch.uint8:
-        raise TypeError(f"quantize expects uint8 pixels in 0..255; got {x.dtype} "
-                        "(convert floats in [-1, 1] with to_uint8 first)")
+        raise TypeError(
+            f"quantize expects uint8 pixels in 0..255; got {x.dtype} "
+            "(convert floats in [-1, 1] with to_uint8 first)"
+        )
     return x >> (8 - bits)
 
 
-def dequantize(xq: Tensor, bits: int, noise: bool,
-               generator: torch.Generator | None = None) -> Tensor:
+def dequantize(xq: Tensor, bits: int, noise: bool, generator: torch.Generator | None = None) -> Tensor:
     """Map b-bit integers xq (B, C, H, W) (any shape) to float32 in [-1, 1], same shape.
 
     ``2 (xq + u) / 2^bits - 1`` with ``u ~ U[0, 1)`` drawn from ``generator`` when ``noise``
@@ -71,7 +73,8 @@ def dequantize(xq: Tensor, bits: int, noise: bool,
         if lo < 0 or hi >= levels:
             raise ValueError(
                 f"{bits}-bit levels must lie in [0, {levels}); found [{lo}, {hi}] — pass "
-                f"quantize(x, {bits}) rather than raw pixels")
+                f"quantize(x, {bits}) rather than raw pixels"
+            )
     return _dequantize_unchecked(xq, levels, noise, generator)
 
 
@@ -80,8 +83,7 @@ def bin_centres(x: Tensor, bits: int) -> Tensor:
     return dequantize(quantize(x, bits), bits, noise=False)
 
 
-def _dequantize_unchecked(xq: Tensor, levels: int, noise: bool,
-                          generator: torch.Generator | None) -> Tensor:
+def _dequantize_unchecked(xq: Tensor, levels: int, noise: bool, generator: torch.Generator | None) -> Tensor:
     # Per-item hot path of FlowDataset: no validation, in-place arithmetic on one buffer.
     if noise:
         u = torch.rand(xq.shape, generator=generator, device=xq.device).add_(xq)
@@ -103,7 +105,7 @@ def to_uint8(x: Tensor, bits: int) -> Tensor:
         raise ValueError("to_uint8 got NaN values; the images to convert must be finite numbers")
     levels = 1 << bits
     q = torch.floor((x.float() + 1.0) * (levels / 2.0)).clamp_(0, levels - 1)
-    return (q.to(torch.uint8) << (8 - bits))
+    return q.to(torch.uint8) << (8 - bits)
 
 
 def bits_per_dim(nll_nats: Tensor, dim: int, bits: int) -> Tensor:
@@ -135,8 +137,8 @@ def class_balanced_indices(y: Tensor, per_class: int, seed: int) -> Tensor:
         members = (y == k).nonzero().squeeze(1)
         if members.numel() < per_class:
             raise ValueError(
-                f"class {k} has {members.numel()} examples, fewer than per_class={per_class}; "
-                "lower per_class")
+                f"class {k} has {members.numel()} examples, fewer than per_class={per_class}; lower per_class"
+            )
         chosen.append(members[torch.randperm(members.numel(), generator=gen)[:per_class]])
     return torch.cat(chosen).sort().values
 
@@ -162,8 +164,9 @@ def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Ten
     return torch.cat(part_a).sort().values, torch.cat(part_b).sort().values
 
 
-def tsne_embedding(arrays: ImageArrays, per_class: int | None = None, seed: int = 0,
-                   pca_dims: int = 50) -> tuple[Tensor, Tensor]:
+def tsne_embedding(
+    arrays: ImageArrays, per_class: int | None = None, seed: int = 0, pca_dims: int = 50
+) -> tuple[Tensor, Tensor]:
     """A standardised 2-D t-SNE embedding of images, for the toy FPI demo (paper Fig. 1a).
 
     Pixels (optionally ``per_class`` images of each class) are reduced to ``pca_dims`` by PCA,
@@ -192,8 +195,14 @@ class FlowDataset(Dataset):
     the generator is reseeded from the worker's seed so workers do not repeat each other.
     """
 
-    def __init__(self, arrays: ImageArrays, bits: int = 8, train: bool = True,
-                 augment: bool | None = None, generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        arrays: ImageArrays,
+        bits: int = 8,
+        train: bool = True,
+        augment: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         from .data import DATASETS  # here: nfpi.data imports this module to re-export its names
 
         info = DATASETS.get(arrays.name)
@@ -202,7 +211,8 @@ class FlowDataset(Dataset):
         elif augment and info is not None and not info.flip:
             raise ValueError(
                 f"horizontal flips change the class of {arrays.name} images (mirrored digits); "
-                "use augment=False or None for this dataset")
+                "use augment=False or None for this dataset"
+            )
         self.xq = quantize(arrays.x, bits)
         self.y = arrays.y
         self.bits = int(bits)
@@ -231,8 +241,15 @@ class FlowDataset(Dataset):
         return x, int(self.y[i])
 
 
-def make_loader(arrays: ImageArrays, bits: int, train: bool, batch_size: int,
-                augment: bool | None = None, seed: int = 0, num_workers: int = 0) -> DataLoader:
+def make_loader(
+    arrays: ImageArrays,
+    bits: int,
+    train: bool,
+    batch_size: int,
+    augment: bool | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
     """DataLoader over :class:`FlowDataset` yielding x float32 (B, C, H, W), y int64 (B,).
 
     Shuffles when ``train``; one generator seeded with ``seed`` drives the order, the
@@ -240,5 +257,4 @@ def make_loader(arrays: ImageArrays, bits: int, train: bool, batch_size: int,
     """
     gen = torch.Generator().manual_seed(seed)
     dataset = FlowDataset(arrays, bits, train=train, augment=augment, generator=gen)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=gen,
-                      num_workers=num_workers)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=train, generator=gen, num_workers=num_workers)

@@ -30,11 +30,11 @@ import torch
 import yaml
 
 from . import repro
-from .flows import Glow
-from .priors import ClassGaussians
 from ._util import atomic_write
 from .config import TrainConfig, upgrade
+from .flows import Glow
 from .latents import evaluate_flow
+from .priors import ClassGaussians
 from .runs import build_flow, load_checkpoint
 from .splits import load_data
 
@@ -76,13 +76,16 @@ def _sha256(payload: bytes) -> str:
 def _entry(name: str, folder: Path) -> dict[str, Any]:
     entries = manifest(folder)
     if name not in entries:
-        raise PretrainedError(f"no shipped flow named {name!r} in {folder / MANIFEST}; the shipped ones are "
-                              f"{', '.join(entries) or 'none'}")
+        raise PretrainedError(
+            f"no shipped flow named {name!r} in {folder / MANIFEST}; the shipped ones are "
+            f"{', '.join(entries) or 'none'}"
+        )
     return entries[name]
 
 
-def load(name: str, device: str | torch.device = "cpu",
-         folder: str | os.PathLike[str] | None = None) -> tuple[Glow, ClassGaussians, TrainConfig]:
+def load(
+    name: str, device: str | torch.device = "cpu", folder: str | os.PathLike[str] | None = None
+) -> tuple[Glow, ClassGaussians, TrainConfig]:
     """The shipped flow ``name`` (eval mode, EMA weights), its class Gaussians and its config.
 
     The file's SHA-256 must equal the manifest's, else :class:`PretrainedError` (the file was
@@ -93,17 +96,21 @@ def load(name: str, device: str | torch.device = "cpu",
     entry = _entry(name, folder)
     path = folder / entry["file"]
     if not path.is_file():
-        raise PretrainedError(f"{path} is missing (listed in {folder / MANIFEST}); restore it with "
-                              "`git checkout checkpoints/`")
+        raise PretrainedError(
+            f"{path} is missing (listed in {folder / MANIFEST}); restore it with `git checkout checkpoints/`"
+        )
     payload = path.read_bytes()
     if _sha256(payload) != entry["sha256"]:
-        raise PretrainedError(f"{path} fails its SHA-256 check against {folder / MANIFEST} (expected "
-                              f"{entry['sha256'][:16]}..., got {_sha256(payload)[:16]}...): the file changed "
-                              "after it was shipped; restore it with `git checkout checkpoints/`")
+        raise PretrainedError(
+            f"{path} fails its SHA-256 check against {folder / MANIFEST} (expected "
+            f"{entry['sha256'][:16]}..., got {_sha256(payload)[:16]}...): the file changed "
+            "after it was shipped; restore it with `git checkout checkpoints/`"
+        )
     saved = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     if saved.get("format") != FORMAT:
-        raise PretrainedError(f"{path} is not a shipped nfpi flow (format {saved.get('format')!r}, "
-                              f"expected {FORMAT!r})")
+        raise PretrainedError(
+            f"{path} is not a shipped nfpi flow (format {saved.get('format')!r}, expected {FORMAT!r})"
+        )
     cfg = TrainConfig.from_dict(upgrade(saved["config"]))
     model = build_flow(cfg.model, tuple(saved["shape"]))
     model.load_state_dict(saved["flow"])
@@ -111,38 +118,53 @@ def load(name: str, device: str | torch.device = "cpu",
     return model.to(device).eval(), prior.to(device), cfg
 
 
-def evaluate_shipped(name: str, folder: str | os.PathLike[str] | None = None,
-                     batch_size: int = 500) -> dict[str, float]:
+def evaluate_shipped(
+    name: str, folder: str | os.PathLike[str] | None = None, batch_size: int = 500
+) -> dict[str, float]:
     """Test metrics of the shipped flow ``name`` recomputed on its config's whole test set."""
     model, prior, cfg = load(name, folder=folder)
     _, test_set = load_data(cfg)
     return evaluate_flow(model, prior, test_set, cfg.bits, batch_size)
 
 
-def export(run_dir: str | os.PathLike[str], name: str, command: str,
-           folder: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def export(
+    run_dir: str | os.PathLike[str], name: str, command: str, folder: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
     """Ship the EMA flow of a finished run as ``name``: write ``<folder>/<name>.pt`` (atomic),
     measure its test metrics, and record both in the manifest. ``command`` is what made the
     run (it goes into the manifest next to the export command)."""
     folder = Path(folder or root())
     folder.mkdir(parents=True, exist_ok=True)
     model, prior, cfg = load_checkpoint(run_dir)
-    saved = {"format": FORMAT, "name": name, "config": cfg.to_dict(), "shape": list(model.in_shape),
-             "flow": model.state_dict(), "prior": {"means": prior.means, "variances": prior.variances}}
+    saved = {
+        "format": FORMAT,
+        "name": name,
+        "config": cfg.to_dict(),
+        "shape": list(model.in_shape),
+        "flow": model.state_dict(),
+        "prior": {"means": prior.means, "variances": prior.variances},
+    }
     buffer = io.BytesIO()
     torch.save(saved, buffer)
     payload = buffer.getvalue()
     if len(payload) > MAX_BYTES:
-        raise PretrainedError(f"{name}: {len(payload) / 2**20:.1f} MB is over the {MAX_BYTES / 2**20:.0f} MB "
-                              "limit for shipped flows; ship a smaller model")
+        raise PretrainedError(
+            f"{name}: {len(payload) / 2**20:.1f} MB is over the {MAX_BYTES / 2**20:.0f} MB "
+            "limit for shipped flows; ship a smaller model"
+        )
     atomic_write(folder / f"{name}.pt", payload)
     _, test_set = load_data(cfg)
     metrics = evaluate_flow(model, prior, test_set, cfg.bits)
     entries = manifest(folder)
     entries[name] = {
-        "file": f"{name}.pt", "sha256": _sha256(payload), "bytes": len(payload), "dataset": cfg.dataset,
-        "test_images": len(test_set), **{k: round(float(metrics[k]), 4) for k in RECORDED},
-        "code": repro.code_fingerprint(), "commands": [command, f"python -m nfpi.pretrained export {run_dir} {name}"],
+        "file": f"{name}.pt",
+        "sha256": _sha256(payload),
+        "bytes": len(payload),
+        "dataset": cfg.dataset,
+        "test_images": len(test_set),
+        **{k: round(float(metrics[k]), 4) for k in RECORDED},
+        "code": repro.code_fingerprint(),
+        "commands": [command, f"python -m nfpi.pretrained export {run_dir} {name}"],
         "config": cfg.to_dict(),
     }
     atomic_write(folder / MANIFEST, yaml.safe_dump(entries, sort_keys=False).encode())
@@ -177,7 +199,10 @@ def main(argv: list[str] | None = None) -> None:
             check()
         else:
             for name, entry in manifest().items():
-                print(f"{name}: {entry['dataset']}, NF-Acc {entry['acc_top1']:.2f} %, bits/dim {entry['test_bpd']:.4f}")
+                print(
+                    f"{name}: {entry['dataset']}, NF-Acc {entry['acc_top1']:.2f} %, "
+                    f"bits/dim {entry['test_bpd']:.4f}"
+                )
     except (PretrainedError, FileNotFoundError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
 

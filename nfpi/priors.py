@@ -19,6 +19,7 @@ Example:
     >>> gaussians = ClassGaussians.from_stats(stats)      # data init
     >>> gaussians.predict(z)                              # (B,) NF classification
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,10 @@ def check_latents(z: Tensor, dim: int, finite: bool = True) -> None:
         raise ValueError(f"latents must be (B, {dim}), got {tuple(z.shape)}")
     if finite and not bool(torch.isfinite(z).all()):
         rows = (~torch.isfinite(z)).any(1).nonzero().flatten()
-        raise ValueError(f"latents contain NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); "
-                         "the flow diverged or its input is corrupt, so no class can be scored")
+        raise ValueError(
+            f"latents contain NaN or inf in {len(rows)} row(s) (first: {rows[:5].tolist()}); "
+            "the flow diverged or its input is corrupt, so no class can be scored"
+        )
 
 
 def _check_finite(*params: Tensor) -> None:
@@ -67,7 +70,10 @@ class ClassGaussians(nn.Module):
     def __init__(self, means: Tensor, variances: Tensor):
         super().__init__()
         if means.ndim != 2 or means.shape != variances.shape:
-            raise ValueError(f"means and variances must both be (K, D), got {tuple(means.shape)} and {tuple(variances.shape)}")
+            raise ValueError(
+                f"means and variances must both be (K, D), got {tuple(means.shape)} and "
+                f"{tuple(variances.shape)}"
+            )
         _check_finite(means, variances)
         if (variances <= 0).any():
             raise ValueError("class variances must be positive")
@@ -76,22 +82,30 @@ class ClassGaussians(nn.Module):
 
     # --------------------------------------------------------------------- constructors
     @classmethod
-    def from_stats(cls, stats: ClassStats, identity_variances: bool = False) -> "ClassGaussians":
+    def from_stats(cls, stats: ClassStats, identity_variances: bool = False) -> ClassGaussians:
         """Data init (Baseline 1): class means and variances of the latents (lambda = 0)."""
         means = stats.mean()
-        variances = torch.ones_like(means) if identity_variances else stats.var().clamp_min(1e-8 * stats.var().mean())
+        variances = (
+            torch.ones_like(means) if identity_variances else stats.var().clamp_min(1e-8 * stats.var().mean())
+        )
         return cls(means, variances)
 
     @classmethod
-    def from_result(cls, result: FPIResult) -> "ClassGaussians":
+    def from_result(cls, result: FPIResult) -> ClassGaussians:
         """Gaussians from a diagonal :func:`nfpi.fpi.solve` (or :func:`nfpi.gd.solve`) result."""
         if result.variances.ndim != 2:
             raise ValueError("ClassGaussians holds diagonal Gaussians; solve with covariance='diag'")
         return cls(result.means, result.variances)
 
     @classmethod
-    def random(cls, num_classes: int, dim: int, a: float = 1.0, c: float = 0.25,
-               generator: torch.Generator | None = None) -> "ClassGaussians":
+    def random(
+        cls,
+        num_classes: int,
+        dim: int,
+        a: float = 1.0,
+        c: float = 0.25,
+        generator: torch.Generator | None = None,
+    ) -> ClassGaussians:
         """Random init (GLEM supplementary): means U[-1, 1], variances U[(a+c)/10, a+c]."""
         means = torch.rand(num_classes, dim, generator=generator) * 2 - 1
         hi = a + c
@@ -144,8 +158,13 @@ class ClassGaussians(nn.Module):
         """NF classification with equal class priors: argmax_y log N(z; mu_y, s_y), (B,)."""
         return self.log_prob(z).argmax(1)
 
-    def sample(self, y: Tensor, temperature: float = 1.0, mean_scale: float = 1.0,
-               generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self,
+        y: Tensor,
+        temperature: float = 1.0,
+        mean_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """z = mean_scale * mu_y + temperature * sqrt(s_y) * eps for labels y (B,); returns (B, D)."""
         self._check_y(y)
         eps = torch.randn(y.shape[0], self.dim, generator=generator, device=self.means.device)
@@ -163,8 +182,10 @@ class FullGaussians(nn.Module):
         super().__init__()
         k, d = means.shape
         if factor.ndim != 3 or factor.shape[:2] != (k, d) or diag.shape != (k, d):
-            raise ValueError(f"need means (K, D), factor (K, D, r), diag (K, D); got {tuple(means.shape)}, "
-                             f"{tuple(factor.shape)}, {tuple(diag.shape)}")
+            raise ValueError(
+                f"need means (K, D), factor (K, D, r), diag (K, D); got {tuple(means.shape)}, "
+                f"{tuple(factor.shape)}, {tuple(diag.shape)}"
+            )
         _check_finite(means, factor, diag)
         if (diag <= 0).any():
             raise ValueError("the diagonal part of the covariances must be positive")
@@ -173,8 +194,13 @@ class FullGaussians(nn.Module):
         self.register_buffer("diag", diag.detach().float().clone())
 
     @classmethod
-    def fit(cls, class_latents: Iterable[Tensor], rank: int | None = None, floor: float = 1e-6,
-            max_full_dim: int = 2048) -> "FullGaussians":
+    def fit(
+        cls,
+        class_latents: Iterable[Tensor],
+        rank: int | None = None,
+        floor: float = 1e-6,
+        max_full_dim: int = 2048,
+    ) -> FullGaussians:
         """Re-estimate mean and covariance of each class from its latents.
 
         ``class_latents`` yields, for y = 0..K-1, the latents of class y (N_y, D) (a generator
@@ -189,8 +215,10 @@ class FullGaussians(nn.Module):
             z = z.detach().double()
             n, d = z.shape
             if rank is None and d > max_full_dim:
-                raise ValueError(f"full {d}x{d} covariances for every class are too large (max_full_dim="
-                                 f"{max_full_dim}); pass rank=r for the low-rank + diagonal form (e.g. 64)")
+                raise ValueError(
+                    f"full {d}x{d} covariances for every class are too large (max_full_dim="
+                    f"{max_full_dim}); pass rank=r for the low-rank + diagonal form (e.g. 64)"
+                )
             if rank is not None and not 1 <= rank <= d:
                 raise ValueError(f"rank must lie in [1, D={d}] or be None (full), got {rank}")
             mean = z.mean(0)
@@ -215,7 +243,7 @@ class FullGaussians(nn.Module):
         return cls(torch.stack(means), torch.stack(factors), torch.stack(diags))
 
     @classmethod
-    def from_latents(cls, z: Tensor, y: Tensor, num_classes: int, **kwargs: Any) -> "FullGaussians":
+    def from_latents(cls, z: Tensor, y: Tensor, num_classes: int, **kwargs: Any) -> FullGaussians:
         """:meth:`fit` for all latents z (N, D) with labels y (N,) in memory."""
         return cls.fit((z[y == c] for c in range(num_classes)), **kwargs)
 
@@ -243,7 +271,8 @@ class FullGaussians(nn.Module):
         """
         check_latents(z, self.dim)
         dist = torch.distributions.LowRankMultivariateNormal(
-            self.means.double(), self.factor.double(), self.diag.double(), validate_args=False)
+            self.means.double(), self.factor.double(), self.diag.double(), validate_args=False
+        )
         return dist.log_prob(z.double()[:, None, :]).to(z.dtype)
 
     def nll(self, z: Tensor, y: Tensor) -> Tensor:
@@ -256,8 +285,13 @@ class FullGaussians(nn.Module):
         """argmax_y log N(z; mu_y, Sigma_y) with equal class priors, (B,)."""
         return self.log_prob(z).argmax(1)
 
-    def sample(self, y: Tensor, temperature: float = 1.0, mean_scale: float = 1.0,
-               generator: torch.Generator | None = None) -> Tensor:
+    def sample(
+        self,
+        y: Tensor,
+        temperature: float = 1.0,
+        mean_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """z = mean_scale mu_y + temperature (W_y eps_r + sqrt(d_y) eps_D), y (B,) -> (B, D)."""
         check_labels(y, num_classes=self.num_classes)
         device = self.means.device
@@ -274,4 +308,4 @@ def interpolate(z1: Tensor, z2: Tensor, steps: int) -> Tensor:
     ``z1``, ``z2``: (D,) or (B, D); returns (steps, *z1.shape).
     """
     t = torch.linspace(0, 1, steps, dtype=z1.dtype, device=z1.device).view(-1, *([1] * z1.ndim))
-    return (t * z1 + (1 - t) * z2) / (t ** 2 + (1 - t) ** 2).sqrt()
+    return (t * z1 + (1 - t) * z2) / (t**2 + (1 - t) ** 2).sqrt()

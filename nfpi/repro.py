@@ -26,6 +26,7 @@ Example:
     >>> expect("NF accuracy top-1 %", 96.4, recorded=96.8, tol=1.5, spread="3 x seed std 0.5")
     NF accuracy top-1 %: 96.40, recorded 96.80 +- 1.50 (3 x seed std 0.5): ok
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,8 +43,18 @@ from typing import Any
 import pandas as pd
 from scipy import stats
 
-__all__ = ["ResultMismatch", "code_fingerprint", "expect", "expect_recorded", "markdown_summary", "read_recorded",
-           "render_readme", "run_dir", "run_key", "seed_summary"]
+__all__ = [
+    "ResultMismatch",
+    "code_fingerprint",
+    "expect",
+    "expect_recorded",
+    "markdown_summary",
+    "read_recorded",
+    "render_readme",
+    "run_dir",
+    "run_key",
+    "seed_summary",
+]
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -53,7 +64,7 @@ class ResultMismatch(AssertionError):
     that needs the recorded value (and the tolerance's measurement) to be renewed."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def code_fingerprint() -> str:
     """16 hex digits of SHA-256 over the ``nfpi`` package's ``*.py`` files (names and bytes).
 
@@ -74,8 +85,9 @@ def run_key(config: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def run_dir(root: str | os.PathLike[str], name: str, config: dict[str, Any],
-            ignore: tuple[str, ...] = ()) -> Path:
+def run_dir(
+    root: str | os.PathLike[str], name: str, config: dict[str, Any], ignore: tuple[str, ...] = ()
+) -> Path:
     """``root / "<name>-<run_key>"``: the folder of the run of ``config`` made by this code."""
     return Path(root) / f"{name}-{run_key(config, ignore)}"
 
@@ -93,13 +105,20 @@ def expect(label: str, value: float, recorded: float, tol: float, spread: str) -
     value = float(value)
     line = f"{label}: {value:.2f}, recorded {recorded:.2f} +- {tol:.2f} ({spread})"
     if not math.isfinite(value) or abs(value - recorded) > tol:
-        raise ResultMismatch(f"{line}: OUTSIDE the tolerance. If the change is intended, re-measure the "
-                             "spread, then renew the recorded value and the tolerance beside this check.")
+        raise ResultMismatch(
+            f"{line}: OUTSIDE the tolerance. If the change is intended, re-measure the "
+            "spread, then renew the recorded value and the tolerance beside this check."
+        )
     print(f"{line}: ok")
 
 
-def seed_summary(results: pd.DataFrame, metrics: Sequence[str], by: str = "setting", seed: str = "seed",
-                 baseline: str | None = None) -> pd.DataFrame:
+def seed_summary(
+    results: pd.DataFrame,
+    metrics: Sequence[str],
+    by: str = "setting",
+    seed: str = "seed",
+    baseline: str | None = None,
+) -> pd.DataFrame:
     """One row per value of ``by`` (in order of appearance): ``seeds``, and for each metric its
     ``<m>_mean`` and ``<m>_std`` over seeds; with ``baseline`` (a value of ``by``) also the
     paired difference to it, seed by seed: ``<m>_diff_mean``, ``<m>_diff_std`` and
@@ -130,8 +149,14 @@ def read_recorded(path: str | os.PathLike[str]) -> pd.DataFrame | None:
     return pd.read_csv(path) if path.exists() else None
 
 
-def expect_recorded(fresh: pd.DataFrame, recorded: pd.DataFrame | None, floors: Mapping[str, float],
-                    by: str | Sequence[str] = "setting", seed: str = "seed", sigmas: float = 3.0) -> None:
+def expect_recorded(
+    fresh: pd.DataFrame,
+    recorded: pd.DataFrame | None,
+    floors: Mapping[str, float],
+    by: str | Sequence[str] = "setting",
+    seed: str = "seed",
+    sigmas: float = 3.0,
+) -> None:
     """:func:`expect` the mean over seeds of every metric in ``floors``, for every setting
     (value of ``by``, one column or several) of ``fresh``, against the ``recorded`` table.
 
@@ -163,13 +188,23 @@ def expect_recorded(fresh: pd.DataFrame, recorded: pd.DataFrame | None, floors: 
                 continue  # a metric this setting does not produce (e.g. CNN-Acc of an NF-only row)
             spread = float(old[metric].std())
             tol = max(floor, sigmas * spread * math.sqrt(1 / n_new + 1 / n_old))
-            expect(f"{name} {metric} (mean of {n_new} seeds)", group[metric].mean(), float(old[metric].mean()),
-                   tol, f"max(floor {floor:g}, {sigmas:g} x recorded seed std {spread:.2f} x "
-                        f"sqrt(1/{n_new} + 1/{n_old}))")
+            expect(
+                f"{name} {metric} (mean of {n_new} seeds)",
+                group[metric].mean(),
+                float(old[metric].mean()),
+                tol,
+                f"max(floor {floor:g}, {sigmas:g} x recorded seed std {spread:.2f} x "
+                f"sqrt(1/{n_new} + 1/{n_old}))",
+            )
 
 
-def markdown_summary(table: pd.DataFrame, metrics: Sequence[str], by: str = "setting",
-                     baseline: str | None = None, settings: Sequence[str] | None = None) -> str:
+def markdown_summary(
+    table: pd.DataFrame,
+    metrics: Sequence[str],
+    by: str = "setting",
+    baseline: str | None = None,
+    settings: Sequence[str] | None = None,
+) -> str:
     """A markdown table: one row per setting (``settings`` in that order, or all), the number
     of seeds and ``mean ± std`` of each metric over seeds, and with ``baseline`` the paired
     difference of the first metric to it (mean ± 95 % interval half-width)."""
@@ -188,7 +223,7 @@ def markdown_summary(table: pd.DataFrame, metrics: Sequence[str], by: str = "set
     return "\n".join(lines)
 
 
-_BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+_BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.DOTALL)
 
 
 def _render_block(spec: str, root: Path) -> str:
@@ -201,13 +236,20 @@ def _render_block(spec: str, root: Path) -> str:
     for column in set(args) - {"metrics", "by", "baseline", "settings"}:
         table = table[table[column].astype(str) == args[column]]
     settings = args["settings"].split(",") if "settings" in args else None
-    return markdown_summary(table, args["metrics"].split(","), by=args.get("by", "setting"),
-                            baseline=args.get("baseline"), settings=settings)
+    return markdown_summary(
+        table,
+        args["metrics"].split(","),
+        by=args.get("by", "setting"),
+        baseline=args.get("baseline"),
+        settings=settings,
+    )
 
 
 def render_readme(text: str, root: str | os.PathLike[str]) -> str:
     """``text`` with every results block regenerated from its CSV (paths relative to ``root``)."""
-    return _BLOCK.sub(lambda m: m.group(1) + _render_block(m.group("spec"), Path(root)) + "\n" + m.group(4), text)
+    return _BLOCK.sub(
+        lambda m: m.group(1) + _render_block(m.group("spec"), Path(root)) + "\n" + m.group(4), text
+    )
 
 
 if __name__ == "__main__":  # python -m nfpi.repro README.md: regenerate its results tables

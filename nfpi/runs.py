@@ -10,6 +10,7 @@ Example:
     >>> flow, gaussians, cfg = load_checkpoint("runs/digits_cpu")
     >>> z, logdet = flow(x)
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,16 +38,51 @@ from .config import NOT_KEYED, RESUME_FREE, ModelConfig, TrainConfig, upgrade
 from .flows import Glow
 from .priors import ClassGaussians
 
-__all__ = ["CHECKPOINT_FORMAT", "COLUMNS", "LOCK_FILE", "CheckpointError", "RunDirError", "build_flow",
-           "checksum", "config_differences", "keyed_run_dir", "load_checkpoint", "lock_run_dir",
-           "read_checkpoint", "resumable_checkpoint", "take_run_dir", "unlock_run_dir", "write_run"]
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "COLUMNS",
+    "LOCK_FILE",
+    "CheckpointError",
+    "RunDirError",
+    "build_flow",
+    "checksum",
+    "config_differences",
+    "keyed_run_dir",
+    "load_checkpoint",
+    "lock_run_dir",
+    "read_checkpoint",
+    "resumable_checkpoint",
+    "take_run_dir",
+    "unlock_run_dir",
+    "write_run",
+]
 
 CHECKPOINT_FORMAT = "nfpi.train/1"
 LOCK_FILE = ".nfpi.lock"  # in the run directory while a process trains there (see lock_run_dir)
 # The columns of metrics.csv, one row per epoch.
-COLUMNS = ("epoch", "lr", "train_nll", "train_bpd", "grad_norm", "val_nll", "val_bpd", "val_bpd_centres",
-           "val_acc_top1", "val_acc_top5", "test_nll", "test_bpd", "test_bpd_centres", "acc_top1", "acc_top5",
-           "solved", "solve_iterations", "solve_converged", "solve_bounds_active", "solve_time", "time")
+COLUMNS = (
+    "epoch",
+    "lr",
+    "train_nll",
+    "train_bpd",
+    "grad_norm",
+    "val_nll",
+    "val_bpd",
+    "val_bpd_centres",
+    "val_acc_top1",
+    "val_acc_top5",
+    "test_nll",
+    "test_bpd",
+    "test_bpd_centres",
+    "acc_top1",
+    "acc_top5",
+    "solved",
+    "solve_iterations",
+    "solve_converged",
+    "solve_bounds_active",
+    "solve_time",
+    "time",
+)
 
 
 class CheckpointError(RuntimeError):
@@ -79,8 +115,10 @@ def lock_run_dir(run_dir: Path) -> typing.IO[str]:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise RunDirError(f"run directory {run_dir} is not writable ({_first_line(err)}); choose another "
-                          "run directory (CLI --run-dir)") from None
+        raise RunDirError(
+            f"run directory {run_dir} is not writable ({_first_line(err)}); choose another "
+            "run directory (CLI --run-dir)"
+        ) from None
     path = run_dir / LOCK_FILE
     while True:
         handle = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+")
@@ -89,12 +127,16 @@ def lock_run_dir(run_dir: Path) -> typing.IO[str]:
         except BlockingIOError:
             holder = handle.read().strip() or "PID not yet written"
             handle.close()
-            raise RunDirError(f"run directory {run_dir} is in use by another training process ({holder}); "
-                              "wait for it to finish or use another run directory") from None
+            raise RunDirError(
+                f"run directory {run_dir} is in use by another training process ({holder}); "
+                "wait for it to finish or use another run directory"
+            ) from None
         except OSError as err:
             handle.close()
-            raise RunDirError(f"cannot lock run directory {run_dir} ({_first_line(err)}); use a run "
-                              "directory on a local file system") from None
+            raise RunDirError(
+                f"cannot lock run directory {run_dir} ({_first_line(err)}); use a run "
+                "directory on a local file system"
+            ) from None
         # The previous holder removes the file on release: if that happened between our open and
         # flock, we locked a deleted file and must retry on the new one.
         try:
@@ -155,23 +197,27 @@ def resumable_checkpoint(cfg: TrainConfig, run_dir: Path) -> dict[str, Any] | No
     if diff:
         raise CheckpointError(
             f"{path} belongs to a different run ({'; '.join(diff)}). Use another run directory, "
-            "or pass resume=False (CLI: --no-resume) to start over and overwrite it.")
+            "or pass resume=False (CLI: --no-resume) to start over and overwrite it."
+        )
     if ckpt.get("code") != repro.code_fingerprint():
         raise CheckpointError(
             f"{path} was made by other nfpi code (fingerprint {ckpt.get('code')}, now "
             f"{repro.code_fingerprint()}), so its results are not this code's. Use another run directory "
             "(nfpi.repro.run_dir names one per config and code), or pass resume=False "
-            "(CLI: --no-resume) to start over and overwrite it.")
+            "(CLI: --no-resume) to start over and overwrite it."
+        )
     if ckpt["epoch"] > cfg.epochs:
         warnings.warn(
             f"{run_dir} holds a finished {ckpt['epoch']}-epoch run and epochs={cfg.epochs} "
             f"asks for fewer: returning the metrics of epoch {cfg.epochs - 1}, but the checkpoint "
             f"holds the weights after {ckpt['epoch']} epochs. Use another run directory for a "
-            f"{cfg.epochs}-epoch checkpoint.", stacklevel=3)
+            f"{cfg.epochs}-epoch checkpoint.",
+            stacklevel=3,
+        )
     return ckpt
 
 
-def _feed(h: "hashlib._Hash", obj: Any) -> None:
+def _feed(h: hashlib._Hash, obj: Any) -> None:
     """Hash ``obj`` (nested dicts/lists of tensors and plain values) in a canonical order:
     tensors by dtype, shape and raw bytes, other values by type and repr."""
     if isinstance(obj, Tensor):
@@ -204,28 +250,37 @@ def checksum(ckpt: dict[str, Any]) -> str:
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """Load and verify a checkpoint (weights_only=True; its SHA-256 must match its contents)."""
-    redo = ("delete it or restore a good copy, or start the run again in another run directory "
-            "(or with resume=False, CLI --no-resume, which overwrites it)")
+    redo = (
+        "delete it or restore a good copy, or start the run again in another run directory "
+        "(or with resume=False, CLI --no-resume, which overwrites it)"
+    )
     try:
         size = path.stat().st_size
         ckpt = torch.load(path, map_location="cpu", weights_only=True) if size else None
     except Exception as err:  # any failure to parse is a damaged file; none may escape as a traceback
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_first_line(err)}). It is probably "
-                              f"truncated or corrupt: {redo}.") from err
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({_first_line(err)}). It is probably "
+            f"truncated or corrupt: {redo}."
+        ) from err
     if ckpt is None:
         raise CheckpointError(f"{path} is not a readable checkpoint (it is empty, 0 bytes): {redo}.")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         tag = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(
             f"{path} is not an nfpi training checkpoint (format {tag!r}, expected {CHECKPOINT_FORMAT!r}). "
-            "Point to a run directory written by nfpi.train, or use another run directory.")
+            "Point to a run directory written by nfpi.train, or use another run directory."
+        )
     if "sha256" not in ckpt:
-        warnings.warn(f"{path} has no checksum (written before nfpi checkpoints carried one), so its "
-                      "contents cannot be verified; it is loaded as is. Retrain to get a verified one.",
-                      stacklevel=3)
+        warnings.warn(
+            f"{path} has no checksum (written before nfpi checkpoints carried one), so its "
+            "contents cannot be verified; it is loaded as is. Retrain to get a verified one.",
+            stacklevel=3,
+        )
     elif ckpt["sha256"] != checksum(ckpt):
-        raise CheckpointError(f"{path} fails its SHA-256 check: its contents changed after it was written "
-                              f"(disk or copy corruption), so its weights cannot be trusted; {redo}.")
+        raise CheckpointError(
+            f"{path} fails its SHA-256 check: its contents changed after it was written "
+            f"(disk or copy corruption), so its weights cannot be trusted; {redo}."
+        )
     return ckpt
 
 
@@ -245,13 +300,23 @@ def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -
 
 def build_flow(cfg: ModelConfig, shape: tuple[int, int, int]) -> Glow:
     """The untrained :class:`nfpi.flows.Glow` of ``cfg`` for images (C, H, W)."""
-    return Glow(shape, levels=cfg.levels, steps=cfg.steps, hidden=cfg.hidden, conv=cfg.conv,
-                coupling=cfg.coupling, blocks=cfg.blocks, matexp_rank=cfg.matexp_rank,
-                matexp_low_rank_above=cfg.matexp_low_rank_above, memory=cfg.memory)
+    return Glow(
+        shape,
+        levels=cfg.levels,
+        steps=cfg.steps,
+        hidden=cfg.hidden,
+        conv=cfg.conv,
+        coupling=cfg.coupling,
+        blocks=cfg.blocks,
+        matexp_rank=cfg.matexp_rank,
+        matexp_low_rank_above=cfg.matexp_low_rank_above,
+        memory=cfg.memory,
+    )
 
 
-def write_run(run_dir: Path, ckpt: dict[str, Any], rows: Sequence[Mapping[str, Any]],
-              summary: Mapping[str, Any]) -> None:
+def write_run(
+    run_dir: Path, ckpt: dict[str, Any], rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]
+) -> None:
     """Write ``checkpoint.pt`` (with its checksum), ``metrics.csv`` (``rows``, :data:`COLUMNS`)
     and ``metrics.json`` (``summary``) into ``run_dir``, each atomically."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -267,8 +332,9 @@ def write_run(run_dir: Path, ckpt: dict[str, Any], rows: Sequence[Mapping[str, A
     atomic_write(run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
 
 
-def load_checkpoint(path: str | os.PathLike[str], ema: bool = True,
-                    device: str | torch.device = "cpu") -> tuple[Glow, ClassGaussians, TrainConfig]:
+def load_checkpoint(
+    path: str | os.PathLike[str], ema: bool = True, device: str | torch.device = "cpu"
+) -> tuple[Glow, ClassGaussians, TrainConfig]:
     """The flow (EMA weights by default, eval mode), its class Gaussians (K, D) and the config of a
     ``checkpoint.pt`` (or of the run directory holding it). A config stored by older code is
     upgraded to the current layout (:func:`nfpi.config.upgrade`)."""
@@ -276,8 +342,10 @@ def load_checkpoint(path: str | os.PathLike[str], ema: bool = True,
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train a run first (nfpi.train.train or "
-                                "python -m nfpi.train --config ...)")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; train a run first (nfpi.train.train or "
+            "python -m nfpi.train --config ...)"
+        )
     ckpt = read_checkpoint(path)
     cfg = TrainConfig.from_dict(upgrade(ckpt["config"]))
     if "shape" in ckpt:  # the flow's input (C, H, W), as trained

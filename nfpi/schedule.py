@@ -28,6 +28,7 @@ Example:
     >>> [solves_after(cfg, epoch) for epoch in range(5)]
     [True, True, True, True, False]
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,15 +44,21 @@ from .stats import ClassStats
 __all__ = ["em_overrides", "fit", "initial_gaussians", "solve_lam", "solves_after"]
 
 
-def fit(cfg: TrainConfig, stats: ClassStats, lam: float,
-        start: ClassGaussians | None = None) -> tuple[ClassGaussians, dict[str, Any]]:
+def fit(
+    cfg: TrainConfig, stats: ClassStats, lam: float, start: ClassGaussians | None = None
+) -> tuple[ClassGaussians, dict[str, Any]]:
     """The Gaussians (K, D) of ``cfg.gaussians.prior`` for latent statistics ``stats`` at lambda
     ``lam``, iterating from ``start`` when given (else the data statistics), and the solver's
     report (iterations, converged, bounds_active, lam_normalised, change)."""
     objective = cfg.gaussians
     if objective.prior == "data":
-        return ClassGaussians.from_stats(stats), {"iterations": 0, "converged": True, "bounds_active": 0,
-                                                  "lam_normalised": 0.0, "change": 0.0}
+        return ClassGaussians.from_stats(stats), {
+            "iterations": 0,
+            "converged": True,
+            "bounds_active": 0,
+            "lam_normalised": 0.0,
+            "change": 0.0,
+        }
     init = None
     if start is not None:
         init = (start.means.double().cpu(), start.variances.double().cpu())
@@ -69,10 +76,13 @@ def fit(cfg: TrainConfig, stats: ClassStats, lam: float,
         # Means-only runs keep identity variances; both solvers clip unlearned variances into
         # their box [v/rho, v*rho] too, which would move them where a data variance v < 1/rho.
         variances = init[1]
-    return ClassGaussians(res.means, variances), {"iterations": res.iterations, "converged": res.converged,
-                                                  "bounds_active": res.bounds_active,
-                                                  "lam_normalised": res.lam_normalised,
-                                                  "change": res.history["change"][-1]}
+    return ClassGaussians(res.means, variances), {
+        "iterations": res.iterations,
+        "converged": res.converged,
+        "bounds_active": res.bounds_active,
+        "lam_normalised": res.lam_normalised,
+        "change": res.history["change"][-1],
+    }
 
 
 def initial_gaussians(cfg: TrainConfig, stats: ClassStats) -> ClassGaussians:
@@ -104,12 +114,19 @@ def solves_after(cfg: TrainConfig, epoch: int) -> bool:
 
 def solve_lam(cfg: TrainConfig, solves_done: int) -> float:
     """Lambda of the next solve after ``solves_done`` solves: max(lam_min, lam * lam_decay^n)."""
-    return max(cfg.schedule.lam_min, cfg.gaussians.lam * cfg.schedule.lam_decay ** solves_done)
+    return max(cfg.schedule.lam_min, cfg.gaussians.lam * cfg.schedule.lam_decay**solves_done)
 
 
-def em_overrides(lam: float, merge_epoch: int, lam_decay: float = 0.5, lam_min: float = 0.0,
-                 dg_fraction: float = 0.1, gd_steps: int = 100, gd_lr: float = 0.05,
-                 gd_policy: str = "linear") -> dict[str, Any]:
+def em_overrides(
+    lam: float,
+    merge_epoch: int,
+    lam_decay: float = 0.5,
+    lam_min: float = 0.0,
+    dg_fraction: float = 0.1,
+    gd_steps: int = 100,
+    gd_lr: float = 0.05,
+    gd_policy: str = "linear",
+) -> dict[str, Any]:
     """TrainConfig overrides (``cfg.replace(**em_overrides(...))``) for GLEM's EM schedule.
 
     After every epoch up to ``merge_epoch``: ``gd_steps`` Adam steps on J for the statistics of
@@ -117,7 +134,17 @@ def em_overrides(lam: float, merge_epoch: int, lam_decay: float = 0.5, lam_min: 
     max(lam_min, lam * lam_decay^t) for the t-th M-step (t = 0, 1, ...). Afterwards D_G joins
     the training set and the Gaussians stay as they are.
     """
-    return {"gaussians.prior": "gd", "gaussians.lam": lam, "schedule.lam_decay": lam_decay,
-            "schedule.lam_min": lam_min, "schedule.solve_epoch": 0, "schedule.resolve_every": 1,
-            "schedule.warm_start": True, "schedule.dg_fraction": dg_fraction,
-            "schedule.merge_epoch": merge_epoch, "gd.steps": gd_steps, "gd.lr": gd_lr, "gd.policy": gd_policy}
+    return {
+        "gaussians.prior": "gd",
+        "gaussians.lam": lam,
+        "schedule.lam_decay": lam_decay,
+        "schedule.lam_min": lam_min,
+        "schedule.solve_epoch": 0,
+        "schedule.resolve_every": 1,
+        "schedule.warm_start": True,
+        "schedule.dg_fraction": dg_fraction,
+        "schedule.merge_epoch": merge_epoch,
+        "gd.steps": gd_steps,
+        "gd.lr": gd_lr,
+        "gd.policy": gd_policy,
+    }

@@ -4,6 +4,7 @@ the seeded validation split, zero padding and GLEM's class codes (:mod:`nfpi.cod
 Example:
     >>> train_set, test_set = load_data(TrainConfig.from_yaml("configs/digits_cpu.yaml"))
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -38,7 +39,8 @@ def splits(cfg: TrainConfig) -> tuple[data.ImageArrays, data.ImageArrays | None,
     if (train_set.shape, train_set.classes) != (test_set.shape, test_set.classes):
         raise data.DatasetFormatError(
             f"dataset {cfg.dataset!r}: the train and test splits differ (images {train_set.shape} vs "
-            f"{test_set.shape}, classes {train_set.classes} vs {test_set.classes}); both need the same")
+            f"{test_set.shape}, classes {train_set.classes} vs {test_set.classes}); both need the same"
+        )
     if cfg.per_class is not None:
         train_set = train_set.subset(class_balanced_indices(train_set.y, cfg.per_class, cfg.seed))
     if cfg.test_per_class is not None:
@@ -50,8 +52,9 @@ def splits(cfg: TrainConfig) -> tuple[data.ImageArrays, data.ImageArrays | None,
     held_out = [test_set] if val_set is None else [test_set, val_set]
     if cfg.pad:
         p = cfg.pad
-        train_set, *held_out = (data.ImageArrays(F.pad(a.x, (p, p, p, p)), a.y, a.classes, a.name)
-                                for a in (train_set, *held_out))
+        train_set, *held_out = (
+            data.ImageArrays(F.pad(a.x, (p, p, p, p)), a.y, a.classes, a.name) for a in (train_set, *held_out)
+        )
     if cfg.codes.rows:
         c, _, w = train_set.shape
         codes = ClassCodes.for_config(cfg.codes, train_set.num_classes, c, w)

@@ -4,6 +4,7 @@ NFPI paper's Eqs. 5-7 are fitted to.
 
 They are kept as float64 sums, so batches add and processes all-reduce exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ class ClassStats:
     total_outer: Tensor | None = None
 
     @classmethod
-    def from_latents(cls, z: Tensor, y: Tensor, num_classes: int, full: bool = False) -> "ClassStats":
+    def from_latents(cls, z: Tensor, y: Tensor, num_classes: int, full: bool = False) -> ClassStats:
         """Statistics of latents ``z`` (N, D) with labels ``y`` (N,) in [0, num_classes)."""
         if z.ndim != 2:
             raise ValueError(f"latents must have shape (N, D), got {tuple(z.shape)}; flatten images first")
@@ -41,7 +42,8 @@ class ClassStats:
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
             raise ValueError(
                 f"labels must lie in [0, {num_classes}); found range [{int(y.min())}, {int(y.max())}]. "
-                "Check num_classes or remap the labels.")
+                "Check num_classes or remap the labels."
+            )
         if not torch.isfinite(z).all():
             raise ValueError("latents contain NaN or inf; the flow diverged or the input is corrupt")
         z = z.detach().to(torch.float64)
@@ -54,22 +56,26 @@ class ClassStats:
         outer = None
         if full:
             outer = torch.zeros(k, d, d, dtype=torch.float64, device=z.device).index_add_(
-                0, y, z[:, :, None] * z[:, None, :])
+                0, y, z[:, :, None] * z[:, None, :]
+            )
         return cls(count, total, total_sq, outer)
 
-    def __add__(self, other: "ClassStats") -> "ClassStats":
+    def __add__(self, other: ClassStats) -> ClassStats:
         if self.total.shape != other.total.shape:
-            raise ValueError(f"cannot merge statistics of shapes {tuple(self.total.shape)} and "
-                             f"{tuple(other.total.shape)}")
+            raise ValueError(
+                f"cannot merge statistics of shapes {tuple(self.total.shape)} and {tuple(other.total.shape)}"
+            )
         outer = None
         if self.total_outer is not None and other.total_outer is not None:
             outer = self.total_outer + other.total_outer
-        return ClassStats(self.count + other.count, self.total + other.total,
-                          self.total_sq + other.total_sq, outer)
+        return ClassStats(
+            self.count + other.count, self.total + other.total, self.total_sq + other.total_sq, outer
+        )
 
-    def all_reduce(self) -> "ClassStats":
+    def all_reduce(self) -> ClassStats:
         """Sum the statistics over all torch.distributed processes (exact: they are sums)."""
         import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized():
             for t in (self.count, self.total, self.total_sq, self.total_outer):
                 if t is not None:
@@ -109,4 +115,5 @@ class ClassStats:
             raise ValueError(
                 f"classes {small} have fewer than {minimum} samples "
                 f"(counts {[int(self.count[i]) for i in small]}); a class Gaussian needs at least 2. "
-                "Use more data per class or drop those classes.")
+                "Use more data per class or drop those classes."
+            )

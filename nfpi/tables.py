@@ -5,6 +5,7 @@ The storage of the result rows behind NFPI Tables 1-3 and GLEM Tables 1-7 (SPEC 
 row, replacing one with the same key, and rewrites the file atomically, :func:`find_row`
 looks a row up. :mod:`nfpi.experiments` re-exports these names.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,8 +32,9 @@ def read_rows(csv_path: str | os.PathLike[str]) -> pd.DataFrame:
     table = pd.read_csv(path)
     missing = [k for k in KEY if k not in table.columns]
     if missing:
-        raise ValueError(f"{path} is not a results table of nfpi.experiments (no column {missing}); "
-                         "use another path")
+        raise ValueError(
+            f"{path} is not a results table of nfpi.experiments (no column {missing}); use another path"
+        )
     return table.astype({k: str for k in KEY})
 
 

@@ -67,6 +67,7 @@ Command line::
     python -m nfpi.train --config configs/digits_cpu.yaml [--run-dir DIR] [key=value ...]
     torchrun --nproc_per_node 2 -m nfpi.train --config configs/cifar10.yaml
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,8 +94,18 @@ from .fpi import FPIDivergenceError
 from .latents import NonFiniteLossError, class_stats, evaluate_flow
 from .preprocess import FlowDataset, bits_per_dim, dequantize, quantize, stratified_split
 from .priors import ClassGaussians
-from .runs import (COLUMNS, CHECKPOINT_FORMAT, CheckpointError, RunDirError, build_flow, load_checkpoint,
-                   resumable_checkpoint, take_run_dir, unlock_run_dir, write_run)
+from .runs import (
+    CHECKPOINT_FORMAT,
+    COLUMNS,
+    CheckpointError,
+    RunDirError,
+    build_flow,
+    load_checkpoint,
+    resumable_checkpoint,
+    take_run_dir,
+    unlock_run_dir,
+    write_run,
+)
 from .schedule import fit, initial_gaussians, solve_lam, solves_after
 from .splits import splits
 from .stats import ClassStats
@@ -118,20 +129,22 @@ def check_config(cfg: TrainConfig) -> None:
             f"schedule.solve_epoch={solve_epoch} is not before the end of training (epochs={cfg.epochs}, "
             f"last epoch {cfg.epochs - 1}), so the prior={prior!r} solve would never happen; set "
             f"schedule.solve_epoch <= {cfg.epochs - 1} (0: after the first epoch, -1: before training) "
-            "or raise epochs")
+            "or raise epochs"
+        )
 
 
 def _check_levels(cfg: TrainConfig, shape: tuple[int, int, int]) -> None:
     """Fail before training when the (padded) image size does not suit ``model.levels``."""
     _, h, w = shape
-    step = 2 ** cfg.model.levels
+    step = 2**cfg.model.levels
     if h % step or w % step:
         base_h, base_w = h - 2 * cfg.pad, w - 2 * cfg.pad
         fits = [p for p in range(step) if not (base_h + 2 * p) % step and not (base_w + 2 * p) % step]
         raise ValueError(
             f"images of {cfg.dataset!r} are {h}x{w} after padding (pad={cfg.pad}), not divisible by "
             f"2**model.levels = {step}: lower model.levels (each level halves the size) or change pad so "
-            f"that both sides are multiples of {step}" + (f" (e.g. pad={fits[0]})" if fits else ""))
+            f"that both sides are multiples of {step}" + (f" (e.g. pad={fits[0]})" if fits else "")
+        )
 
 
 def _ema_avg_fn(beta: float):
@@ -154,8 +167,10 @@ class _Run:
         self.device = layout.device
         self.progress = progress and layout.rank == 0
         if cfg.batch_size % layout.world:
-            raise ValueError(f"batch_size={cfg.batch_size} is the global batch and must be divisible by the "
-                             f"number of processes ({layout.world})")
+            raise ValueError(
+                f"batch_size={cfg.batch_size} is the global batch and must be divisible by the "
+                f"number of processes ({layout.world})"
+            )
         self.train_set, self.val_set, self.test_set = splits(cfg)
         # D_NF trains the flow, D_G fits the Gaussians: the same set without a split.
         self.nf_set, self.g_set = self.train_set, self.train_set
@@ -163,8 +178,10 @@ class _Run:
             nf_idx, g_idx = stratified_split(self.train_set.y, 1.0 - cfg.schedule.dg_fraction, cfg.seed)
             self.nf_set, self.g_set = self.train_set.subset(nf_idx), self.train_set.subset(g_idx)
         if len(self.nf_set) < cfg.batch_size:
-            raise ValueError(f"batch_size={cfg.batch_size} exceeds the {len(self.nf_set)} training images; "
-                             "lower batch_size or use more data (per_class)")
+            raise ValueError(
+                f"batch_size={cfg.batch_size} exceeds the {len(self.nf_set)} training images; "
+                "lower batch_size or use more data (per_class)"
+            )
         self.shape = self.train_set.shape
         self.dim = math.prod(self.shape)
         _check_levels(cfg, self.shape)
@@ -227,13 +244,20 @@ class _Run:
         arrays = self.train_set if merged else self.nf_set
         noise = torch.Generator().manual_seed(derive_seed(cfg.seed, 2, epoch, layout.rank))
         dataset = FlowDataset(arrays, cfg.bits, train=True, generator=noise)
-        sampler = DistributedSampler(dataset, num_replicas=layout.world, rank=layout.rank, shuffle=True,
-                                     seed=cfg.seed, drop_last=True)
+        sampler = DistributedSampler(
+            dataset, num_replicas=layout.world, rank=layout.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
         sampler.set_epoch(epoch)
         workers = torch.Generator().manual_seed(derive_seed(cfg.seed, 3, epoch, layout.rank))
-        return DataLoader(dataset, batch_size=cfg.batch_size // layout.world, sampler=sampler,
-                          drop_last=True, num_workers=cfg.num_workers, generator=workers,
-                          pin_memory=self.device.type == "cuda")
+        return DataLoader(
+            dataset,
+            batch_size=cfg.batch_size // layout.world,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=cfg.num_workers,
+            generator=workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _train_epoch(self, net: nn.Module, epoch: int) -> dict[str, float]:
         """One pass over the training images; the mean loss and gradient norm over processes."""
@@ -268,9 +292,12 @@ class _Run:
             both = torch.tensor([mean, norm_mean], dtype=torch.float64, device=self.device)
             dist.all_reduce(both)
             mean, norm_mean = float(both[0]) / self.layout.world, float(both[1]) / self.layout.world
-        return {"lr": get_lr(self.step, cfg.optim), "train_nll": mean,
-                "train_bpd": float(bits_per_dim(torch.tensor(mean), self.dim, cfg.bits)),
-                "grad_norm": norm_mean}
+        return {
+            "lr": get_lr(self.step, cfg.optim),
+            "train_nll": mean,
+            "train_bpd": float(bits_per_dim(torch.tensor(mean), self.dim, cfg.bits)),
+            "grad_norm": norm_mean,
+        }
 
     def _check_finite(self, value: Tensor, what: str, epoch: int, step: int) -> None:
         ok = torch.isfinite(value.detach()).to(torch.float32)
@@ -283,8 +310,12 @@ class _Run:
                 f"{self.step}); training stopped instead of continuing on NaN. Lower optim.lr (now "
                 f"{optim.lr:g}), set optim.grad_clip (now {optim.grad_clip}), lengthen optim.warmup, "
                 f"or lower gaussians.lam (now {self.cfg.gaussians.lam:g}) if it happened after a solve. "
-                + (f"The last good state is {self.run_dir / 'checkpoint.pt'} ({self.epoch} epochs)."
-                   if self.epoch else "No epoch was completed, so no checkpoint was written."))
+                + (
+                    f"The last good state is {self.run_dir / 'checkpoint.pt'} ({self.epoch} epochs)."
+                    if self.epoch
+                    else "No epoch was completed, so no checkpoint was written."
+                )
+            )
 
     # -- the class Gaussians ----------------------------------------------------------
     def _stats(self, epoch: int) -> tuple[ClassStats, int | None]:
@@ -329,13 +360,29 @@ class _Run:
         if self.layout.rank != 0:
             return
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
-        ckpt = {"format": CHECKPOINT_FORMAT, "code": repro.code_fingerprint(), "epoch": self.epoch,
-                "step": self.step, "config": self.cfg.to_dict(), "model": self.model.state_dict(),
-                "ema": self.ema.state_dict(), "prior": self.gaussians.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(), "cuda_rng": cuda_rng,
-                "metrics": self.rows, "solves": self.solves, "shape": list(self.shape)}
-        summary = {"metrics": self.rows[-1], "epochs": self.epoch, "solves": self.solves,
-                   "config": self.cfg.to_dict(), "code": repro.code_fingerprint()}
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "code": repro.code_fingerprint(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "prior": self.gaussians.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": cuda_rng,
+            "metrics": self.rows,
+            "solves": self.solves,
+            "shape": list(self.shape),
+        }
+        summary = {
+            "metrics": self.rows[-1],
+            "epochs": self.epoch,
+            "solves": self.solves,
+            "config": self.cfg.to_dict(),
+            "code": repro.code_fingerprint(),
+        }
         write_run(self.run_dir, ckpt, self.rows, summary)
 
     def network(self) -> nn.Module:
@@ -351,16 +398,25 @@ class _Run:
     def run(self) -> dict[str, Any]:
         cfg = self.cfg
         net = self.network()
-        bar = tqdm(range(self.epoch, cfg.epochs), desc="training", initial=self.epoch, total=cfg.epochs,
-                   disable=not self.progress)
+        bar = tqdm(
+            range(self.epoch, cfg.epochs),
+            desc="training",
+            initial=self.epoch,
+            total=cfg.epochs,
+            disable=not self.progress,
+        )
         for epoch in bar:
             start = time.perf_counter()
             row: dict[str, Any] = {"epoch": epoch, **self._train_epoch(net, epoch)}
             if solves_after(cfg, epoch):
                 info = self._solve(epoch, *self._stats(epoch))
-                row.update(solved=info["kind"], solve_iterations=info["iterations"],
-                           solve_converged=info["converged"], solve_bounds_active=info["bounds_active"],
-                           solve_time=info["seconds"])
+                row.update(
+                    solved=info["kind"],
+                    solve_iterations=info["iterations"],
+                    solve_converged=info["converged"],
+                    solve_bounds_active=info["bounds_active"],
+                    solve_time=info["seconds"],
+                )
             row.update(self._evaluate(epoch))
             row["time"] = time.perf_counter() - start
             self.rows.append({c: row.get(c) for c in COLUMNS})
@@ -373,8 +429,9 @@ class _Run:
         return self.rows[-1]
 
 
-def train(cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = True,
-          progress: bool = True) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = True, progress: bool = True
+) -> dict[str, Any]:
     """Train (or resume, or just reload) the run of ``cfg`` in ``run_dir``.
 
     With ``resume`` an existing ``run_dir/checkpoint.pt`` of the same run (same config up to
@@ -427,8 +484,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--run-dir", help="output directory (default runs/<config name>)")
     parser.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint exists")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bars")
-    parser.add_argument("overrides", nargs="*",
-                        help="key=value settings, dotted for sections (model.hidden=64)")
+    parser.add_argument(
+        "overrides", nargs="*", help="key=value settings, dotted for sections (model.hidden=64)"
+    )
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = TrainConfig.from_yaml(args.config, **parse_overrides(args.overrides))

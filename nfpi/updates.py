@@ -5,6 +5,7 @@ for the variances (a matrix geometric mean Sigma = A^-1 # B for full covariances
 :func:`geometric_mean_solve`; elementwise sqrt(B / A) for diagonal ones), and the released
 code's variance rule and isotropic mean step (SPEC §3). :func:`nfpi.fpi.solve` iterates them.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,19 +19,30 @@ from .stats import ClassStats
 
 Rule = Literal["paper", "released"]
 
-__all__ = ["Rule", "update", "diag_update", "full_update", "geometric_mean_solve"]
+__all__ = ["Rule", "diag_update", "full_update", "geometric_mean_solve", "update"]
 
 
-def diag_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, lam_normalised: float,
-                 alpha: float, pi: Pi, learn: Learn, rule: Rule, isotropic: bool) -> tuple[Tensor, Tensor]:
+def diag_update(
+    m: Tensor,
+    v: Tensor,
+    mu: Tensor,
+    s: Tensor,
+    kl: Tensor,
+    lam_normalised: float,
+    alpha: float,
+    pi: Pi,
+    learn: Learn,
+    rule: Rule,
+    isotropic: bool,
+) -> tuple[Tensor, Tensor]:
     """One Jacobi sweep of Eqs. 5-7 from iterate (mu, s), all (K, D), with kl = KL(mu, s)."""
     kmat = kernel(kl, alpha, pi)
     kt = kmat.T
-    col = kt.sum(1, keepdim=True)                   # sum_y' K_y'y, (K, 1)
-    row = kmat.sum(1, keepdim=True)                 # sum_y' K_yy'
+    col = kt.sum(1, keepdim=True)  # sum_y' K_y'y, (K, 1)
+    row = kmat.sum(1, keepdim=True)  # sum_y' K_yy'
     prec = s.reciprocal()
-    prec_sum = kmat @ prec                          # sum_y' K_yy'/s_y', shared by both updates
-    kt_mu = kt @ mu                                 # sum_y' K_y'y mu_y'
+    prec_sum = kmat @ prec  # sum_y' K_yy'/s_y', shared by both updates
+    kt_mu = kt @ mu  # sum_y' K_y'y mu_y'
     mu_new, s_new = mu, s
     if learn in ("both", "means"):
         s_m, p_m, kp = s, prec, prec_sum
@@ -47,7 +59,7 @@ def diag_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, lam_nor
     if learn in ("both", "variances"):
         tau = lam_normalised * (row - col)
         if rule == "paper":
-            d2 = mu * (mu * col - 2.0 * kt_mu) + kt @ (mu * mu)          # sum_y' K_y'y d_yy'^2
+            d2 = mu * (mu * col - 2.0 * kt_mu) + kt @ (mu * mu)  # sum_y' K_y'y d_yy'^2
             a = (1.0 + tau) * prec + lam_normalised * prec * prec * (d2 + kt @ s)
             b = v + (m - mu) ** 2 + lam_normalised * s * s * prec_sum
         elif rule == "released":
@@ -60,20 +72,40 @@ def diag_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, lam_nor
             raise ValueError(f"rule must be 'paper' or 'released', got {rule!r}")
         # 2 dJ/ds = A - B/s^2: where A <= 0 J decreases as s grows, so send s to the upper
         # bound (it is clamped by the caller) instead of taking the root of a negative number.
-        s_new = torch.where(a > 0, (b / a.clamp_min(torch.finfo(a.dtype).tiny)).sqrt(),
-                            torch.full_like(s, math.inf))
+        s_new = torch.where(
+            a > 0, (b / a.clamp_min(torch.finfo(a.dtype).tiny)).sqrt(), torch.full_like(s, math.inf)
+        )
     return mu_new, s_new
 
 
-def update(stats: ClassStats, means: Tensor, variances: Tensor, lam: float, alpha: float = 10.0,
-           pi: Pi = "pairwise", learn: Learn = "both", rule: Rule = "paper",
-           isotropic_mean_step: bool = False) -> tuple[Tensor, Tensor]:
+def update(
+    stats: ClassStats,
+    means: Tensor,
+    variances: Tensor,
+    lam: float,
+    alpha: float = 10.0,
+    pi: Pi = "pairwise",
+    learn: Learn = "both",
+    rule: Rule = "paper",
+    isotropic_mean_step: bool = False,
+) -> tuple[Tensor, Tensor]:
     """One undamped, unbounded update of :func:`nfpi.fpi.solve` from (means (K, D), variances (K, D)):
     Eqs. 5-7, or the released rules. A returned fixed point of :func:`nfpi.fpi.solve` maps to itself."""
     k = stats.num_classes
     kl = pairwise_kl(means, variances)
-    return diag_update(stats.mean(), stats.var(), means, variances, kl, lam / (k * (k - 1)), alpha, pi,
-                       learn, rule, isotropic_mean_step)
+    return diag_update(
+        stats.mean(),
+        stats.var(),
+        means,
+        variances,
+        kl,
+        lam / (k * (k - 1)),
+        alpha,
+        pi,
+        learn,
+        rule,
+        isotropic_mean_step,
+    )
 
 
 def _spread(mu: Tensor) -> Tensor:
@@ -97,12 +129,21 @@ def geometric_mean_solve(a: Tensor, b: Tensor) -> Tensor:
     return 0.5 * (x + x.mT)
 
 
-def full_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, lam_normalised: float,
-                 alpha: float, pi: Pi, learn: Learn) -> tuple[Tensor, Tensor]:
+def full_update(
+    m: Tensor,
+    v: Tensor,
+    mu: Tensor,
+    s: Tensor,
+    kl: Tensor,
+    lam_normalised: float,
+    alpha: float,
+    pi: Pi,
+    learn: Learn,
+) -> tuple[Tensor, Tensor]:
     """Eqs. 5-7 with full covariances s (K, D, D): Sigma <- A^-1 # B."""
     kmat = kernel(kl, alpha, pi)
     prec = torch.linalg.inv(s)
-    d = mu[:, None, :] - mu[None, :, :]                                # (K, K, D), D small
+    d = mu[:, None, :] - mu[None, :, :]  # (K, K, D), D small
     mu_new, s_new = mu, s
     if learn in ("both", "means"):
         # Sigma_y sum_y' (K_yy' P_y' + K_y'y P_y) d_yy'
@@ -111,11 +152,11 @@ def full_update(m: Tensor, v: Tensor, mu: Tensor, s: Tensor, kl: Tensor, lam_nor
     if learn in ("both", "variances"):
         tau = lam_normalised * (kmat.sum(1) - kmat.sum(0))
         outer = d[:, :, :, None] * d[:, :, None, :]
-        spread = s[None, :, :, :].expand(len(mu), -1, -1, -1) + outer          # S_y' + d d^T
+        spread = s[None, :, :, :].expand(len(mu), -1, -1, -1) + outer  # S_y' + d d^T
         cterm = lam_normalised * torch.einsum("ba,abij->aij", kmat, spread)
         a = (1.0 + tau)[:, None, None] * prec + prec @ cterm @ prec
         diff = m - mu
-        kprec = torch.einsum("ab,bij->aij", kmat, prec)                   # sum_y' K_yy' P_y'
+        kprec = torch.einsum("ab,bij->aij", kmat, prec)  # sum_y' K_yy' P_y'
         b = v + diff[:, :, None] * diff[:, None, :] + lam_normalised * s @ kprec @ s
         s_new = geometric_mean_solve(0.5 * (a + a.mT), 0.5 * (b + b.mT))
     return mu_new, s_new

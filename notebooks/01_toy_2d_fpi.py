@@ -25,10 +25,10 @@
 # against gradient descent with several learning-rate policies on the same objective.
 
 # %% tags=["parameters"]
-dataset = "digits"        # "digits" (needs nothing) or "cifar10" (from $NFPI_DATA)
-per_class = None          # images per class to embed (None: all; use e.g. 200 for cifar10)
-lam_small = 5.0           # un-normalised lambda (divided by K(K-1) inside)
-lam_large = 50.0          # below 55.3: the pairwise objective with learned variances is bounded for K=10
+dataset = "digits"  # "digits" (needs nothing) or "cifar10" (from $NFPI_DATA)
+per_class = None  # images per class to embed (None: all; use e.g. 200 for cifar10)
+lam_small = 5.0  # un-normalised lambda (divided by K(K-1) inside)
+lam_large = 50.0  # below 55.3: the pairwise objective with learned variances is bounded for K=10
 alpha = 10.0
 gd_steps = 2000
 seed = 0
@@ -47,19 +47,32 @@ torch.manual_seed(seed)
 arrays = data.load(dataset, "train")
 z, y = data.tsne_embedding(arrays, per_class=per_class, seed=seed)
 k = arrays.num_classes
-print(f"{dataset}: {len(z)} points, {k} classes; lambda bound for learned variances: "
-      f"{fpi.unbounded_threshold(k, alpha):.1f}")
+print(
+    f"{dataset}: {len(z)} points, {k} classes; lambda bound for learned variances: "
+    f"{fpi.unbounded_threshold(k, alpha):.1f}"
+)
 
 # %% [markdown]
 # ## Fig. 1: data, data-init Gaussians, FPI with small and large lambda
 
 # %%
 stats = fpi.ClassStats.from_latents(z, y, k, full=True)
-fits = {f"lambda = {lam:g}": fpi.solve(stats, lam, alpha=alpha, covariance="full")
-        for lam in (0.0, lam_small, lam_large)}
-fig = plots.toy_panels(z, y, dict(zip(["data Gaussians (Baseline 1)", f"FPI, lambda = {lam_small:g}",
-                                       f"FPI, lambda = {lam_large:g}"], fits.values())),
-                       seed=seed, path=f"{figures}/01_toy_fig1.png")
+fits = {
+    f"lambda = {lam:g}": fpi.solve(stats, lam, alpha=alpha, covariance="full")
+    for lam in (0.0, lam_small, lam_large)
+}
+fig = plots.toy_panels(
+    z,
+    y,
+    dict(
+        zip(
+            ["data Gaussians (Baseline 1)", f"FPI, lambda = {lam_small:g}", f"FPI, lambda = {lam_large:g}"],
+            fits.values(),
+        )
+    ),
+    seed=seed,
+    path=f"{figures}/01_toy_fig1.png",
+)
 plt.show()
 
 # %%
@@ -67,10 +80,16 @@ plt.show()
 rows = []
 for name, res in fits.items():
     kl = fpi.pairwise_kl(res.means, res.variances)
-    rows.append({"fit": name, "lambda/K(K-1)": round(res.lam_normalised, 4), "converged": res.converged,
-                 "residual<1e-6": fpi.gradient_residual(stats, res.means, res.variances, res.lam, alpha) < 1e-6,
-                 "min KL": round(float(kl[kl > 0].min()), 2),
-                 "mean det(Sigma)": round(float(torch.linalg.det(res.variances).mean()), 3)})
+    rows.append(
+        {
+            "fit": name,
+            "lambda/K(K-1)": round(res.lam_normalised, 4),
+            "converged": res.converged,
+            "residual<1e-6": fpi.gradient_residual(stats, res.means, res.variances, res.lam, alpha) < 1e-6,
+            "min KL": round(float(kl[kl > 0].min()), 2),
+            "mean det(Sigma)": round(float(torch.linalg.det(res.variances).mean()), 3),
+        }
+    )
 print(pd.DataFrame(rows).to_string(index=False))
 
 # %% [markdown]
@@ -83,16 +102,28 @@ print(pd.DataFrame(rows).to_string(index=False))
 # %%
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", fpi.FPIWarning)
-    runs = {f"{mode}, lambda={lam:g}": fpi.solve(stats, lam, alpha=alpha, covariance="full", max_iter=5000,
-                                                  accel="anderson" if mode == "Anderson" else "none",
-                                                  damping=1.0 if mode == "Anderson" else 0.5)
-            for lam in (lam_small, lam_large) for mode in ("Anderson", "damped 0.5")}
+    runs = {
+        f"{mode}, lambda={lam:g}": fpi.solve(
+            stats,
+            lam,
+            alpha=alpha,
+            covariance="full",
+            max_iter=5000,
+            accel="anderson" if mode == "Anderson" else "none",
+            damping=1.0 if mode == "Anderson" else 0.5,
+        )
+        for lam in (lam_small, lam_large)
+        for mode in ("Anderson", "damped 0.5")
+    }
 plots.solver_curves(runs, x="iteration", y="change", path=f"{figures}/01_convergence.png")
 plt.show()
 
 # %%
-print(pd.DataFrame([{"run": n, "iterations": r.iterations, "converged": r.converged} for n, r in runs.items()])
-      .to_string(index=False))
+print(
+    pd.DataFrame(
+        [{"run": n, "iterations": r.iterations, "converged": r.converged} for n, r in runs.items()]
+    ).to_string(index=False)
+)
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -100,8 +131,10 @@ print(pd.DataFrame([{"run": n, "iterations": r.iterations, "converged": r.conver
 # Anderson mixing needs fewer iterations (the counts themselves are printed above).
 for lam in (lam_small, lam_large):
     fast, slow = runs[f"Anderson, lambda={lam:g}"], runs[f"damped 0.5, lambda={lam:g}"]
-    print(f"lambda={lam:g}: both converged {fast.converged and slow.converged}, "
-          f"Anderson faster {fast.iterations < slow.iterations}")
+    print(
+        f"lambda={lam:g}: both converged {fast.converged and slow.converged}, "
+        f"Anderson faster {fast.iterations < slow.iterations}"
+    )
 
 # %% [markdown]
 # ## FPI against gradient descent on the same objective
@@ -115,19 +148,33 @@ for lam in (lam_small, lam_large):
 # %%
 dstats = fpi.ClassStats.from_latents(z, y, k)
 ours = fpi.solve(dstats, lam_large, alpha=alpha)
-baselines = {f"GD {p}": gd.solve(dstats, lam_large, alpha=alpha, policy=p, steps=gd_steps, lr=0.05)
-             for p in ("constant", "sublinear_v1", "linear", "superlinear_v2")}
+baselines = {
+    f"GD {p}": gd.solve(dstats, lam_large, alpha=alpha, policy=p, steps=gd_steps, lr=0.05)
+    for p in ("constant", "sublinear_v1", "linear", "superlinear_v2")
+}
 curves = {"FPI (Anderson)": ours, **baselines}
-plots.solver_curves(curves, x="iteration", y="objective", relative_to=ours.objective - 1e-12,
-                    path=f"{figures}/01_fpi_vs_gd.png")
+plots.solver_curves(
+    curves,
+    x="iteration",
+    y="objective",
+    relative_to=ours.objective - 1e-12,
+    path=f"{figures}/01_fpi_vs_gd.png",
+)
 plt.show()
 
 # %%
 # NBVAL_CHECK_OUTPUT
-summary = pd.DataFrame([{"method": n, "steps": r.iterations,
-                         "within 1e-6 of the FPI optimum": abs(r.objective - ours.objective) < 1e-6 * abs(ours.objective),
-                         "not below it (1e-9)": r.objective > ours.objective - 1e-9 * abs(ours.objective)}
-                        for n, r in curves.items()])
+summary = pd.DataFrame(
+    [
+        {
+            "method": n,
+            "steps": r.iterations,
+            "within 1e-6 of the FPI optimum": abs(r.objective - ours.objective) < 1e-6 * abs(ours.objective),
+            "not below it (1e-9)": r.objective > ours.objective - 1e-9 * abs(ours.objective),
+        }
+        for n, r in curves.items()
+    ]
+)
 print(summary.to_string(index=False))
 
 # %%

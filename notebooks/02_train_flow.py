@@ -38,11 +38,13 @@
 # finished run of the same config and code is reused, any change trains anew.
 
 # %% tags=["parameters"]
-config = "../configs/digits_cpu.yaml"  # GPU paper settings: ../configs/cifar10.yaml, cifar100.yaml, mnist.yaml
-priors = ["data", "gd", "fpi"]         # also "random"
+config = (
+    "../configs/digits_cpu.yaml"  # GPU paper settings: ../configs/cifar10.yaml, cifar100.yaml, mnist.yaml
+)
+priors = ["data", "gd", "fpi"]  # also "random"
 seeds = [0, 1, 2]
-lambdas = [100.0, 1000.0, 10000.0]     # FPI candidates, chosen on the validation split ([]: the config's lambda)
-overrides = {}                         # config overrides, e.g. {"epochs": 20}
+lambdas = [100.0, 1000.0, 10000.0]  # FPI candidates, chosen on the validation split ([]: the config's lambda)
+overrides = {}  # config overrides, e.g. {"epochs": 20}
 runs = "../runs"
 results = "../results"
 figures = "../figures"
@@ -63,9 +65,11 @@ name = Path(config).stem
 base = TrainConfig.from_yaml(config, **overrides)
 table_path = f"{results}/02_train_flow_{name}.csv"
 recorded = repro.read_recorded(table_path)
-print(f"{name}: {base.dataset}, {base.epochs} epochs, validation split {base.val_fraction:g}; seeds {seeds}; "
-      f"gaussians: rule={base.solver.rule}, learn={base.gaussians.learn}, pi={base.gaussians.pi}, "
-      f"solve after epoch {base.schedule.solve_epoch}")
+print(
+    f"{name}: {base.dataset}, {base.epochs} epochs, validation split {base.val_fraction:g}; seeds {seeds}; "
+    f"gaussians: rule={base.solver.rule}, learn={base.gaussians.learn}, pi={base.gaussians.pi}, "
+    f"solve after epoch {base.schedule.solve_epoch}"
+)
 
 # %% [markdown]
 # ## Choosing lambda on the validation split
@@ -74,7 +78,11 @@ print(f"{name}: {base.dataset}, {base.epochs} epochs, validation split {base.val
 candidates = {f"fpi lambda={lam:g}": {"gaussians.prior": "fpi", "gaussians.lam": lam} for lam in lambdas}
 selection = train_settings(base, candidates, seeds, runs, name, progress)
 by_val = repro.seed_summary(selection, ["val_acc_top1", "val_bpd"])
-lam = float(selection.groupby("setting")["lam"].first()[by_val["val_acc_top1_mean"].idxmax()]) if lambdas else base.gaussians.lam
+lam = (
+    float(selection.groupby("setting")["lam"].first()[by_val["val_acc_top1_mean"].idxmax()])
+    if lambdas
+    else base.gaussians.lam
+)
 print(by_val.round(2).to_string())
 print(f"chosen on validation NF accuracy: lambda = {lam:g}")
 
@@ -85,16 +93,26 @@ print(f"chosen on validation NF accuracy: lambda = {lam:g}")
 # class's Gaussian. lambda is un-normalised; the solver uses lambda / (K (K - 1)).
 
 # %%
-rows = train_settings(base, {p: {"gaussians.prior": p, "gaussians.lam": lam} for p in priors}, seeds, runs, name,
-                      progress)
+rows = train_settings(
+    base, {p: {"gaussians.prior": p, "gaussians.lam": lam} for p in priors}, seeds, runs, name, progress
+)
 Path(results).mkdir(parents=True, exist_ok=True)
 every_run = pd.concat([selection, rows], ignore_index=True)
-every_run.drop(columns=["time", "solve_time"]).to_csv(table_path, index=False)  # wall times change on every run
+every_run.drop(columns=["time", "solve_time"]).to_csv(
+    table_path, index=False
+)  # wall times change on every run
 summary = repro.seed_summary(rows, ["acc_top1", "acc_top5", "test_bpd"], baseline="data")
-print(summary[["seeds"] + [f"{m}_{s}" for m in ("acc_top1", "acc_top5", "test_bpd") for s in ("mean", "std")]]
-      .round(2).to_string())
+print(
+    summary[["seeds"] + [f"{m}_{s}" for m in ("acc_top1", "acc_top5", "test_bpd") for s in ("mean", "std")]]
+    .round(2)
+    .to_string()
+)
 print("\npaired by seed, against data init (95 % interval half-width):")
-print(summary[[f"{m}_diff_{s}" for m in ("acc_top1", "test_bpd") for s in ("mean", "ci95")]].round(2).to_string())
+print(
+    summary[[f"{m}_diff_{s}" for m in ("acc_top1", "test_bpd") for s in ("mean", "ci95")]]
+    .round(2)
+    .to_string()
+)
 
 # %% [markdown]
 # ## Checked against the committed results
@@ -105,7 +123,9 @@ print(summary[[f"{m}_diff_{s}" for m in ("acc_top1", "test_bpd") for s in ("mean
 
 # %%
 one_image = 100 / len(load_data(base)[1])  # one test image, in percent
-repro.expect_recorded(rows, recorded, {"acc_top1": 2 * one_image, "acc_top5": 2 * one_image, "test_bpd": 0.02})
+repro.expect_recorded(
+    rows, recorded, {"acc_top1": 2 * one_image, "acc_top5": 2 * one_image, "test_bpd": 0.02}
+)
 
 # %% [markdown]
 # ## Training curves (seed 0)
@@ -115,8 +135,10 @@ repro.expect_recorded(rows, recorded, {"acc_top1": 2 * one_image, "acc_top5": 2 
 
 # %%
 first = rows[rows["seed"] == seeds[0]]
-fig = plots.training_curves({r.setting: pd.read_csv(Path(r.run_dir) / "metrics.csv") for r in first.itertuples()},
-                            path=f"{figures}/02_training_curves.png")
+fig = plots.training_curves(
+    {r.setting: pd.read_csv(Path(r.run_dir) / "metrics.csv") for r in first.itertuples()},
+    path=f"{figures}/02_training_curves.png",
+)
 plt.show()
 
 # %% [markdown]
@@ -126,5 +148,12 @@ plt.show()
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(pd.DataFrame({"runs": rows.groupby("setting", sort=False)["seed"].count(), "epochs": base.epochs,
-                    "validation images": len(load_validation(base))}).to_string())
+print(
+    pd.DataFrame(
+        {
+            "runs": rows.groupby("setting", sort=False)["seed"].count(),
+            "epochs": base.epochs,
+            "validation images": len(load_validation(base)),
+        }
+    ).to_string()
+)

@@ -30,17 +30,23 @@
 
 # %% tags=["parameters"]
 shipped = {"data": "digits-data", "fpi": "digits"}  # the shipped flows shown (nfpi.pretrained, checkpoints/)
-retrain = None                         # a config, e.g. "../configs/digits_cpu.yaml": train both flows instead
-overrides = {}                         # with retrain: TrainConfig overrides
-runs = "../runs"                       # with retrain: where the runs are trained (or reused)
-run_seed = 0                           # with retrain: the training seed
-temperature = 0.7                      # sample grid
+retrain = None  # a config, e.g. "../configs/digits_cpu.yaml": train both flows instead
+overrides = {}  # with retrain: TrainConfig overrides
+runs = "../runs"  # with retrain: where the runs are trained (or reused)
+run_seed = 0  # with retrain: the training seed
+temperature = 0.7  # sample grid
 temperatures = [1.0, 0.8, 0.6, 0.4, 0.2, 0.1]
-mean_scale = 1.0                       # the paper rescales the means by 1.3 for its sample figures
+mean_scale = 1.0  # the paper rescales the means by 1.3 for its sample figures
 per_class = 10
-pairs = [[0, 0], [3, 3], [1, 7], [4, 9], [5, 6]]  # class pairs to interpolate between (same class: two images)
+pairs = [
+    [0, 0],
+    [3, 3],
+    [1, 7],
+    [4, 9],
+    [5, 6],
+]  # class pairs to interpolate between (same class: two images)
 steps = 8
-seed = 0                               # of the samples, t-SNE and interpolation partners
+seed = 0  # of the samples, t-SNE and interpolation partners
 figures = "../figures"
 progress = True
 
@@ -58,8 +64,14 @@ from nfpi.train import TrainConfig, load_checkpoint
 if retrain is None:
     flows = {p: pretrained.load(name) for p, name in shipped.items()}
 else:
-    trained = train_settings(TrainConfig.from_yaml(retrain, **overrides), {p: {"gaussians.prior": p} for p in shipped},
-                             [run_seed], runs, Path(retrain).stem, progress)
+    trained = train_settings(
+        TrainConfig.from_yaml(retrain, **overrides),
+        {p: {"gaussians.prior": p} for p in shipped},
+        [run_seed],
+        runs,
+        Path(retrain).stem,
+        progress,
+    )
     flows = {r.setting: load_checkpoint(r.run_dir) for r in trained.itertuples()}
 model, prior, cfg = flows["fpi"]
 lam = cfg.gaussians.lam
@@ -73,7 +85,7 @@ latents = {p: (encode(m, test_set, cfg.bits)[0], test_set.y) for p, (m, _, _) in
 # test set, for the data-init and the FPI flow (one seed each; notebook 02 has the mean over seeds).
 
 # %%
-for p, (m, gaussians, _) in flows.items():
+for p, (_, gaussians, _) in flows.items():
     kl = fpi.pairwise_kl(gaussians.means.double(), gaussians.variances.double())
     off = kl[kl > 0]
     hits = (gaussians.predict(latents[p][0]) == test_set.y).double().mean()
@@ -81,19 +93,34 @@ for p, (m, gaussians, _) in flows.items():
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print({p: tuple(z.shape) for p, (z, _) in latents.items()}, f"lambda = {lam:g}, {len(test_set.classes)} classes")
+print(
+    {p: tuple(z.shape) for p, (z, _) in latents.items()}, f"lambda = {lam:g}, {len(test_set.classes)} classes"
+)
 
 # %%
-fig = plots.latent_tsne({"data init (Baseline 1)": latents["data"], "FPI": latents["fpi"]}, test_set.classes,
-                        seed=seed, path=f"{figures}/03_tsne.png")
+fig = plots.latent_tsne(
+    {"data init (Baseline 1)": latents["data"], "FPI": latents["fpi"]},
+    test_set.classes,
+    seed=seed,
+    path=f"{figures}/03_tsne.png",
+)
 plt.show()
 
 # %% [markdown]
 # ## Class-conditional samples (FPI flow)
 
 # %%
-fig = plots.class_samples(model, prior, cfg.bits, test_set.classes, per_class=per_class, temperature=temperature,
-                          mean_scale=mean_scale, seed=seed, path=f"{figures}/03_samples.png")
+fig = plots.class_samples(
+    model,
+    prior,
+    cfg.bits,
+    test_set.classes,
+    per_class=per_class,
+    temperature=temperature,
+    mean_scale=mean_scale,
+    seed=seed,
+    path=f"{figures}/03_samples.png",
+)
 plt.show()
 
 # %% [markdown]
@@ -103,8 +130,16 @@ plt.show()
 # cleaner and less diverse.
 
 # %%
-fig = plots.temperature_sweep(model, prior, cfg.bits, test_set.classes, temperatures=temperatures,
-                              mean_scale=mean_scale, seed=seed, path=f"{figures}/03_temperature.png")
+fig = plots.temperature_sweep(
+    model,
+    prior,
+    cfg.bits,
+    test_set.classes,
+    temperatures=temperatures,
+    mean_scale=mean_scale,
+    seed=seed,
+    path=f"{figures}/03_temperature.png",
+)
 plt.show()
 
 # %% [markdown]
@@ -114,6 +149,13 @@ plt.show()
 # classes it passes from one class to the other.
 
 # %%
-fig = plots.interpolations(model, prior, test_set, cfg.bits, [tuple(p) for p in pairs], steps=steps,
-                           path=f"{figures}/03_interpolations.png")
+fig = plots.interpolations(
+    model,
+    prior,
+    test_set,
+    cfg.bits,
+    [tuple(p) for p in pairs],
+    steps=steps,
+    path=f"{figures}/03_interpolations.png",
+)
 plt.show()

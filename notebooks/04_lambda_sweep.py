@@ -44,14 +44,14 @@
 # width-64 ResNet-18s of GLEM §5.1 (see the comments in the parameters cell).
 
 # %% tags=["parameters"]
-config = "../configs/digits_cpu.yaml"        # GPU: "../configs/cifar100.yaml"
+config = "../configs/digits_cpu.yaml"  # GPU: "../configs/cifar100.yaml"
 overrides = {"epochs": 4, "model.steps": 2}  # GPU: {} (the paper's 500 epochs, 3 levels x 8 steps)
 lambdas = [10.0, 100.0, 1000.0, 10000.0, 100000.0]  # GPU: [3e5, 1e6, 3e6, 1e7, 3e7]
 seeds = [0, 1, 2]
-samples_per_class = 50                       # GPU: 500 (as many samples as CIFAR-100 training images)
+samples_per_class = 50  # GPU: 500 (as many samples as CIFAR-100 training images)
 temperature = 1.0
 mean_scale = 1.0
-cnn = {"epochs": 10, "width": 8, "batch_size": 50, "flip": False}     # GPU: {"epochs": 50, "flip": True}
+cnn = {"epochs": 10, "width": 8, "batch_size": 50, "flip": False}  # GPU: {"epochs": 50, "flip": True}
 oracle = {"epochs": 8, "width": 8, "batch_size": 100, "flip": False}  # GPU: {"epochs": 30, "flip": True}
 runs = "../runs/experiments"
 results = "../results/04_lambda_sweep.csv"
@@ -73,18 +73,28 @@ from nfpi.train import TrainConfig
 
 base = TrainConfig.from_yaml(config, **overrides)
 run_dir = Path(runs) / Path(config).stem
-evaluation = EvalConfig(samples_per_class=samples_per_class, temperature=temperature, mean_scale=mean_scale,
-                        classifier=ClassifierConfig(**cnn))
-grid = {"data_init": {"gaussians.prior": "data"},
-        **{f"fpi_lam{lam:g}": {"gaussians.prior": "fpi", "gaussians.lam": lam} for lam in lambdas}}
+evaluation = EvalConfig(
+    samples_per_class=samples_per_class,
+    temperature=temperature,
+    mean_scale=mean_scale,
+    classifier=ClassifierConfig(**cnn),
+)
+grid = {
+    "data_init": {"gaussians.prior": "data"},
+    **{f"fpi_lam{lam:g}": {"gaussians.prior": "fpi", "gaussians.lam": lam} for lam in lambdas},
+}
 recorded = repro.read_recorded(results)
 g = base.gaussians
-print(f"{base.dataset}, {base.epochs} epochs, {base.model.levels} levels x {base.model.steps} steps; "
-      f"rule={g.rule}, learn={g.learn}, pi={g.pi}; {len(grid)} settings x {len(seeds)} seeds; "
-      f"evaluation {evaluation.tag()}")
+print(
+    f"{base.dataset}, {base.epochs} epochs, {base.model.levels} levels x {base.model.steps} steps; "
+    f"rule={g.rule}, learn={g.learn}, pi={g.pi}; {len(grid)} settings x {len(seeds)} seeds; "
+    f"evaluation {evaluation.tag()}"
+)
 
 # %%
-judge = load_oracle(base, ClassifierConfig(**oracle), run_dir / f"oracle_{base.dataset}.pt", progress=progress)
+judge = load_oracle(
+    base, ClassifierConfig(**oracle), run_dir / f"oracle_{base.dataset}.pt", progress=progress
+)
 table = run_grid(grid, base, run_dir, results, judge, evaluation, progress=progress, seeds=seeds)
 print(f"{len(table)} rows in {results}")
 
@@ -96,14 +106,26 @@ print(f"{len(table)} rows in {results}")
 # over seeds; `*_diff`: paired difference to data init (mean, std, 95 % interval half-width).
 
 # %%
-names = {"lam": "lambda", "lam_normalised": "lambda/K(K-1)", "nf_top1": "NF-Acc", "cnn_top1": "CNN-Acc",
-         "fid": "FID", "coverage": "Coverage", "label_reliability": "Label rel.", "bpd": "bits/dim"}
+names = {
+    "lam": "lambda",
+    "lam_normalised": "lambda/K(K-1)",
+    "nf_top1": "NF-Acc",
+    "cnn_top1": "CNN-Acc",
+    "fid": "FID",
+    "coverage": "Coverage",
+    "label_reliability": "Label rel.",
+    "bpd": "bits/dim",
+}
 metrics = ["nf_top1", "cnn_top1", "fid", "coverage", "label_reliability", "bpd"]
 summary = repro.seed_summary(table, ["val_nf_top1"] + metrics, baseline="data_init")
 summary.insert(0, "lambda", table.groupby("setting", sort=False)["lam"].first())
-print(summary[["lambda", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]].round(2).to_string())
+print(
+    summary[["lambda", "seeds"] + [f"{m}_{s}" for m in metrics for s in ("mean", "std")]].round(2).to_string()
+)
 print()
-print(summary[[f"{m}_diff_{s}" for m in ("nf_top1", "cnn_top1") for s in ("mean", "ci95")]].round(2).to_string())
+print(
+    summary[[f"{m}_diff_{s}" for m in ("nf_top1", "cnn_top1") for s in ("mean", "ci95")]].round(2).to_string()
+)
 
 # %% [markdown]
 # ## lambda chosen on the validation split
@@ -111,8 +133,10 @@ print(summary[[f"{m}_diff_{s}" for m in ("nf_top1", "cnn_top1") for s in ("mean"
 # %%
 best = summary["val_nf_top1_mean"].idxmax()
 print(summary[["lambda", "val_nf_top1_mean", "val_nf_top1_std"]].round(2).to_string())
-print(f"chosen on validation NF accuracy: {best} (lambda = {summary.loc[best, 'lambda']:g}); its test NF-Acc "
-      f"{summary.loc[best, 'nf_top1_mean']:.2f} +- {summary.loc[best, 'nf_top1_std']:.2f}")
+print(
+    f"chosen on validation NF accuracy: {best} (lambda = {summary.loc[best, 'lambda']:g}); its test NF-Acc "
+    f"{summary.loc[best, 'nf_top1_mean']:.2f} +- {summary.loc[best, 'nf_top1_std']:.2f}"
+)
 
 # %% [markdown]
 # ## Checked against the committed results
@@ -123,13 +147,26 @@ print(f"chosen on validation NF accuracy: {best} (lambda = {summary.loc[best, 'l
 
 # %%
 one_image = 100 / len(load_data(base)[1])
-repro.expect_recorded(table, recorded, {"nf_top1": 2 * one_image, "cnn_top1": 2 * one_image, "fid": 1.0,
-                                        "coverage": 1.0, "label_reliability": 1.0, "bpd": 0.02})
+repro.expect_recorded(
+    table,
+    recorded,
+    {
+        "nf_top1": 2 * one_image,
+        "cnn_top1": 2 * one_image,
+        "fid": 1.0,
+        "coverage": 1.0,
+        "label_reliability": 1.0,
+        "bpd": 0.02,
+    },
+)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(table.groupby("setting", sort=False).agg(runs=("run", "count"), lam=("lam", "first"),
-                                               epochs=("epochs", "first")).to_string())
+print(
+    table.groupby("setting", sort=False)
+    .agg(runs=("run", "count"), lam=("lam", "first"), epochs=("epochs", "first"))
+    .to_string()
+)
 
 # %% [markdown]
 # The papers' numbers (CIFAR-100, GPU scale, 3-level flows trained for 500 epochs):
@@ -147,12 +184,24 @@ print(paper_table("glem_table3").rename(columns=names).to_string(index=False))
 # Dashed lines: lambda = 0 (Baseline 1), which a log axis cannot show.
 
 # %%
-sweep = pd.concat([table.assign(scale=f"ours: {base.dataset}", source="ours"),
-                   paper_table("nfpi_table2").assign(scale="papers: CIFAR-100", source="NFPI Table 2"),
-                   paper_table("glem_table3").assign(scale="papers: CIFAR-100", source="GLEM Table 3")],
-                  ignore_index=True)
-fig = plots.metric_grid(sweep, "lam", ["nf_top1", "cnn_top1", "fid", "coverage", "label_reliability", "bpd"],
-                        row="scale", hue="source", logx=True, names=names, path=f"{figures}/04_lambda_sweep.png")
+sweep = pd.concat(
+    [
+        table.assign(scale=f"ours: {base.dataset}", source="ours"),
+        paper_table("nfpi_table2").assign(scale="papers: CIFAR-100", source="NFPI Table 2"),
+        paper_table("glem_table3").assign(scale="papers: CIFAR-100", source="GLEM Table 3"),
+    ],
+    ignore_index=True,
+)
+fig = plots.metric_grid(
+    sweep,
+    "lam",
+    ["nf_top1", "cnn_top1", "fid", "coverage", "label_reliability", "bpd"],
+    row="scale",
+    hue="source",
+    logx=True,
+    names=names,
+    path=f"{figures}/04_lambda_sweep.png",
+)
 plt.show()
 
 # %% [markdown]

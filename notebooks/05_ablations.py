@@ -48,17 +48,21 @@
 # `../results/05_ablations.csv`.
 
 # %% tags=["parameters"]
-config = "../configs/digits_cpu.yaml"        # GPU: "../configs/cifar10.yaml" or "../configs/cifar100.yaml"
+config = "../configs/digits_cpu.yaml"  # GPU: "../configs/cifar10.yaml" or "../configs/cifar100.yaml"
 overrides = {"epochs": 4, "model.steps": 2}  # GPU: {}
-lam = 1000.0            # lambda of every FPI / GD run (un-normalised); GPU: 3e5 (CIFAR-10), 3e6 (CIFAR-100)
+lam = 1000.0  # lambda of every FPI / GD run (un-normalised); GPU: 3e5 (CIFAR-10), 3e6 (CIFAR-100)
 seeds = [0, 1, 2]
 gd_policies = ["sublinear_v1", "sublinear_v2", "linear", "superlinear_v1", "superlinear_v2"]
-gd_steps = 300          # Adam steps of each gradient-descent solve (T of the lr policies); GPU: 1000
+gd_steps = 300  # Adam steps of each gradient-descent solve (T of the lr policies); GPU: 1000
 temperatures = [1.2, 1.0, 0.8]
-em = {"lam": 1000.0, "lam_decay": 0.5, "merge_epoch": 2}  # GLEM EM: lambda_0, its decay per M-step, merge epoch
-code_rows = 4           # CE code rows: H + rows divisible by 2^levels (digits, 2 levels: 4; CIFAR, 3 levels: 8)
+em = {
+    "lam": 1000.0,
+    "lam_decay": 0.5,
+    "merge_epoch": 2,
+}  # GLEM EM: lambda_0, its decay per M-step, merge epoch
+code_rows = 4  # CE code rows: H + rows divisible by 2^levels (digits, 2 levels: 4; CIFAR, 3 levels: 8)
 samples_per_class = 50  # GPU: 5000 (CIFAR-10) / 500 (CIFAR-100)
-cnn = {"epochs": 10, "width": 8, "batch_size": 50, "flip": False}     # GPU: {"epochs": 30, "flip": True}
+cnn = {"epochs": 10, "width": 8, "batch_size": 50, "flip": False}  # GPU: {"epochs": 30, "flip": True}
 oracle = {"epochs": 8, "width": 8, "batch_size": 100, "flip": False}  # GPU: {"epochs": 30, "flip": True}
 runs = "../runs/experiments"
 results = "../results/05_ablations.csv"
@@ -84,25 +88,49 @@ run_dir = Path(runs) / Path(config).stem
 full = EvalConfig(samples_per_class=samples_per_class, classifier=ClassifierConfig(**cnn))
 nf_only = full.replace(cnn=False, generated=False)
 fpi_at = {"gaussians.prior": "fpi", "gaussians.lam": lam}
-names = {"nf_top1": "NF-Acc", "cnn_top1": "CNN-Acc", "fid": "FID", "coverage": "Coverage",
-         "label_reliability": "Label rel.", "bpd": "bits/dim", "code_agreement": "code agrees",
-         "lam_normalised": "lambda/K(K-1)", "temperature": "T", "solve_bounds_active": "solve bounds"}
+names = {
+    "nf_top1": "NF-Acc",
+    "cnn_top1": "CNN-Acc",
+    "fid": "FID",
+    "coverage": "Coverage",
+    "label_reliability": "Label rel.",
+    "bpd": "bits/dim",
+    "code_agreement": "code agrees",
+    "lam_normalised": "lambda/K(K-1)",
+    "temperature": "T",
+    "solve_bounds_active": "solve bounds",
+}
 metrics = ["nf_top1", "cnn_top1", "fid", "coverage", "label_reliability", "bpd"]
 shown = [f"{m}_{s}" for m in metrics for s in ("mean", "std")]
 recorded = repro.read_recorded(results)
-print(f"{base.dataset}, {base.epochs} epochs, {base.model.levels} levels x {base.model.steps} steps, "
-      f"rule={base.solver.rule}, lambda={lam:g}, seeds {seeds}; evaluation {full.tag()}")
+print(
+    f"{base.dataset}, {base.epochs} epochs, {base.model.levels} levels x {base.model.steps} steps, "
+    f"rule={base.solver.rule}, lambda={lam:g}, seeds {seeds}; evaluation {full.tag()}"
+)
 
-judge = load_oracle(base, ClassifierConfig(**oracle), run_dir / f"oracle_{base.dataset}.pt", progress=progress)
+judge = load_oracle(
+    base, ClassifierConfig(**oracle), run_dir / f"oracle_{base.dataset}.pt", progress=progress
+)
 
 # %% [markdown]
 # ## 1. What the KL term learns (NFPI Table 3)
 
 # %%
-table3 = run_grid({"data_init": {"gaussians.prior": "data"},
-                   "means_only": {**fpi_at, "gaussians.learn": "means"},
-                   "variances_only": {**fpi_at, "gaussians.learn": "variances"},
-                   f"fpi_lam{lam:g}": fpi_at}, base, run_dir, results, judge, full, progress, seeds)
+table3 = run_grid(
+    {
+        "data_init": {"gaussians.prior": "data"},
+        "means_only": {**fpi_at, "gaussians.learn": "means"},
+        "variances_only": {**fpi_at, "gaussians.learn": "variances"},
+        f"fpi_lam{lam:g}": fpi_at,
+    },
+    base,
+    run_dir,
+    results,
+    judge,
+    full,
+    progress,
+    seeds,
+)
 
 # %%
 summary3 = repro.seed_summary(table3, metrics, baseline="data_init")
@@ -125,15 +153,41 @@ print(paper_table("nfpi_table3").to_string(index=False))
 
 # %%
 paper_rule = {"gaussians.prior": "fpi", "solver.rule": "paper", "gaussians.lam": lam}
-table1 = run_grid({"data_init": {"gaussians.prior": "data"},
-                   **{f"gd_{p}": {**paper_rule, "gaussians.prior": "gd", "gd.policy": p,
-                                  "gd.steps": gd_steps} for p in gd_policies},
-                   f"fpi_paper_lam{lam:g}": paper_rule}, base, run_dir, results, judge, nf_only, progress, seeds)
+table1 = run_grid(
+    {
+        "data_init": {"gaussians.prior": "data"},
+        **{
+            f"gd_{p}": {**paper_rule, "gaussians.prior": "gd", "gd.policy": p, "gd.steps": gd_steps}
+            for p in gd_policies
+        },
+        f"fpi_paper_lam{lam:g}": paper_rule,
+    },
+    base,
+    run_dir,
+    results,
+    judge,
+    nf_only,
+    progress,
+    seeds,
+)
 
 # %%
 summary1 = repro.seed_summary(table1, ["nf_top1", "bpd", "solve_bounds_active"], baseline="data_init")
-print(summary1[["seeds", "nf_top1_mean", "nf_top1_std", "nf_top1_diff_mean", "nf_top1_diff_ci95", "bpd_mean",
-                "solve_bounds_active_mean"]].round(2).to_string())
+print(
+    summary1[
+        [
+            "seeds",
+            "nf_top1_mean",
+            "nf_top1_std",
+            "nf_top1_diff_mean",
+            "nf_top1_diff_ci95",
+            "bpd_mean",
+            "solve_bounds_active_mean",
+        ]
+    ]
+    .round(2)
+    .to_string()
+)
 print("\nNFPI Table 1 (NF-Acc)")
 print(paper_table("nfpi_table1").to_string(index=False))
 
@@ -141,16 +195,31 @@ print(paper_table("nfpi_table1").to_string(index=False))
 # ## 3. Solver options: random init, pi, variance rule
 
 # %%
-solver = run_grid({"random_init": {"gaussians.prior": "random"},
-                   f"fpi_lam{lam:g}": fpi_at,
-                   "pi_mean": {**fpi_at, "gaussians.pi": "mean"},
-                   f"fpi_paper_lam{lam:g}": paper_rule},
-                  base, run_dir, results, judge, full, progress, seeds)
+solver = run_grid(
+    {
+        "random_init": {"gaussians.prior": "random"},
+        f"fpi_lam{lam:g}": fpi_at,
+        "pi_mean": {**fpi_at, "gaussians.pi": "mean"},
+        f"fpi_paper_lam{lam:g}": paper_rule,
+    },
+    base,
+    run_dir,
+    results,
+    judge,
+    full,
+    progress,
+    seeds,
+)
 
 # %%
 print(f"pi pairwise and pi mean use the config's {base.solver.rule} rule; fpi_paper uses the paper's rule")
-print(repro.seed_summary(solver, metrics + ["solve_bounds_active"])[["seeds"] + shown + ["solve_bounds_active_mean"]]
-      .round(2).to_string())
+print(
+    repro.seed_summary(solver, metrics + ["solve_bounds_active"])[
+        ["seeds"] + shown + ["solve_bounds_active_mean"]
+    ]
+    .round(2)
+    .to_string()
+)
 
 # %% [markdown]
 # ## 4. Sampling temperature and RFCM (GLEM Table 5)
@@ -159,9 +228,16 @@ print(repro.seed_summary(solver, metrics + ["solve_bounds_active"])[["seeds"] + 
 # re-estimated full class covariances of their training latents (RFCM) at T = 1.
 
 # %%
-temps = run_grid({f"fpi_lam{lam:g}": fpi_at}, base, run_dir, results, judge,
-                 [full.replace(temperature=t) for t in temperatures] + [full.replace(covariance="rfcm")], progress,
-                 seeds)
+temps = run_grid(
+    {f"fpi_lam{lam:g}": fpi_at},
+    base,
+    run_dir,
+    results,
+    judge,
+    [full.replace(temperature=t) for t in temperatures] + [full.replace(covariance="rfcm")],
+    progress,
+    seeds,
+)
 temps["temperature"] = temps["eval.temperature"].where(temps["eval.covariance"] == "diag")
 
 # %%
@@ -183,15 +259,27 @@ print(paper_table("glem_table5").rename(columns=names).to_string(index=False))
 # %%
 em_run = em_overrides(em["lam"], em["merge_epoch"], lam_decay=em["lam_decay"])
 ce = {"codes.rows": code_rows}
-glem_rows = run_grid({"glem_em": em_run, "ce": {**ce, "gaussians.prior": "standard"}, "ceglem": {**ce, **em_run}},
-                     base, run_dir, results, judge, full, progress, seeds)
-glem_rfcm = run_grid({"glem_em_rfcm": em_run}, base, run_dir, results, judge, full.replace(covariance="rfcm"),
-                     progress, seeds)
+glem_rows = run_grid(
+    {"glem_em": em_run, "ce": {**ce, "gaussians.prior": "standard"}, "ceglem": {**ce, **em_run}},
+    base,
+    run_dir,
+    results,
+    judge,
+    full,
+    progress,
+    seeds,
+)
+glem_rfcm = run_grid(
+    {"glem_em_rfcm": em_run}, base, run_dir, results, judge, full.replace(covariance="rfcm"), progress, seeds
+)
 glem_rows = pd.concat([glem_rows, glem_rfcm], ignore_index=True)
 
 # %%
-print(repro.seed_summary(glem_rows, metrics + ["code_agreement"])[["seeds"] + shown + ["code_agreement_mean"]]
-      .round(2).to_string())
+print(
+    repro.seed_summary(glem_rows, metrics + ["code_agreement"])[["seeds"] + shown + ["code_agreement_mean"]]
+    .round(2)
+    .to_string()
+)
 print("\nGLEM Table 2 (CIFAR-100)")
 print(paper_table("glem_table2").rename(columns=names).to_string(index=False))
 
@@ -204,15 +292,25 @@ print(paper_table("glem_table2").rename(columns=names).to_string(index=False))
 
 # %%
 one_image = 100 / len(load_data(base)[1])
-floors = {"nf_top1": 2 * one_image, "cnn_top1": 2 * one_image, "fid": 1.0, "coverage": 1.0,
-          "label_reliability": 1.0, "bpd": 0.02}
+floors = {
+    "nf_top1": 2 * one_image,
+    "cnn_top1": 2 * one_image,
+    "fid": 1.0,
+    "coverage": 1.0,
+    "label_reliability": 1.0,
+    "bpd": 0.02,
+}
 everything = pd.concat([table3, table1, solver, temps, glem_rows], ignore_index=True)
 repro.expect_recorded(everything.drop_duplicates(["run", "eval"]), recorded, floors, by=["setting", "eval"])
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(everything.drop_duplicates(["run", "eval"]).groupby(["setting", "eval"], sort=False)
-      .agg(runs=("run", "count"), epochs=("epochs", "first")).to_string())
+print(
+    everything.drop_duplicates(["run", "eval"])
+    .groupby(["setting", "eval"], sort=False)
+    .agg(runs=("run", "count"), epochs=("epochs", "first"))
+    .to_string()
+)
 
 # %% [markdown]
 # ## Figures
@@ -221,18 +319,31 @@ print(everything.drop_duplicates(["run", "eval"]).groupby(["setting", "eval"], s
 # means over seeds with ±1 std.
 
 # %%
-ablation = pd.concat([table3, solver[solver["setting"].isin(["random_init", "pi_mean", f"fpi_paper_lam{lam:g}"])],
-                      glem_rows], ignore_index=True).assign(source="ours")
-fig = plots.metric_grid(ablation, "setting", metrics[:-1], kind="bar", names=names,
-                        path=f"{figures}/05_ablations.png")
+ablation = pd.concat(
+    [table3, solver[solver["setting"].isin(["random_init", "pi_mean", f"fpi_paper_lam{lam:g}"])], glem_rows],
+    ignore_index=True,
+).assign(source="ours")
+fig = plots.metric_grid(
+    ablation, "setting", metrics[:-1], kind="bar", names=names, path=f"{figures}/05_ablations.png"
+)
 plt.show()
 
 # %%
-sweep = pd.concat([temps.dropna(subset=["temperature"]).assign(source=f"ours ({base.dataset})"),
-                   paper_table("glem_table5").dropna(subset=["temperature"]).assign(source="GLEM Table 5 (CIFAR-100)")],
-                  ignore_index=True)
-fig = plots.metric_grid(sweep, "temperature", ["cnn_top1", "fid", "coverage", "label_reliability"], row="source",
-                        names=names, path=f"{figures}/05_temperature.png")
+sweep = pd.concat(
+    [
+        temps.dropna(subset=["temperature"]).assign(source=f"ours ({base.dataset})"),
+        paper_table("glem_table5").dropna(subset=["temperature"]).assign(source="GLEM Table 5 (CIFAR-100)"),
+    ],
+    ignore_index=True,
+)
+fig = plots.metric_grid(
+    sweep,
+    "temperature",
+    ["cnn_top1", "fid", "coverage", "label_reliability"],
+    row="source",
+    names=names,
+    path=f"{figures}/05_temperature.png",
+)
 plt.show()
 
 # %% [markdown]

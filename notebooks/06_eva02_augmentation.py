@@ -37,21 +37,21 @@
 # local Hugging Face cache.
 
 # %% tags=["parameters"]
-flow = "mnist"              # the shipped flow (nfpi.pretrained, checkpoints/); None: train flow_config instead
+flow = "mnist"  # the shipped flow (nfpi.pretrained, checkpoints/); None: train flow_config instead
 flow_config = "../configs/mnist_cpu.yaml"  # with flow = None: the flow's config ...
-flow_overrides = {}         # ... and its overrides, e.g. {"per_class": 20, "epochs": 100}
-runs = "../runs"            # a trained flow goes to {runs}/<config>-<key>; NFA copies to {runs}/06_nfa/
-protocol = "cpu"            # "cpu": small EVA02 from scratch; "paper": pretrained EVA02-base 448 (cached weights, GPU)
-finetune_overrides = {}     # FinetuneConfig fields, e.g. {"epochs": 3, "lr": 1e-3}
-per_class = 20              # classifier training images per class (a subset of the flow's training set)
-test_per_class = 100        # test images per class
+flow_overrides = {}  # ... and its overrides, e.g. {"per_class": 20, "epochs": 100}
+runs = "../runs"  # a trained flow goes to {runs}/<config>-<key>; NFA copies to {runs}/06_nfa/
+protocol = "cpu"  # "cpu": small EVA02 from scratch; "paper": pretrained EVA02-base 448 (cached weights, GPU)
+finetune_overrides = {}  # FinetuneConfig fields, e.g. {"epochs": 3, "lr": 1e-3}
+per_class = 20  # classifier training images per class (a subset of the flow's training set)
+test_per_class = 100  # test images per class
 seeds = [0, 1, 2]
 settings = ["baseline", "sa", "nfa", "nfa+sa"]
-k = 8                       # principal axes per class spanning the mixing subspace
-law = "uniform"             # beta ~ U[0, beta_max]; "beta": beta_max * Beta(beta_a, beta_a)
+k = 8  # principal axes per class spanning the mixing subspace
+law = "uniform"  # beta ~ U[0, beta_max]; "beta": beta_max * Beta(beta_a, beta_a)
 beta_max = 0.5
 beta_a = 0.4
-grid_variants = 3           # Fig. 2: augmented variants shown per original
+grid_variants = 3  # Fig. 2: augmented variants shown per original
 figures = "../figures"
 results = "../results"
 progress = True
@@ -75,8 +75,11 @@ print(finetune.weights_status())
 ft_presets = {"cpu": finetune.FinetuneConfig.cpu, "paper": finetune.FinetuneConfig.paper}
 ft_cfg = ft_presets[protocol](**finetune_overrides)
 aug_cfg = AugmentConfig(k=k, law=law, beta_max=beta_max, beta_a=beta_a, copies=ft_cfg.copies - 1)
-print(f"protocol {protocol!r}: {ft_cfg.model} (pretrained={ft_cfg.pretrained}), {ft_cfg.optimizer} lr={ft_cfg.lr:g}, "
-      f"clip={ft_cfg.clip}, {ft_cfg.epochs} epochs, batch {ft_cfg.batch_size}, data x{ft_cfg.copies}")
+print(
+    f"protocol {protocol!r}: {ft_cfg.model} (pretrained={ft_cfg.pretrained}), "
+    f"{ft_cfg.optimizer} lr={ft_cfg.lr:g}, "
+    f"clip={ft_cfg.clip}, {ft_cfg.epochs} epochs, batch {ft_cfg.batch_size}, data x{ft_cfg.copies}"
+)
 
 # %% [markdown]
 # ## The flow
@@ -95,19 +98,29 @@ if flow is None:
 else:
     flow_name, flow_metrics = flow, pretrained.manifest()[flow]
     model, prior, flow_cfg = pretrained.load(flow)
-train_set, test_set = load_data(flow_cfg.replace(per_class=per_class, test_per_class=test_per_class, val_fraction=0.0))
+train_set, test_set = load_data(
+    flow_cfg.replace(per_class=per_class, test_per_class=test_per_class, val_fraction=0.0)
+)
 bits = flow_cfg.bits
 augmenter = NFAugmenter.from_arrays(model, train_set, bits, aug_cfg, prior)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"flow {flow_name}: {flow_cfg.dataset}, {bits}-bit, {flow_cfg.epochs} epochs, per class: {flow_cfg.per_class or 'all'}")
-print(f"classifier data: {len(train_set)} training images ({per_class} per class), {len(test_set)} test images")
+print(
+    f"flow {flow_name}: {flow_cfg.dataset}, {bits}-bit, {flow_cfg.epochs} epochs, "
+    f"per class: {flow_cfg.per_class or 'all'}"
+)
+print(
+    f"classifier data: {len(train_set)} training images ({per_class} per class), {len(test_set)} test images"
+)
 
 # %%
 print(f"flow: test bits/dim {flow_metrics['test_bpd']:.3f}, NF accuracy {flow_metrics['acc_top1']:.2f}%")
-print(f"PCA: k={k} axes per class hold {100 * augmenter.pca.explained.mean():.1f}% of the class latent variance "
-      f"(min {100 * augmenter.pca.explained.min():.1f}%)")
+print(
+    f"PCA: k={k} axes per class hold {100 * augmenter.pca.explained.mean():.1f}% "
+    "of the class latent variance "
+    f"(min {100 * augmenter.pca.explained.min():.1f}%)"
+)
 
 # %% [markdown]
 # ## Fig. 2: originals and NF-augmented variants
@@ -117,8 +130,9 @@ print(f"PCA: k={k} axes per class hold {100 * augmenter.pca.explained.mean():.1f
 # training latent, inside the top-k principal subspace of the class, then decoded.
 
 # %%
-fig = plots.nfa_grid(augmenter, train_set, bits, variants=grid_variants, seed=0,
-                     path=f"{figures}/06_nfa_grid.png")
+fig = plots.nfa_grid(
+    augmenter, train_set, bits, variants=grid_variants, seed=0, path=f"{figures}/06_nfa_grid.png"
+)
 plt.show()
 
 # %% [markdown]
@@ -130,8 +144,19 @@ plt.show()
 # RandomErasing on the fly. Accuracies are on the test subset; one CSV row per setting x seed.
 
 # %%
-table = finetune.compare(model, prior, train_set, test_set, bits, ft_cfg, aug_cfg, seeds,
-                         out_dir=Path(runs) / "06_nfa", settings=settings, progress=progress)
+table = finetune.compare(
+    model,
+    prior,
+    train_set,
+    test_set,
+    bits,
+    ft_cfg,
+    aug_cfg,
+    seeds,
+    out_dir=Path(runs) / "06_nfa",
+    settings=settings,
+    progress=progress,
+)
 table.insert(0, "flow_run", flow_name)
 table.insert(1, "flow_per_class", flow_cfg.per_class)
 table.insert(2, "code", repro.code_fingerprint())

@@ -33,7 +33,7 @@
 # %% tags=["parameters"]
 candidates = "../results/full/mnist_candidates.csv"  # per-epoch metrics of each candidate run
 figures = "../figures"
-check_shipped = True   # re-evaluate every shipped flow on its test set (about a minute)
+check_shipped = True  # re-evaluate every shipped flow on its test set (about a minute)
 
 # %%
 import matplotlib.pyplot as plt
@@ -52,15 +52,23 @@ runs = pd.read_csv(candidates)
 # are in the table; the test set is evaluated once, after the last epoch.
 
 # %%
-fig = plots.training_curves({c: t for c, t in runs.groupby("candidate", sort=False)}, against="minutes",
-                            path=f"{figures}/07_mnist_candidates.png")
+fig = plots.training_curves(
+    {c: t for c, t in runs.groupby("candidate", sort=False)},
+    against="minutes",
+    path=f"{figures}/07_mnist_candidates.png",
+)
 plt.show()
 
 # %%
 last = runs.groupby("candidate", sort=False).agg(
-    epochs=("epoch", "size"), minutes=("time", lambda t: t.sum() / 60), val_acc_top1=("val_acc_top1", "last"),
-    val_bpd=("val_bpd", "last"), test_acc_top1=("acc_top1", "last"), test_bpd=("test_bpd", "last"),
-    command=("command", "first"))
+    epochs=("epoch", "size"),
+    minutes=("time", lambda t: t.sum() / 60),
+    val_acc_top1=("val_acc_top1", "last"),
+    val_bpd=("val_bpd", "last"),
+    test_acc_top1=("acc_top1", "last"),
+    test_bpd=("test_bpd", "last"),
+    command=("command", "first"),
+)
 print(last.round(3).to_markdown())
 
 # %% [markdown]

@@ -1,7 +1,9 @@
 """Full-data runs (issue 11): hours on a CPU, so run in the background and committed as files.
 
-    python scripts/full_data.py candidates   # configs/mnist_full.yaml candidates -> results/full/mnist_candidates.csv
-    python scripts/full_data.py tables       # Tables 1 and 3 on full MNIST, 3 seeds -> results/full/mnist_tables.csv
+    python scripts/full_data.py candidates  # candidates for configs/mnist_full.yaml
+    python scripts/full_data.py tables      # Tables 1 and 3 on full MNIST, 3 seeds
+
+write results/full/mnist_candidates.csv and results/full/mnist_tables.csv.
 
 Every run trains in its own folder under ``runs/full/`` and resumes there when interrupted
 (run the same command again). The committed CSVs hold each run's per-epoch metrics (the
@@ -51,7 +53,9 @@ def candidate_metrics(run_dir: Path, label: str) -> pd.DataFrame:
     """The per-epoch metrics of a finished candidate run, labelled with its command and code."""
     table = pd.read_csv(run_dir / "metrics.csv")
     table.insert(0, "candidate", label)
-    table.insert(1, "command", shlex.join(["python", "-m", "nfpi.train", "--config", CONFIG, *CANDIDATES[label]]))
+    table.insert(
+        1, "command", shlex.join(["python", "-m", "nfpi.train", "--config", CONFIG, *CANDIDATES[label]])
+    )
     table.insert(2, "code", json.loads((run_dir / "metrics.json").read_text())["code"])
     return table
 

@@ -25,6 +25,7 @@ checks the script itself in seconds.
     python scripts/gpu_check.py --device cuda --out runs/gpu_check.json
     python scripts/gpu_check.py --device cpu --smoke --out /tmp/gpu_check.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,17 +38,19 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from nfpi import data, fpi
-from nfpi.flows import Glow
+
 # nfpi.train's internal run object: the timed steps are those of the real training loop.
 from nfpi._ddp import setup_distributed
+from nfpi.flows import Glow
 from nfpi.runs import build_flow
 from nfpi.train import TrainConfig, _Run
 
@@ -81,10 +84,15 @@ def check_flow(device: torch.device) -> dict[str, Any]:
             z, logdet = model(x)
             inverse_error = float((model.inverse(z) - x).abs().max())
         x0 = x[:1]
-        jac = torch.autograd.functional.jacobian(lambda v: model(v.view_as(x0))[0].flatten(), x0.flatten())
+        jac = torch.autograd.functional.jacobian(
+            lambda v, model=model, x0=x0: model(v.view_as(x0))[0].flatten(), x0.flatten()
+        )
         logdet_error = float((torch.linalg.slogdet(jac)[1] - logdet[0]).abs())
-        out[conv] = {"inverse_max_abs_error": inverse_error, "logdet_abs_error": logdet_error,
-                     "ok": inverse_error < 1e-9 and logdet_error < 1e-8}
+        out[conv] = {
+            "inverse_max_abs_error": inverse_error,
+            "logdet_abs_error": logdet_error,
+            "ok": inverse_error < 1e-9 and logdet_error < 1e-8,
+        }
     out["ok"] = all(r["ok"] for r in out.values())
     return out
 
@@ -95,16 +103,26 @@ def check_fpi(device: torch.device) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     k, d, lam = 10, 64, 50.0
     y = torch.arange(k).repeat_interleave(40)
-    z = torch.randn(len(y), d, generator=g, dtype=torch.float64) + 0.7 * torch.randn(k, d, generator=g,
-                                                                                      dtype=torch.float64)[y]
+    z = (
+        torch.randn(len(y), d, generator=g, dtype=torch.float64)
+        + 0.7 * torch.randn(k, d, generator=g, dtype=torch.float64)[y]
+    )
     on_device = fpi.solve(fpi.ClassStats.from_latents(z.to(device), y.to(device), k), lam)
     on_cpu = fpi.solve(fpi.ClassStats.from_latents(z, y, k), lam)
-    residual = float(fpi.gradient_residual(fpi.ClassStats.from_latents(z, y, k), on_device.means.cpu(),
-                                           on_device.variances.cpu(), lam))
+    residual = float(
+        fpi.gradient_residual(
+            fpi.ClassStats.from_latents(z, y, k), on_device.means.cpu(), on_device.variances.cpu(), lam
+        )
+    )
     gap = float((on_device.means.cpu() - on_cpu.means).abs().max())
-    return {"device": str(on_device.means.device), "iterations": on_device.iterations,
-            "converged": bool(on_device.converged), "gradient_residual": residual, "max_abs_diff_vs_cpu": gap,
-            "ok": bool(on_device.converged) and residual < 1e-6 and gap < 1e-8}
+    return {
+        "device": str(on_device.means.device),
+        "iterations": on_device.iterations,
+        "converged": bool(on_device.converged),
+        "gradient_residual": residual,
+        "max_abs_diff_vs_cpu": gap,
+        "ok": bool(on_device.converged) and residual < 1e-6 and gap < 1e-8,
+    }
 
 
 # ----------------------------------------------------------------------------- 3. training speed
@@ -116,9 +134,8 @@ def flops_per_image(cfg: TrainConfig, shape: tuple[int, int, int]) -> dict[str, 
     x = torch.rand(2, *shape) * 2 - 1
     with torch.no_grad():
         model(x)  # ActNorm init, not counted
-    with FlopCounterMode(display=False) as forward:
-        with torch.no_grad():
-            model(x)
+    with FlopCounterMode(display=False) as forward, torch.no_grad():
+        model(x)
     with FlopCounterMode(display=False) as step:
         z, logdet = model(x)
         (0.5 * z.pow(2).sum() - logdet.sum()).backward()
@@ -135,17 +152,23 @@ def _synthetic_cifar10(root: Path, per_class: int) -> None:
         np.savez(root / f"cifar10_{split}.npz", x=x, y=y, classes=classes)
 
 
-def bench_training(device: torch.device, steps: int, batch: int, smoke: bool, data_dir: str | None,
-                   workdir: Path) -> dict[str, Any]:
+def bench_training(
+    device: torch.device, steps: int, batch: int, smoke: bool, data_dir: str | None, workdir: Path
+) -> dict[str, Any]:
     """images/s, peak memory and loss of the training loop for every entry of VARIANTS."""
     per_class = -(-steps * batch // 10)  # ceil: at least ``steps`` full batches
     overrides: dict[str, Any] = {
-        "epochs": 2, "batch_size": batch, "per_class": per_class, "test_per_class": 10, "device": device.type,
+        "epochs": 2,
+        "batch_size": batch,
+        "per_class": per_class,
+        "test_per_class": 10,
+        "device": device.type,
         "gaussians.prior": "standard",  # no solve: only the training steps are timed
     }
     if smoke:
-        overrides.update({"model.steps": 1, "model.hidden": 8, "num_workers": 0, "init_images": 16,
-                          "eval_batch_size": 64})
+        overrides.update(
+            {"model.steps": 1, "model.hidden": 8, "num_workers": 0, "init_images": 16, "eval_batch_size": 64}
+        )
     cfg0 = TrainConfig.from_yaml(REPO / "configs" / "cifar10.yaml", **overrides)
     source = "real"
     try:
@@ -157,8 +180,13 @@ def bench_training(device: torch.device, steps: int, batch: int, smoke: bool, da
         Path(data_dir).mkdir(exist_ok=True)
         _synthetic_cifar10(Path(data_dir), per_class)
     flops = flops_per_image(cfg0, data.DATASETS["cifar10"].shape)
-    results: dict[str, Any] = {"data": source, "batch": batch, "steps": steps,
-                               "model": dataclasses.asdict(cfg0.model), **flops}
+    results: dict[str, Any] = {
+        "data": source,
+        "batch": batch,
+        "steps": steps,
+        "model": dataclasses.asdict(cfg0.model),
+        **flops,
+    }
     for name, settings in VARIANTS.items():
         cfg = cfg0.replace(data_dir=data_dir, **settings)
         try:
@@ -190,23 +218,52 @@ def _time_variant(cfg: TrainConfig, device: torch.device, smoke: bool, run_dir: 
     finally:
         torch.compile = compile_fn
     images = cfg.batch_size * (len(run.nf_set) // cfg.batch_size)
-    return {"images_per_s": images / seconds, "step_ms": 1e3 * seconds * cfg.batch_size / images,
-            "epoch_s": seconds, "warmup_s": warmup,
-            "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2 ** 30
-                                if device.type == "cuda" else None),
-            "train_nll": row["train_nll"], "train_bpd": row["train_bpd"]}
+    return {
+        "images_per_s": images / seconds,
+        "step_ms": 1e3 * seconds * cfg.batch_size / images,
+        "epoch_s": seconds,
+        "warmup_s": warmup,
+        "peak_memory_gib": (
+            torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        ),
+        "train_nll": row["train_nll"],
+        "train_bpd": row["train_bpd"],
+    }
 
 
 # ----------------------------------------------------------------------------- 4. torchrun
 def torchrun_smoke(device: torch.device, workdir: Path) -> dict[str, Any]:
     """One-process torchrun of nfpi.train on digits: process group, DDP, collectives."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           "-m", "nfpi.train", "--config", str(REPO / "configs" / "digits_cpu.yaml"),
-           "--run-dir", str(workdir / "torchrun"), "--no-progress", "--no-resume", "epochs=1", "per_class=30",
-           "batch_size=60", "init_images=120", "model.levels=2", "model.steps=2", "model.hidden=8",
-           f"device={device.type}", "threads=1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        "-m",
+        "nfpi.train",
+        "--config",
+        str(REPO / "configs" / "digits_cpu.yaml"),
+        "--run-dir",
+        str(workdir / "torchrun"),
+        "--no-progress",
+        "--no-resume",
+        "epochs=1",
+        "per_class=30",
+        "batch_size=60",
+        "init_images=120",
+        "model.levels=2",
+        "model.steps=2",
+        "model.hidden=8",
+        f"device={device.type}",
+        "threads=1",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     out: dict[str, Any] = {"returncode": proc.returncode, "seconds": time.perf_counter() - start}
@@ -225,8 +282,11 @@ def _section(summary: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]
     try:
         summary[name] = fn()
     except Exception as err:
-        summary[name] = {"ok": False, "error": f"{type(err).__name__}: {err}",
-                         "traceback": traceback.format_exc()}
+        summary[name] = {
+            "ok": False,
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(),
+        }
     summary[name]["seconds"] = summary[name].get("seconds", time.perf_counter() - start)
     print(f"[gpu_check] {name}: {json.dumps(summary[name], default=str)[:1500]}", flush=True)
 
@@ -235,21 +295,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script in seconds")
-    parser.add_argument("--steps", type=int,
-                        help="timed training steps per variant (default 97: one CIFAR-10 epoch; smoke 2)")
+    parser.add_argument(
+        "--steps", type=int, help="timed training steps per variant (default 97: one CIFAR-10 epoch; smoke 2)"
+    )
     parser.add_argument("--batch", type=int, help="training batch (default 512, the paper's; smoke 8)")
     parser.add_argument("--data-dir", help="directory of cifar10_*.npz (default $NFPI_DATA)")
     parser.add_argument("--out", default="runs/gpu_check.json", help="JSON summary path")
-    parser.add_argument("--flops", action="store_true",
-                        help="only print the GFLOP per image of the paper configs (any machine) and exit")
+    parser.add_argument(
+        "--flops",
+        action="store_true",
+        help="only print the GFLOP per image of the paper configs (any machine) and exit",
+    )
     args = parser.parse_args(argv)
     if args.flops:
         for name in ("cifar10", "cifar100", "mnist"):
             cfg = TrainConfig.from_yaml(REPO / "configs" / f"{name}.yaml")
             c, h, w = data.DATASETS[name].shape
             shape = (c, h + 2 * cfg.pad + cfg.codes.rows, w + 2 * cfg.pad)
-            print(f"{name}: {shape}, {json.dumps(dataclasses.asdict(cfg.model))}: "
-                  f"{json.dumps({k: round(v, 3) for k, v in flops_per_image(cfg, shape).items()})}")
+            print(
+                f"{name}: {shape}, {json.dumps(dataclasses.asdict(cfg.model))}: "
+                f"{json.dumps({k: round(v, 3) for k, v in flops_per_image(cfg, shape).items()})}"
+            )
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine; use --device cpu --smoke")
@@ -257,9 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (2 if args.smoke else 97)
     batch = args.batch or (8 if args.smoke else 512)
     summary: dict[str, Any] = {
-        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                   else platform.processor() or "cpu"),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": args.smoke,
+        "device": (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        ),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "smoke": args.smoke,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -268,8 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         _section(summary, "flow", lambda: check_flow(device))
         _section(summary, "fpi", lambda: check_fpi(device))
-        _section(summary, "train",
-                 lambda: bench_training(device, steps, batch, args.smoke, args.data_dir, work))
+        _section(
+            summary, "train", lambda: bench_training(device, steps, batch, args.smoke, args.data_dir, work)
+        )
         _section(summary, "torchrun", lambda: torchrun_smoke(device, work))
     train = summary["train"]
     summary["train"]["ok"] = all("images_per_s" in train.get(v, {}) for v in VARIANTS)
@@ -282,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         r = train.get(name, {})
         if "images_per_s" in r:
             mem = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.2f} GiB"
-            print(f"[gpu_check] {name:>20}: {r['images_per_s']:9.1f} images/s  "
-                  f"{r['achieved_tflops']:7.2f} TFLOP/s  peak {mem}  train bits/dim {r['train_bpd']:.3f}")
+            print(
+                f"[gpu_check] {name:>20}: {r['images_per_s']:9.1f} images/s  "
+                f"{r['achieved_tflops']:7.2f} TFLOP/s  peak {mem}  train bits/dim {r['train_bpd']:.3f}"
+            )
     print(f"[gpu_check] {'ok' if summary['ok'] else 'FAILED'} in {summary['seconds']:.1f} s -> {out}")
     return 0 if summary["ok"] else 1
 

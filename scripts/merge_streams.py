@@ -7,6 +7,7 @@ byte-identical, and `make reproduce` leaves `git status` clean when nothing chan
 
 Usage: python scripts/merge_streams.py EXECUTED.ipynb
 """
+
 import sys
 
 import nbformat

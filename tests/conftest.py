@@ -14,8 +14,15 @@ from nfpi.config import TrainConfig
 # A digits run that trains in about a second: 1 epoch, a 2-level Glow with one 8-channel step per
 # level, FPI Gaussians solved after epoch 0. Tests override what they exercise.
 TINY_TRAIN: dict[str, Any] = {
-    "dataset": "digits", "bits": 5, "per_class": 40, "epochs": 1, "batch_size": 100,
-    "eval_batch_size": 200, "init_images": 200, "seed": 1, "threads": 1,
+    "dataset": "digits",
+    "bits": 5,
+    "per_class": 40,
+    "epochs": 1,
+    "batch_size": 100,
+    "eval_batch_size": 200,
+    "init_images": 200,
+    "seed": 1,
+    "threads": 1,
     "model": {"levels": 2, "steps": 1, "hidden": 8},
     "optim": {"warmup": 5, "ema": 0.9},
     "gaussians": {"prior": "fpi", "lam": 40.0},

@@ -1,13 +1,14 @@
 """The generic safeguarded Anderson iteration (nfpi.anderson), on maps that are not Gaussians."""
+
 import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nfpi import anderson, fpi
 from nfpi.anderson import fixed_point
-
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -51,10 +52,11 @@ def test_fixed_point_iteration_on_a_linear_contraction(accel):
         seen.append(aux)
         return float((gx - x).norm()) <= 1e-12
 
-    x, gx, aux, ok = fixed_point(lambda x: (a @ x + b, len(seen)), torch.zeros(n), done, accel=accel,
-                                 memory=n, max_iter=2000)
+    x, gx, aux, ok = fixed_point(
+        lambda x: (a @ x + b, len(seen)), torch.zeros(n), done, accel=accel, memory=n, max_iter=2000
+    )
     assert ok and torch.allclose(x, exact, atol=1e-10)
-    assert seen == list(range(len(seen)))          # done sees every iterate once, in order
+    assert seen == list(range(len(seen)))  # done sees every iterate once, in order
     assert len(seen) <= (n + 3 if accel == "anderson" else 2000) and (accel == "anderson" or len(seen) > 400)
 
 
@@ -64,7 +66,7 @@ def test_fixed_point_iteration_respects_projection_and_budget():
 
     def g(x):
         calls.append(x.clone())
-        return -2.0 * x + 1.0, None                     # expanding: no convergence
+        return -2.0 * x + 1.0, None  # expanding: no convergence
 
     x, _, _, ok = fixed_point(g, torch.ones(3), lambda *_: False, lambda z: z.clamp_min(0.0), max_iter=5)
     assert not ok and all((c >= 0).all() for c in calls)
@@ -77,13 +79,18 @@ def test_more_memory_needs_fewer_iterations():
     counts = {}
     for accel, memory in [("none", 1), ("anderson", 1), ("anderson", 3), ("anderson", 10)]:
         seen = []
-        x, _, _, ok = fixed_point(lambda x: (a @ x + b, None), torch.zeros(20),
-                                  lambda x, gx, aux: seen.append(1) or float((gx - x).norm()) <= 1e-10,
-                                  accel=accel, memory=memory, max_iter=5000)
+        x, _, _, ok = fixed_point(
+            lambda x: (a @ x + b, None),
+            torch.zeros(20),
+            lambda x, gx, aux, seen=seen: seen.append(1) or float((gx - x).norm()) <= 1e-10,
+            accel=accel,
+            memory=memory,
+            max_iter=5000,
+        )
         assert ok and torch.allclose(x, exact, atol=1e-8)
         counts[accel, memory] = len(seen)
     plain = counts["none", 1]
-    assert plain > 1000                                  # log(1e-10) / log(0.98) ~ 1140
+    assert plain > 1000  # log(1e-10) / log(0.98) ~ 1140
     assert plain > counts["anderson", 1] > counts["anderson", 3] > counts["anderson", 10]
     assert counts["anderson", 10] < plain / 10
 
@@ -92,8 +99,14 @@ def test_damping_scales_the_plain_step():
     """accel='none': x_{t+1} = x_t + damping (g(x_t) - x_t), exactly."""
     a, b, _ = contraction(4, 0.5, seed=2)
     xs = []
-    fixed_point(lambda x: (a @ x + b, None), torch.ones(4), lambda x, gx, aux: xs.append(x) or False,
-                accel="none", damping=0.3, max_iter=4)
+    fixed_point(
+        lambda x: (a @ x + b, None),
+        torch.ones(4),
+        lambda x, gx, aux: xs.append(x) or False,
+        accel="none",
+        damping=0.3,
+        max_iter=4,
+    )
     assert len(xs) == 4
     for x, x_next in zip(xs, xs[1:]):
         assert torch.equal(x_next, x + 0.3 * (a @ x + b - x))
@@ -110,17 +123,22 @@ def test_safeguard_rejects_an_overshooting_extrapolation():
         evaluated.append(x.clone())
         return x - torch.atan(x), None
 
-    x, _, _, ok = fixed_point(g, torch.tensor([5.0]), lambda x, gx, aux: iterates.append(x.clone())
-                              or float((gx - x).abs()) <= 1e-12, memory=3, max_iter=100)
+    x, _, _, ok = fixed_point(
+        g,
+        torch.tensor([5.0]),
+        lambda x, gx, aux: iterates.append(x.clone()) or float((gx - x).abs()) <= 1e-12,
+        memory=3,
+        max_iter=100,
+    )
     assert ok and float(x.abs()) <= 1e-6
     x1 = 5.0 - math.atan(5.0)
     assert float(iterates[1]) == pytest.approx(x1, rel=1e-15)
-    overshoot = float(evaluated[2])                            # the first mixing proposal
+    overshoot = float(evaluated[2])  # the first mixing proposal
     assert overshoot < -20 and math.atan(abs(overshoot)) > math.atan(x1)
     # rejected: the next iterate is the plain step from x1, and the proposal after it too
     assert float(iterates[2]) == pytest.approx(x1 - math.atan(x1), rel=1e-15)
     assert float(evaluated[4]) == pytest.approx(float(iterates[2]) - math.atan(float(iterates[2])), rel=1e-15)
-    assert len(evaluated) > len(iterates)                      # a rejection costs one extra evaluation
+    assert len(evaluated) > len(iterates)  # a rejection costs one extra evaluation
     # accepted steps never raise the residual |f(x)| = atan(|x|)
     resid = [math.atan(abs(float(x))) for x in iterates]
     assert resid[1] <= resid[0]
@@ -131,23 +149,39 @@ def test_max_iter_reports_non_convergence_with_the_last_iterate():
     last iterate (and its image) returned."""
     a, b, exact = contraction(5, 0.9, seed=3)
     seen = []
-    x, gx, _, ok = fixed_point(lambda x: (a @ x + b, None), torch.zeros(5),
-                               lambda x, gx, aux: seen.append(x) or float((gx - x).norm()) <= 1e-14,
-                               accel="none", max_iter=7)
+    x, gx, _, ok = fixed_point(
+        lambda x: (a @ x + b, None),
+        torch.zeros(5),
+        lambda x, gx, aux: seen.append(x) or float((gx - x).norm()) <= 1e-14,
+        accel="none",
+        max_iter=7,
+    )
     assert not ok and len(seen) == 7
-    assert torch.equal(x, a @ seen[-1] + b) and torch.equal(gx, a @ x + b)   # one more plain step
+    assert torch.equal(x, a @ seen[-1] + b) and torch.equal(gx, a @ x + b)  # one more plain step
     assert not torch.allclose(x, exact, atol=1e-6)
 
 
-@given(st.integers(1, 8), st.floats(0.05, 0.95), st.integers(0, 10_000), st.booleans(),
-       st.integers(1, 6), st.sampled_from(["anderson", "none"]))
+@given(
+    st.integers(1, 8),
+    st.floats(0.05, 0.95),
+    st.integers(0, 10_000),
+    st.booleans(),
+    st.integers(1, 6),
+    st.sampled_from(["anderson", "none"]),
+)
 @settings(max_examples=60, deadline=None)
 def test_random_contractions_converge_to_the_solution(n, radius, seed, symmetric, memory, accel):
     """Any contraction x = A x + b (operator norm < 1, normal or not) reaches (I - A)^-1 b, with
     or without mixing, at any memory."""
     a, b, exact = contraction(n, radius, seed, symmetric)
     scale = 1.0 + float(exact.norm())
-    x, _, _, ok = fixed_point(lambda x: (a @ x + b, None), torch.zeros(n), residual_below(1e-12 * scale),
-                              accel=accel, memory=memory, max_iter=2000)
+    x, _, _, ok = fixed_point(
+        lambda x: (a @ x + b, None),
+        torch.zeros(n),
+        residual_below(1e-12 * scale),
+        accel=accel,
+        memory=memory,
+        max_iter=2000,
+    )
     assert ok
     assert torch.allclose(x, exact, atol=1e-10 * scale / (1 - radius))

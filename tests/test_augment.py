@@ -1,5 +1,6 @@
 """Tests of nfpi.augment (NF augmentation, SPEC §6): class-wise PCA, the in-subspace mix, the
 augmenter on a tiny float64 Glow, the on-the-fly dataset, resumable offline generation, errors."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,14 @@ from hypothesis import strategies as st
 
 from nfpi import data
 from nfpi.augment import (
-    AugmentConfig, ClassPCA, NFADataset, NFAugmenter, generate_dataset, load_generated, mix, sample_beta,
+    AugmentConfig,
+    ClassPCA,
+    NFADataset,
+    NFAugmenter,
+    generate_dataset,
+    load_generated,
+    mix,
+    sample_beta,
 )
 from nfpi.flows import CouplingNet, Glow
 from nfpi.priors import ClassGaussians
@@ -101,8 +109,13 @@ def test_pca_errors():
 
 # ---------------------------------------------------------------------------------- mix
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), dim=st.integers(3, 24), k=st.integers(1, 3),
-       batch=st.integers(1, 9), beta=st.floats(0.0, 1.0))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    dim=st.integers(3, 24),
+    k=st.integers(1, 3),
+    batch=st.integers(1, 9),
+    beta=st.floats(0.0, 1.0),
+)
 def test_mix_moves_only_inside_the_class_subspace(seed, dim, k, batch, beta):
     z_all, y_all = random_latents(k + 6, dim, K, seed)
     pca = ClassPCA.fit(z_all, y_all, K, k)
@@ -116,8 +129,13 @@ def test_mix_moves_only_inside_the_class_subspace(seed, dim, k, batch, beta):
     torch.testing.assert_close(off_span(pca, delta, y), torch.zeros_like(delta), atol=1e-12, rtol=0)
     # In-span coordinates move by exactly beta times the difference.
     basis = pca.axes[y]
-    coords = lambda v: torch.einsum("bkd,bd->bk", basis, v)  # noqa: E731
-    torch.testing.assert_close(coords(out), coords(z) + beta * (coords(partner) - coords(z)), atol=1e-10, rtol=1e-10)
+
+    def coords(v):
+        return torch.einsum("bkd,bd->bk", basis, v)
+
+    torch.testing.assert_close(
+        coords(out), coords(z) + beta * (coords(partner) - coords(z)), atol=1e-10, rtol=1e-10
+    )
 
 
 def test_mix_beta_zero_is_identity_and_beta_one_takes_partner_coordinates():
@@ -127,14 +145,17 @@ def test_mix_beta_zero_is_identity_and_beta_one_takes_partner_coordinates():
     assert torch.equal(mix(z, y, partner, pca, 0.0), z)
     out = mix(z, y, partner, pca, 1.0)
     basis = pca.axes[y]
-    torch.testing.assert_close(torch.einsum("bkd,bd->bk", basis, out), torch.einsum("bkd,bd->bk", basis, partner),
-                               atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        torch.einsum("bkd,bd->bk", basis, out), torch.einsum("bkd,bd->bk", basis, partner), atol=1e-12, rtol=0
+    )
     # The orthogonal complement still belongs to z, not to the partner.
     torch.testing.assert_close(off_span(pca, out, y), off_span(pca, z, y), atol=1e-12, rtol=0)
     beta = torch.linspace(0, 1, 20, dtype=torch.float64)
     per_sample = mix(z, y, partner, pca, beta)
     for i in (0, 7, 19):
-        torch.testing.assert_close(per_sample[i], mix(z[i:i + 1], y[i:i + 1], partner[i:i + 1], pca, float(beta[i]))[0])
+        torch.testing.assert_close(
+            per_sample[i], mix(z[i : i + 1], y[i : i + 1], partner[i : i + 1], pca, float(beta[i]))[0]
+        )
 
 
 def test_mix_errors():
@@ -144,7 +165,13 @@ def test_mix_errors():
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         mix(z, torch.tensor([0, 1, 2, 3]), z, pca, 0.5)
     with pytest.raises(ValueError, match="PCA was fitted on D=5"):
-        mix(torch.zeros(4, 6, dtype=torch.float64), y_all[:4], torch.zeros(4, 6, dtype=torch.float64), pca, 0.5)
+        mix(
+            torch.zeros(4, 6, dtype=torch.float64),
+            y_all[:4],
+            torch.zeros(4, 6, dtype=torch.float64),
+            pca,
+            0.5,
+        )
     with pytest.raises(ValueError, match="both be"):
         mix(z, y_all[:4], z[:3], pca, 0.5)
     with pytest.raises(ValueError, match="beta must be a scalar or one weight"):
@@ -163,10 +190,18 @@ def test_sample_beta_range_reproducibility_and_mean(law):
         assert float(((a < 0.06) | (a > 0.54)).double().mean()) > 0.3
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"k": 0}, "k"), ({"law": "normal"}, "law"), ({"beta_max": 0.0}, "beta_max"), ({"beta_max": 1.5}, "beta_max"),
-    ({"beta_a": 0}, "beta_a"), ({"copies": 0}, "copies"), ({"temperature": 0}, "temperature"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"k": 0}, "k"),
+        ({"law": "normal"}, "law"),
+        ({"beta_max": 0.0}, "beta_max"),
+        ({"beta_max": 1.5}, "beta_max"),
+        ({"beta_a": 0}, "beta_a"),
+        ({"copies": 0}, "copies"),
+        ({"temperature": 0}, "temperature"),
+    ],
+)
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AugmentConfig(**kwargs)
@@ -256,8 +291,11 @@ def test_augmenter_errors(setup):
     with pytest.raises(ValueError, match="uninitialised ActNorm"):
         NFAugmenter(fresh, None, pca, bank=(z, arrays.y))
     with pytest.raises(ValueError, match="flow expects"):
-        NFAugmenter.from_arrays(tiny_flow(torch.float32), data.ImageArrays(
-            torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.arange(6) % K, tuple("abc")), bits=8)
+        NFAugmenter.from_arrays(
+            tiny_flow(torch.float32),
+            data.ImageArrays(torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.arange(6) % K, tuple("abc")),
+            bits=8,
+        )
 
 
 def test_from_arrays_fits_pca_and_bank_on_encoded_images():
@@ -265,8 +303,11 @@ def test_from_arrays_fits_pca_and_bank_on_encoded_images():
     arrays = tiny_images(45, seed=1)
     aug = NFAugmenter.from_arrays(flow, arrays, bits=5, cfg=AugmentConfig(k=3))
     assert aug.pca.axes.shape == (K, 3, D)
-    out = aug.augment(data.dequantize(data.quantize(arrays.x[:4], 5), 5, noise=False), arrays.y[:4],
-                      torch.Generator().manual_seed(0))
+    out = aug.augment(
+        data.dequantize(data.quantize(arrays.x[:4], 5), 5, noise=False),
+        arrays.y[:4],
+        torch.Generator().manual_seed(0),
+    )
     assert out.shape == (4, *SHAPE) and out.dtype == torch.float32
 
 
@@ -302,7 +343,9 @@ def test_nfa_dataset_probability(setup):
 
 
 def _generate(aug, arrays, path, **kw):
-    return generate_dataset(aug, arrays, copies=2, out_path=path, bits=5, batch_size=16, progress=False, seed=7, **kw)
+    return generate_dataset(
+        aug, arrays, copies=2, out_path=path, bits=5, batch_size=16, progress=False, seed=7, **kw
+    )
 
 
 def test_generate_dataset_format(setup, tmp_path):

@@ -1,5 +1,6 @@
 """The ``nfpi`` command line (nfpi.cli): every command's --help, training on a folder of the
 user's own data through ``nfpi train``, and eval / sample / augment on the trained run."""
+
 from __future__ import annotations
 
 import json
@@ -12,11 +13,22 @@ import numpy as np
 import pytest
 import torch
 
-from nfpi import cli, data, train
+from nfpi import cli, train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["epochs=1", "model.levels=1", "model.steps=1", "model.hidden=8", "batch_size=20", "init_images=64",
-        "per_class=null", "test_per_class=null", "val_fraction=0", "optim.warmup=2", "--no-progress"]
+TINY = [
+    "epochs=1",
+    "model.levels=1",
+    "model.steps=1",
+    "model.hidden=8",
+    "batch_size=20",
+    "init_images=64",
+    "per_class=null",
+    "test_per_class=null",
+    "val_fraction=0",
+    "optim.warmup=2",
+    "--no-progress",
+]
 CLASSES = ("ring", "bar", "dot")
 
 
@@ -29,7 +41,7 @@ def own_folder(root: Path) -> Path:
         y = np.arange(n) % 3
         x = rng.integers(0, 60, (n, 12, 12, 1)).astype(np.uint8)
         for k in range(3):  # a class-specific bright block makes the classes learnable
-            x[y == k, 4 * k:4 * k + 4, :, 0] += 150
+            x[y == k, 4 * k : 4 * k + 4, :, 0] += 150
         np.savez_compressed(folder / f"{split}.npz", x=x, y=y.astype(np.int64), classes=np.array(CLASSES))
     return folder
 
@@ -38,8 +50,17 @@ def own_folder(root: Path) -> Path:
 def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     run_dir = root / "run"
-    metrics = cli.main(["train", "--config", str(REPO / "configs/mnist_cpu.yaml"), "--run-dir", str(run_dir),
-                        f"dataset={own_folder(root)}", *TINY])
+    metrics = cli.main(
+        [
+            "train",
+            "--config",
+            str(REPO / "configs/mnist_cpu.yaml"),
+            "--run-dir",
+            str(run_dir),
+            f"dataset={own_folder(root)}",
+            *TINY,
+        ]
+    )
     assert metrics["epoch"] == 0 and np.isfinite(metrics["test_bpd"])
     return run_dir
 
@@ -78,17 +99,44 @@ def test_eval_reports_accuracy_bpd_and_confusion(run: Path, tmp_path: Path, caps
 def test_sample_writes_a_grid(run: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    out = cli.main(["sample", str(run), "--class", "bar", "--class", "0", "-n", "4", "--temperature", "0.5",
-                    "--out", str(tmp_path / "grid.png")])
+    out = cli.main(
+        [
+            "sample",
+            str(run),
+            "--class",
+            "bar",
+            "--class",
+            "0",
+            "-n",
+            "4",
+            "--temperature",
+            "0.5",
+            "--out",
+            str(tmp_path / "grid.png"),
+        ]
+    )
     with Image.open(out) as img:
         assert img.width > img.height > 0
-    with pytest.raises(ValueError, match=r"--class 'cat' is neither a class name .* \['ring', 'bar', 'dot'\]"):
+    with pytest.raises(
+        ValueError, match=r"--class 'cat' is neither a class name .* \['ring', 'bar', 'dot'\]"
+    ):
         cli.main(["sample", str(run), "--class", "cat", "--out", str(tmp_path / "x.png")])
 
 
 def test_augment_writes_spec_npz(run: Path, tmp_path: Path) -> None:
-    out = cli.main(["augment", str(run), "--out", str(tmp_path / "nfa.npz"), "--copies", "2", "--k", "2",
-                    "--no-progress"])
+    out = cli.main(
+        [
+            "augment",
+            str(run),
+            "--out",
+            str(tmp_path / "nfa.npz"),
+            "--copies",
+            "2",
+            "--k",
+            "2",
+            "--no-progress",
+        ]
+    )
     with np.load(out, allow_pickle=False) as npz:
         assert npz["x"].shape == (120, 12, 12, 1) and npz["x"].dtype == np.uint8
         assert list(npz["classes"]) == list(CLASSES)
@@ -97,7 +145,11 @@ def test_augment_writes_spec_npz(run: Path, tmp_path: Path) -> None:
 
 def test_module_entry_point_errors_are_one_line(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "nfpi.cli", "eval", str(tmp_path / "missing")],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "nfpi.cli", "eval", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("error: no checkpoint at") and "\n" not in proc.stderr.strip()

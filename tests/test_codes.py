@@ -1,18 +1,19 @@
 """Tests of nfpi.codes: GLEM's CE / CEGLEM class codes (GLEM §5.2), and training with them."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from nfpi import data
 from nfpi.codes import ClassCodes, CodeConfig
-from nfpi.config import TrainConfig
 from nfpi.runs import load_checkpoint
 from nfpi.splits import load_data
 from nfpi.train import train
+
 
 def test_codes_are_deterministic_separated_and_in_range():
     a = ClassCodes.learn(10, (1, 4, 8), seed=3)
@@ -41,7 +42,9 @@ def test_float_append_and_random_test_rows():
     codes = ClassCodes.learn(3, (1, 2, 4))
     x = torch.zeros(6, 1, 4, 4)
     y = torch.tensor([0, 1, 2, 2, 1, 0])
-    assert torch.equal(codes.decode(codes.append(x, y, noise=0.2, generator=torch.Generator().manual_seed(0))), y)
+    assert torch.equal(
+        codes.decode(codes.append(x, y, noise=0.2, generator=torch.Generator().manual_seed(0))), y
+    )
     arrays = data.ImageArrays(torch.zeros(6, 1, 4, 4, dtype=torch.uint8), y, ("a", "b", "c"))
     rows = codes.append_random(arrays, seed=0).x[:, :, 4:]
     assert rows.float().std() > 30  # uniform 0..255, not the prototypes

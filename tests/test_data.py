@@ -1,5 +1,6 @@
 """Tests of nfpi.data: loading and validation (SPEC §9), (de)quantisation and bits/dim (SPEC §4),
 subsets and stratified splits, the flow dataset and loaders."""
+
 from __future__ import annotations
 
 import math
@@ -31,9 +32,11 @@ def write_npz(path: Path, **arrays: np.ndarray) -> Path:
 
 def mnist_like(n: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"x": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
-            "y": np.arange(n, dtype=np.int64) % 10,
-            "classes": np.array([str(k) for k in range(10)])}
+    return {
+        "x": rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8),
+        "y": np.arange(n, dtype=np.int64) % 10,
+        "classes": np.array([str(k) for k in range(10)]),
+    }
 
 
 # --------------------------------------------------------------------------- quantisation
@@ -108,9 +111,13 @@ def test_to_uint8_clamps_and_rejects_nan() -> None:
 @pytest.mark.parametrize("bits", [0, 9, -1, 5.0, True, "8", None])
 def test_bad_bits_are_rejected_everywhere(bits: object) -> None:
     x = pixels(0)
-    for call in (lambda: D.quantize(x, bits), lambda: D.dequantize(x, bits, noise=False),
-                 lambda: D.to_uint8(x.float(), bits), lambda: D.bits_per_dim(torch.zeros(2), 4, bits),
-                 lambda: D.FlowDataset(D.ImageArrays(x, torch.zeros(4, dtype=torch.long), ("a",)), bits)):
+    for call in (
+        lambda: D.quantize(x, bits),
+        lambda: D.dequantize(x, bits, noise=False),
+        lambda: D.to_uint8(x.float(), bits),
+        lambda: D.bits_per_dim(torch.zeros(2), 4, bits),
+        lambda: D.FlowDataset(D.ImageArrays(x, torch.zeros(4, dtype=torch.long), ("a",)), bits),
+    ):
         with pytest.raises(ValueError, match="bits must be an integer in 1..8"):
             call()
 
@@ -163,9 +170,12 @@ def test_bits_per_dim_rejects_bad_dim() -> None:
 # --------------------------------------------------------------------------- ImageArrays
 
 
-def arrays(n: int = 12, classes: int = 3, name: str = "", shape: tuple[int, int, int] = (1, 4, 4)) -> D.ImageArrays:
-    return D.ImageArrays(pixels(n, (n, *shape)), torch.arange(n) % classes,
-                         tuple(f"c{k}" for k in range(classes)), name)
+def arrays(
+    n: int = 12, classes: int = 3, name: str = "", shape: tuple[int, int, int] = (1, 4, 4)
+) -> D.ImageArrays:
+    return D.ImageArrays(
+        pixels(n, (n, *shape)), torch.arange(n) % classes, tuple(f"c{k}" for k in range(classes)), name
+    )
 
 
 def test_image_arrays_properties_and_subset() -> None:
@@ -226,9 +236,14 @@ def test_stratified_split_depends_on_seed_and_checks_fraction() -> None:
 
 
 @fast
-@given(counts=st.lists(st.integers(3, 40), min_size=1, max_size=8), per_class=st.integers(1, 3),
-       seed=st.integers(0, 2**31 - 1))
-def test_class_balanced_indices_exact_counts_and_nesting(counts: list[int], per_class: int, seed: int) -> None:
+@given(
+    counts=st.lists(st.integers(3, 40), min_size=1, max_size=8),
+    per_class=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_class_balanced_indices_exact_counts_and_nesting(
+    counts: list[int], per_class: int, seed: int
+) -> None:
     y = torch.cat([torch.full((n,), k) for k, n in enumerate(counts)])
     y = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))]
     idx = D.class_balanced_indices(y, per_class, seed)
@@ -281,7 +296,9 @@ def test_digits_loads_without_files(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_unknown_dataset_and_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match=r"unknown dataset 'svhm': neither a known dataset \(cifar10, .*svhn"):
+    with pytest.raises(
+        ValueError, match=r"unknown dataset 'svhm': neither a known dataset \(cifar10, .*svhn"
+    ):
         D.load("svhm")
     with pytest.raises(ValueError, match="unknown split 'val'"):
         D.load("digits", "val")
@@ -301,8 +318,9 @@ def test_data_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_torchvision_spellings_name_the_registry_entry() -> None:
-    assert [D.registered(n) for n in ("CIFAR-100", "FashionMNIST", "fashion_mnist", "STL10", "my/folder")] \
-        == ["cifar100", "fashionmnist", "fashionmnist", "stl10", None]
+    assert [
+        D.registered(n) for n in ("CIFAR-100", "FashionMNIST", "fashion_mnist", "STL10", "my/folder")
+    ] == ["cifar100", "fashionmnist", "fashionmnist", "stl10", None]
 
 
 def test_missing_file_offline_explains_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -338,17 +356,20 @@ def test_corrupt_npz_is_reported(tmp_path: Path) -> None:
         D.load("mnist", "train", data_dir=tmp_path)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda a: a.pop("classes"), r"lacks array\(s\) \['classes'\]"),
-    (lambda a: a.update(y=a["y"] + 1), r"labels must lie in \[0, 10\)"),
-    (lambda a: a.update(y=a["y"] - 1), r"labels must lie in \[0, 10\)"),
-    (lambda a: a.update(y=a["y"][:-1]), r"y must be an int64 tensor of shape \(20,\)"),
-    (lambda a: a.update(y=a["y"].astype(np.float32)), "integer labels"),
-    (lambda a: a.update(x=a["x"][:, :27]), r"x must be uint8 of shape \(N, 28, 28, 1\)"),
-    (lambda a: a.update(x=a["x"].astype(np.float32)), "x must be uint8"),
-    (lambda a: a.update(classes=a["classes"][:5]), "classes must be 10 strings"),
-    (lambda a: a.update(classes=np.array(list(a["classes"]), dtype=object)), "not a readable npz"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: a.pop("classes"), r"lacks array\(s\) \['classes'\]"),
+        (lambda a: a.update(y=a["y"] + 1), r"labels must lie in \[0, 10\)"),
+        (lambda a: a.update(y=a["y"] - 1), r"labels must lie in \[0, 10\)"),
+        (lambda a: a.update(y=a["y"][:-1]), r"y must be an int64 tensor of shape \(20,\)"),
+        (lambda a: a.update(y=a["y"].astype(np.float32)), "integer labels"),
+        (lambda a: a.update(x=a["x"][:, :27]), r"x must be uint8 of shape \(N, 28, 28, 1\)"),
+        (lambda a: a.update(x=a["x"].astype(np.float32)), "x must be uint8"),
+        (lambda a: a.update(classes=a["classes"][:5]), "classes must be 10 strings"),
+        (lambda a: a.update(classes=np.array(list(a["classes"]), dtype=object)), "not a readable npz"),
+    ],
+)
 def test_foreign_npz_is_reported(tmp_path: Path, change, message: str) -> None:
     raw = mnist_like()
     change(raw)
@@ -368,8 +389,18 @@ class FakeMNIST:
         n = 30 if train else 10
         self.data = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
         self.targets = torch.arange(n) % 10
-        self.classes = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five",
-                        "6 - six", "7 - seven", "8 - eight", "9 - nine"]
+        self.classes = [
+            "0 - zero",
+            "1 - one",
+            "2 - two",
+            "3 - three",
+            "4 - four",
+            "5 - five",
+            "6 - six",
+            "7 - seven",
+            "8 - eight",
+            "9 - nine",
+        ]
 
 
 def test_download_converts_to_npz_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -479,8 +510,9 @@ def test_train_loader_is_reproducible_per_seed() -> None:
 
 
 def test_workers_draw_different_reproducible_noise() -> None:
-    zeros = D.ImageArrays(torch.zeros(8, 1, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long),
-                          ("0",), "mnist")
+    zeros = D.ImageArrays(
+        torch.zeros(8, 1, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), ("0",), "mnist"
+    )
 
     def run() -> list[torch.Tensor]:
         return [x for x, _ in D.make_loader(zeros, 8, train=True, batch_size=4, seed=5, num_workers=2)]
@@ -544,8 +576,12 @@ def test_folder_of_npz_files_any_shape(tmp_path: Path, monkeypatch: pytest.Monke
     folder = tmp_path / "mine"
     folder.mkdir()
     for split, n in (("train", 30), ("test", 9)):
-        write_npz(folder / f"{split}.npz", x=rng.integers(0, 256, (n, 12, 20, 3), dtype=np.uint8),
-                  y=np.arange(n) % 3, classes=np.array(["cat", "dog", "fox"]))
+        write_npz(
+            folder / f"{split}.npz",
+            x=rng.integers(0, 256, (n, 12, 20, 3), dtype=np.uint8),
+            y=np.arange(n) % 3,
+            classes=np.array(["cat", "dog", "fox"]),
+        )
     a = D.load(str(folder), "train")
     assert (a.shape, a.classes, len(a), a.name) == ((3, 12, 20), ("cat", "dog", "fox"), 30, str(folder))
     # A bare folder name is also looked for under the data directory.
@@ -553,7 +589,9 @@ def test_folder_of_npz_files_any_shape(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.chdir(folder)
     assert torch.equal(D.load("mine", "test").x, D.load(str(folder), "test").x)
     assert D.info("mine").shape == (3, 12, 20) and D.info("mine").num_classes == 3
-    write_npz(folder / "test.npz", x=np.zeros((4, 12, 20), dtype=np.uint8), y=np.zeros(4), classes=np.array(["a"]))
+    write_npz(
+        folder / "test.npz", x=np.zeros((4, 12, 20), dtype=np.uint8), y=np.zeros(4), classes=np.array(["a"])
+    )
     with pytest.raises(D.DatasetFormatError, match=r"test.npz: x must be uint8 of shape \(N, H, W, C\)"):
         D.load("mine", "test")
     (folder / "test.npz").unlink()
@@ -566,7 +604,7 @@ def test_image_folder_tree(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(0)
     expected = {}
-    for k, name in enumerate(["b_circle", "a_square"]):
+    for name in ["b_circle", "a_square"]:
         (tmp_path / "train" / name).mkdir(parents=True)
         for i in range(3):
             img = rng.integers(0, 256, (8, 16), dtype=np.uint8)
@@ -578,7 +616,9 @@ def test_image_folder_tree(tmp_path: Path) -> None:
     assert a.y.tolist() == [0, 0, 0, 1, 1, 1]
     assert np.array_equal(a.x[4, 0].numpy(), expected[("b_circle", 1)])
     # One colour image makes the set RGB; a different size is an error naming the file.
-    Image.fromarray(rng.integers(0, 256, (8, 16, 3), dtype=np.uint8)).save(tmp_path / "train" / "a_square" / "9.png")
+    Image.fromarray(rng.integers(0, 256, (8, 16, 3), dtype=np.uint8)).save(
+        tmp_path / "train" / "a_square" / "9.png"
+    )
     assert D.load(str(tmp_path), "train").shape == (3, 8, 16)
     Image.fromarray(np.zeros((9, 16), dtype=np.uint8)).save(tmp_path / "train" / "b_circle" / "odd.png")
     with pytest.raises(D.DatasetFormatError, match=r"odd.png is 9x16 pixels .* resize them"):
@@ -586,8 +626,13 @@ def test_image_folder_tree(tmp_path: Path) -> None:
 
 
 @settings(max_examples=15, deadline=None)
-@given(h=st.integers(1, 20), w=st.integers(1, 20), c=st.sampled_from([1, 3]), k=st.integers(1, 6),
-       seed=st.integers(0, 2**16))
+@given(
+    h=st.integers(1, 20),
+    w=st.integers(1, 20),
+    c=st.sampled_from([1, 3]),
+    k=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
 def test_folder_npz_shape_and_classes_come_from_the_data(tmp_path_factory, h, w, c, k, seed) -> None:
     folder = tmp_path_factory.mktemp("any")
     rng = np.random.default_rng(seed)

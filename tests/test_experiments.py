@@ -1,5 +1,6 @@
 """Tests of nfpi.experiments: one tidy row per run (SPEC §6-§8 metrics), the idempotent CSV,
 the reuse of finished runs and rows, and clear errors. Tiny flows and ResNets on digits."""
+
 from __future__ import annotations
 
 import math
@@ -8,12 +9,19 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from nfpi import experiments, repro
 from nfpi.classifiers import ClassifierConfig
 from nfpi.experiments import (
-    EvalConfig, Oracle, append_row, evaluate_run, generate, load_oracle, read_rows, run_grid,
+    EvalConfig,
+    Oracle,
+    append_row,
+    evaluate_run,
+    generate,
+    load_oracle,
+    read_rows,
+    run_grid,
 )
 from nfpi.runs import keyed_run_dir
 from nfpi.train import TrainConfig, load_checkpoint, train
@@ -50,7 +58,9 @@ def test_row_holds_config_settings_and_metrics(run, oracle, base):
     assert row["lam"] == 40.0 and math.isclose(row["lam_normalised"], 40.0 / 90)
     # NF accuracy and bits/dim are those training reported (same EMA model, same test set).
     final = pd.read_csv(run / "metrics.csv").iloc[-1]
-    assert math.isclose(row["nf_top1"], final["acc_top1"]) and math.isclose(row["bpd"], final["test_bpd"], rel_tol=1e-6)
+    assert math.isclose(row["nf_top1"], final["acc_top1"]) and math.isclose(
+        row["bpd"], final["test_bpd"], rel_tol=1e-6
+    )
     assert row["n_generated"] + row["nonfinite"] == 40
     for metric in ("cnn_top1", "cnn_top5", "coverage", "precision", "recall", "label_reliability"):
         assert 0.0 <= row[metric] <= 100.0, metric
@@ -77,7 +87,7 @@ def test_generate_returns_images_on_the_bit_grid(run):
     y = torch.arange(10).repeat_interleave(3)
     x, labels, dropped = generate(model, prior, y, cfg.bits, temperature=0.7, seed=1, batch_size=7)
     assert x.shape == (30 - dropped, 1, 8, 8) and dropped == 0 and torch.equal(labels, y)
-    levels = (x + 1) * 2 ** cfg.bits / 2 - 0.5  # bin centres sit on integer levels
+    levels = (x + 1) * 2**cfg.bits / 2 - 0.5  # bin centres sit on integer levels
     assert torch.allclose(levels, levels.round(), atol=1e-4)
     again, _, _ = generate(model, prior, y, cfg.bits, temperature=0.7, seed=1, batch_size=30)
     assert torch.equal(x, again)  # the batch size does not change the samples
@@ -86,12 +96,19 @@ def test_generate_returns_images_on_the_bit_grid(run):
 # ---------------------------------------------------------------------------------- errors
 def test_checkpoint_of_another_dataset_or_class_count(run, oracle):
     with pytest.raises(ValueError, match=r"dataset: flow 'digits', oracle/test set 'mnist'"):
-        evaluate_run(run, EVAL, Oracle(oracle.model, "mnist", 5, 0, oracle.classes, oracle.test_x, oracle.test_y))
+        evaluate_run(
+            run, EVAL, Oracle(oracle.model, "mnist", 5, 0, oracle.classes, oracle.test_x, oracle.test_y)
+        )
     with pytest.raises(ValueError, match=r"number of classes: flow 10, oracle/test set 5"):
-        evaluate_run(run, EVAL, Oracle(oracle.model, "digits", 5, 0, oracle.classes[:5], oracle.test_x,
-                                       oracle.test_y % 5))
+        evaluate_run(
+            run,
+            EVAL,
+            Oracle(oracle.model, "digits", 5, 0, oracle.classes[:5], oracle.test_x, oracle.test_y % 5),
+        )
     with pytest.raises(ValueError, match=r"bits: flow 5, oracle/test set 8"):
-        evaluate_run(run, EVAL, Oracle(oracle.model, "digits", 8, 0, oracle.classes, oracle.test_x, oracle.test_y))
+        evaluate_run(
+            run, EVAL, Oracle(oracle.model, "digits", 8, 0, oracle.classes, oracle.test_x, oracle.test_y)
+        )
 
 
 def test_too_few_samples_for_fid_and_coverage(run, oracle):
@@ -110,11 +127,19 @@ def test_generated_metrics_need_an_oracle(run):
 
 
 def test_eval_tags_tell_evaluations_apart():
-    tags = {EVAL.tag(), EVAL.replace(temperature=0.7).tag(), EVAL.replace(mean_scale=1.3).tag(),
-            EVAL.replace(samples_per_class=5).tag(), EVAL.replace(covariance="rfcm").tag(),
-            EVAL.replace(covariance="rfcm", rfcm_rank=8).tag(), EVAL.replace(cnn=False).tag(),
-            EVAL.replace(generated=False).tag(), EVAL.replace(seed=1).tag(),
-            EVAL.replace(classifier=ClassifierConfig(seed=1)).tag(), EVAL.replace(cnn=False, generated=False).tag()}
+    tags = {
+        EVAL.tag(),
+        EVAL.replace(temperature=0.7).tag(),
+        EVAL.replace(mean_scale=1.3).tag(),
+        EVAL.replace(samples_per_class=5).tag(),
+        EVAL.replace(covariance="rfcm").tag(),
+        EVAL.replace(covariance="rfcm", rfcm_rank=8).tag(),
+        EVAL.replace(cnn=False).tag(),
+        EVAL.replace(generated=False).tag(),
+        EVAL.replace(seed=1).tag(),
+        EVAL.replace(classifier=ClassifierConfig(seed=1)).tag(),
+        EVAL.replace(cnn=False, generated=False).tag(),
+    }
     assert len(tags) == 11
 
 
@@ -141,7 +166,11 @@ def test_append_row_replaces_rows_with_the_same_key(tmp_path):
     table = append_row(path, {"run": "a", "eval": "nf", "x": 4.0})
     assert len(table) == 3
     again = read_rows(path)
-    assert again.set_index(["run", "eval"])["x"].to_dict() == {("b", "nf"): 2.0, ("a", "T=1"): 3.0, ("a", "nf"): 4.0}
+    assert again.set_index(["run", "eval"])["x"].to_dict() == {
+        ("b", "nf"): 2.0,
+        ("a", "T=1"): 3.0,
+        ("a", "nf"): 4.0,
+    }
     assert [p.name for p in path.parent.iterdir()] == ["results.csv"]  # no temporary file left behind
     with pytest.raises(ValueError, match="key columns"):
         append_row(path, {"run": "c"})
@@ -159,8 +188,12 @@ def test_run_grid_trains_and_evaluates_only_what_is_missing(base, oracle, tmp_pa
     csv = tmp_path / "results.csv"
     evals = [EVAL.replace(cnn=False), EVAL.replace(cnn=False, generated=False)]
     first = run_grid(grid, base, tmp_path / "runs", csv, oracle, evals)
-    assert list(zip(first["run"], first["eval"])) == [("data", "n=4,T=1,ms=1,diag,gen"), ("data", "nf"),
-                                                      ("fpi", "n=4,T=1,ms=1,diag,gen"), ("fpi", "nf")]
+    assert list(zip(first["run"], first["eval"])) == [
+        ("data", "n=4,T=1,ms=1,diag,gen"),
+        ("data", "nf"),
+        ("fpi", "n=4,T=1,ms=1,diag,gen"),
+        ("fpi", "nf"),
+    ]
     assert first.loc[0, "lam"] == 0.0 and first.loc[2, "lam"] == 40.0
 
     def forbidden(*args, **kwargs):
@@ -176,7 +209,9 @@ def test_run_grid_trains_and_evaluates_only_what_is_missing(base, oracle, tmp_pa
     monkeypatch.undo()
     checkpoint = keyed_run_dir(tmp_path / "runs", "flow", base) / "checkpoint.pt"
     stamp = checkpoint.stat().st_mtime_ns
-    cooler = run_grid({"fpi": {}}, base, tmp_path / "runs", csv, oracle, EVAL.replace(cnn=False, temperature=0.5))
+    cooler = run_grid(
+        {"fpi": {}}, base, tmp_path / "runs", csv, oracle, EVAL.replace(cnn=False, temperature=0.5)
+    )
     assert cooler.loc[0, "eval"] == "n=4,T=0.5,ms=1,diag,gen"
     assert checkpoint.stat().st_mtime_ns == stamp
     assert len(read_rows(csv)) == 5
@@ -196,7 +231,10 @@ def test_rows_made_by_other_code_are_recomputed(base, oracle, tmp_path, monkeypa
     assert first.loc[0, "code"] == repro.code_fingerprint()
     monkeypatch.setattr(repro, "code_fingerprint", lambda: "0123456789abcdef")
     again = run_grid({"fpi": {}}, base, tmp_path / "runs", csv, oracle, ev)
-    assert again.loc[0, "code"] == "0123456789abcdef" and again.loc[0, "config_hash"] != first.loc[0, "config_hash"]
+    assert (
+        again.loc[0, "code"] == "0123456789abcdef"
+        and again.loc[0, "config_hash"] != first.loc[0, "config_hash"]
+    )
     assert len(list((tmp_path / "runs").iterdir())) == 2  # trained again in its own folder
     assert again.loc[0, "nf_top1"] == pytest.approx(first.loc[0, "nf_top1"])  # same computation, same numbers
 
@@ -214,10 +252,17 @@ def test_ce_and_ceglem_rows(base, oracle, tmp_path):
 def test_metric_grid_draws_one_panel_per_metric(tmp_path):
     from nfpi import plots
 
-    table = pd.DataFrame({"lam": [0.0, 10.0, 100.0, 10.0], "source": ["ours", "ours", "ours", "paper"],
-                          "nf_top1": [90.0, 92.0, 93.0, 50.0], "fid": [5.0, 4.0, 6.0, math.nan]})
-    fig = plots.metric_grid(table, "lam", ["nf_top1", "fid", "absent"], row="source", logx=True,
-                            path=tmp_path / "lines.png")
+    table = pd.DataFrame(
+        {
+            "lam": [0.0, 10.0, 100.0, 10.0],
+            "source": ["ours", "ours", "ours", "paper"],
+            "nf_top1": [90.0, 92.0, 93.0, 50.0],
+            "fid": [5.0, 4.0, 6.0, math.nan],
+        }
+    )
+    fig = plots.metric_grid(
+        table, "lam", ["nf_top1", "fid", "absent"], row="source", logx=True, path=tmp_path / "lines.png"
+    )
     assert len(fig.axes) == 4 and (tmp_path / "lines.png").stat().st_size > 0
     # lambda = 0 cannot sit on a log axis: it is drawn as a horizontal line.
     assert any(len(ax.lines) > 1 for ax in fig.axes)

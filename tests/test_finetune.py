@@ -1,24 +1,37 @@
 """Tests of nfpi.finetune (paper Tables 5-6 protocol at small scale): offline model building, the
 EVA02 cache check, the training sets of the four settings, the SGDR schedule, one training
 step, repeatability and the tidy comparison table."""
+
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
 from nfpi import data
 from nfpi.augment import AugmentConfig
 from nfpi.finetune import (
-    PAPER_MODEL, SETTINGS, FinetuneConfig, PretrainedWeightsMissing, build_model, cached_weights, compare,
-    make_optimizer, train_setting, training_set, weights_status,
+    PAPER_MODEL,
+    SETTINGS,
+    FinetuneConfig,
+    PretrainedWeightsMissing,
+    build_model,
+    cached_weights,
+    compare,
+    make_optimizer,
+    train_setting,
+    training_set,
+    weights_status,
 )
 from nfpi.flows import Glow
 from nfpi.repro import seed_summary
 
-TINY = dict(model_kwargs=dict(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2), epochs=1,
-            batch_size=16, eval_batch_size=64)
+TINY = dict(
+    model_kwargs=dict(img_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=2),
+    epochs=1,
+    batch_size=16,
+    eval_batch_size=64,
+)
 
 
 def toy(n: int, seed: int, shape=(1, 8, 8), k: int = 3) -> data.ImageArrays:
@@ -65,8 +78,15 @@ def test_cache_lookup_finds_weights_in_the_hub_layout(tmp_path):
 
 def test_paper_config_and_sgdr_schedule():
     cfg = FinetuneConfig.paper()
-    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.clip, cfg.epochs, cfg.batch_size, cfg.copies) == \
-        (PAPER_MODEL, "sgd", 1e-5, 1.0, 3, 64, 3)
+    assert (cfg.model, cfg.optimizer, cfg.lr, cfg.clip, cfg.epochs, cfg.batch_size, cfg.copies) == (
+        PAPER_MODEL,
+        "sgd",
+        1e-5,
+        1.0,
+        3,
+        64,
+        3,
+    )
     optimizer, scheduler = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1))])
     lrs = []
     for _ in range(cfg.epochs):
@@ -82,7 +102,9 @@ def test_training_sets_of_the_settings():
     base = training_set("baseline", train, None, 3)
     assert torch.equal(base.x, train.x.repeat(3, 1, 1, 1)) and torch.equal(base.y, train.y.repeat(3))
     mixed = training_set("nfa+sa", train, nfa, 3)
-    assert torch.equal(mixed.x, torch.cat([train.x, nfa.x])) and torch.equal(mixed.y, torch.cat([train.y, nfa.y]))
+    assert torch.equal(mixed.x, torch.cat([train.x, nfa.x])) and torch.equal(
+        mixed.y, torch.cat([train.y, nfa.y])
+    )
     with pytest.raises(ValueError, match="needs 12 NFA images"):
         training_set("nfa", train, None, 3)
     with pytest.raises(ValueError, match="copies >= 2"):
@@ -110,8 +132,9 @@ def test_compare_writes_a_tidy_table(tmp_path):
         flow(data.dequantize(data.quantize(train.x, 5), 5, noise=False))
     flow.eval()
     cfg = FinetuneConfig.cpu(**TINY, copies=2)
-    table = compare(flow, None, train, test, 5, cfg, AugmentConfig(k=2), seeds=[0, 1], out_dir=tmp_path,
-                    progress=False)
+    table = compare(
+        flow, None, train, test, 5, cfg, AugmentConfig(k=2), seeds=[0, 1], out_dir=tmp_path, progress=False
+    )
     assert list(table["setting"]) == list(SETTINGS) * 2 and list(table["seed"]) == [0] * 4 + [1] * 4
     assert {"top1", "top5", "ft_lr", "ft_model.depth", "nfa_k", "nfa_law", "n_train"} <= set(table.columns)
     assert (table["n_train"] == 60).all() and len(list(tmp_path.glob("nfa_toy_*.npz"))) == 2

@@ -10,8 +10,8 @@ checked against standard backprop over the same cases.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -31,8 +31,8 @@ from nfpi.flows import (
     MatExpCoupling,
     Squeeze,
     _phi,
-    expm_series,
     _ReversibleSteps,
+    expm_series,
     saved_activation_bytes,
 )
 
@@ -53,29 +53,21 @@ CASES = {
     "conv-lu": Case(lambda: InvConv1x1LU(5), (5, 3, 3), (5, 3, 3)),
     "conv-matexp": Case(lambda: InvConv1x1MatExp(5), (5, 3, 3), (5, 3, 3)),
     "coupling-affine": Case(lambda: AffineCoupling(4, hidden=8), (4, 4, 4), (4, 4, 4)),
-    "coupling-affine-odd": Case(
-        lambda: AffineCoupling(5, hidden=8, blocks=2), (5, 3, 3), (5, 3, 3)
-    ),
+    "coupling-affine-odd": Case(lambda: AffineCoupling(5, hidden=8, blocks=2), (5, 3, 3), (5, 3, 3)),
     "coupling-additive": Case(
         lambda: AdditiveCoupling(4, hidden=8), (4, 4, 4), (4, 4, 4), volume_preserving=True
     ),
     "coupling-matexp": Case(lambda: MatExpCoupling(4, hidden=8), (4, 3, 3), (4, 3, 3)),
-    "coupling-matexp-odd": Case(
-        lambda: MatExpCoupling(5, hidden=8, blocks=2), (5, 3, 3), (5, 3, 3)
-    ),
+    "coupling-matexp-odd": Case(lambda: MatExpCoupling(5, hidden=8, blocks=2), (5, 3, 3), (5, 3, 3)),
     "coupling-matexp-low-rank": Case(
         lambda: MatExpCoupling(9, hidden=8, low_rank_above=3, rank=2), (9, 2, 3), (9, 2, 3)
     ),
     "step-lu-affine": Case(lambda: FlowStep(4, 8, "lu", "affine"), (4, 3, 3), (4, 3, 3)),
-    "step-matexp-matexp": Case(
-        lambda: FlowStep(6, 8, "matexp", "matexp"), (6, 3, 3), (6, 3, 3)
-    ),
+    "step-matexp-matexp": Case(lambda: FlowStep(6, 8, "matexp", "matexp"), (6, 3, 3), (6, 3, 3)),
     "step-matexp-additive": Case(
         lambda: FlowStep(6, 8, "matexp", "additive", blocks=0), (6, 3, 3), (6, 3, 3)
     ),
-    "glow-digits-1x8x8": Case(
-        lambda: Glow((1, 8, 8), levels=3, steps=2, hidden=8), (1, 8, 8), (64,)
-    ),
+    "glow-digits-1x8x8": Case(lambda: Glow((1, 8, 8), levels=3, steps=2, hidden=8), (1, 8, 8), (64,)),
     "glow-3x8x8-matexp": Case(
         lambda: Glow((3, 8, 8), levels=2, steps=2, hidden=8, conv="matexp"), (3, 8, 8), (192,)
     ),
@@ -89,7 +81,12 @@ CASES = {
     ),
     "glow-mef-blocks-8-4-2": Case(
         lambda: Glow(
-            (3, 8, 8), levels=3, steps=2, hidden=8, conv="matexp", coupling="matexp",
+            (3, 8, 8),
+            levels=3,
+            steps=2,
+            hidden=8,
+            conv="matexp",
+            coupling="matexp",
             blocks=[8, 4, 2],
         ),
         (3, 8, 8),
@@ -99,8 +96,9 @@ CASES = {
         lambda: Glow((16, 4, 4), levels=1, steps=2, hidden=8, coupling="matexp"), (16, 4, 4), (256,)
     ),
     "glow-mef-rank-2-above-4": Case(  # level channels 12, 24: c2 = 6, 12 > 4, rank-2 W
-        lambda: Glow((3, 8, 8), levels=2, steps=1, hidden=8, coupling="matexp", matexp_rank=2,
-                     matexp_low_rank_above=4),
+        lambda: Glow(
+            (3, 8, 8), levels=2, steps=1, hidden=8, coupling="matexp", matexp_rank=2, matexp_low_rank_above=4
+        ),
         (3, 8, 8),
         (192,),
     ),
@@ -414,17 +412,16 @@ def test_low_rank_factors_both_learn_from_the_identity_init() -> None:
 
 
 def test_glow_passes_low_rank_settings_to_matexp_couplings() -> None:
-    model = Glow((3, 8, 8), levels=2, steps=1, hidden=4, coupling="matexp", matexp_rank=2,
-                 matexp_low_rank_above=6)
+    model = Glow(
+        (3, 8, 8), levels=2, steps=1, hidden=4, coupling="matexp", matexp_rank=2, matexp_low_rank_above=6
+    )
     ranks = [level.layers[1].layers[2].rank for level in model.level_flows]
     assert ranks == [None, 2]  # c2 = 6 (not > 6), then 12
 
 
 def test_glow_builds_per_level_block_counts() -> None:
     model = Glow((3, 8, 8), levels=3, steps=2, hidden=4, blocks=[3, 1, 0])
-    counts = [
-        [len(step.layers[2].net.blocks) for step in level.layers[1:]] for level in model.level_flows
-    ]
+    counts = [[len(step.layers[2].net.blocks) for step in level.layers[1:]] for level in model.level_flows]
     assert counts == [[3, 3], [1, 1], [0, 0]]
     assert Glow(**model.config).config["blocks"] == [3, 1, 0]
     uniform = Glow((3, 8, 8), levels=3, steps=1, hidden=4, blocks=2)
@@ -618,11 +615,19 @@ def test_reversible_training_run_matches_standard(tmp_path) -> None:
     from nfpi.train import TrainConfig, train
 
     tiny = {
-        "dataset": "digits", "bits": 5, "per_class": 60, "epochs": 2, "batch_size": 100,
-        "eval_batch_size": 128, "init_images": 256, "seed": 3, "threads": 1,
+        "dataset": "digits",
+        "bits": 5,
+        "per_class": 60,
+        "epochs": 2,
+        "batch_size": 100,
+        "eval_batch_size": 128,
+        "init_images": 256,
+        "seed": 3,
+        "threads": 1,
         "model": {"levels": 2, "steps": 4, "hidden": 8},
         "optim": {"warmup": 5, "ema": 0.99},
-        "gaussians": {"prior": "fpi", "lam": 40.0}, "schedule": {"solve_epoch": 0},
+        "gaussians": {"prior": "fpi", "lam": 40.0},
+        "schedule": {"solve_epoch": 0},
     }
     rows = {}
     for memory in ("standard", "reversible"):
@@ -637,10 +642,24 @@ def test_reversible_training_run_matches_standard(tmp_path) -> None:
 
 # ------------------------------------------------------------------ paper configs (SPEC §4)
 # The released model settings, as recorded in SPEC §4 (README "Paper settings" gives sources).
-RELEASED_MODEL = dict(levels=3, steps=8, hidden=128, conv="matexp", coupling="matexp",
-                      blocks=[8, 4, 2], matexp_rank=3, matexp_low_rank_above=24)
-RELEASED_TRAINING = {"bits": 8, "epochs": 500, "batch_size": 512, "optim.lr": 1e-2,
-                     "optim.warmup": 1000, "optim.ema": 0.9999}
+RELEASED_MODEL = dict(
+    levels=3,
+    steps=8,
+    hidden=128,
+    conv="matexp",
+    coupling="matexp",
+    blocks=[8, 4, 2],
+    matexp_rank=3,
+    matexp_low_rank_above=24,
+)
+RELEASED_TRAINING = {
+    "bits": 8,
+    "epochs": 500,
+    "batch_size": 512,
+    "optim.lr": 1e-2,
+    "optim.warmup": 1000,
+    "optim.ema": 0.9999,
+}
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "mnist"])
@@ -686,8 +705,9 @@ def test_reversible_mode_under_ddp_averages_exact_gradients(tmp_path) -> None:
     """DDP's all-reduce hooks fire for parameters whose gradients come from _ReversibleSteps."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_ddp_reversible_worker, args=(str(tmp_path / "init"), str(tmp_path)),
-                       nprocs=2, start_method="fork")
+    mp.start_processes(
+        _ddp_reversible_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
+    )
     torch.manual_seed(0)
     model = Glow((3, 8, 8), levels=2, steps=2, hidden=8, coupling="matexp").to(DTYPE)
     with torch.no_grad():

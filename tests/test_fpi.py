@@ -1,15 +1,16 @@
 """The fixed-point solver: statistics, KL, stationarity of the fixed point, robustness (SPEC §2-§3, §5)."""
+
 import math
 import warnings
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
 from nfpi import fpi, gd
 from nfpi.fpi import ClassStats, FPIWarning
-
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -31,7 +32,7 @@ def naive_j(stats, mu, s, lam, alpha, pi):
         v = stats.total_outer / stats.count[:, None, None] - m[:, :, None] * m[:, None, :]
         dists = [MultivariateNormal(mu[i], covariance_matrix=s[i]) for i in range(k)]
     else:
-        v = stats.total_sq / stats.count[:, None] - m ** 2
+        v = stats.total_sq / stats.count[:, None] - m**2
         dists = [Independent(Normal(mu[i], s[i].sqrt()), 1) for i in range(k)]
     nll = 0.0
     for i in range(k):
@@ -40,7 +41,7 @@ def naive_j(stats, mu, s, lam, alpha, pi):
             scat = v[i] + torch.outer(diff, diff)
             nll = nll + 0.5 * (torch.trace(torch.linalg.solve(s[i], scat)) + torch.logdet(s[i]))
         else:
-            nll = nll + 0.5 * ((v[i] + diff ** 2) / s[i] + s[i].log()).sum()
+            nll = nll + 0.5 * ((v[i] + diff**2) / s[i] + s[i].log()).sum()
     kl = {(i, j): kl_divergence(dists[i], dists[j]) for i in range(k) for j in range(k) if i != j}
     if pi == "pairwise":
         scale = {p: val.detach() for p, val in kl.items()}
@@ -67,7 +68,7 @@ def stationarity(stats, res, lam, alpha, pi, learn):
 
     total = norm([a + b for a, b in zip(g_nll, g_rep)])
     size = math.sqrt(sum(p.numel() for p in params))
-    return total / (norm(g_nll) + norm(g_rep) + 1e-12 * size)   # floor: both terms at rounding level
+    return total / (norm(g_nll) + norm(g_rep) + 1e-12 * size)  # floor: both terms at rounding level
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -78,8 +79,9 @@ def test_class_stats_match_direct_and_merge(k, d, seed):
     y = torch.cat([torch.arange(k).repeat(2), torch.randint(0, k, (30,), generator=g)])
     z = torch.randn(len(y), d, generator=g) * 3 + 1
     whole = ClassStats.from_latents(z, y, k, full=True)
-    parts = (ClassStats.from_latents(z[:7], y[:7], k, full=True)
-             + ClassStats.from_latents(z[7:], y[7:], k, full=True))
+    parts = ClassStats.from_latents(z[:7], y[:7], k, full=True) + ClassStats.from_latents(
+        z[7:], y[7:], k, full=True
+    )
     for c in range(k):
         zc = z[y == c]
         assert torch.allclose(whole.mean()[c], zc.mean(0))
@@ -106,7 +108,7 @@ def test_class_stats_reject_bad_input():
 @settings(max_examples=30, deadline=None)
 def test_pairwise_kl_matches_torch_distributions(k, d, seed, shift):
     g = torch.Generator().manual_seed(seed)
-    mu = torch.randn(k, d, generator=g) + shift   # an offset stresses the expanded square
+    mu = torch.randn(k, d, generator=g) + shift  # an offset stresses the expanded square
     s = torch.rand(k, d, generator=g) * 2 + 0.05
     kl = fpi.pairwise_kl(mu, s)
     dists = [Independent(Normal(mu[i], s[i].sqrt()), 1) for i in range(k)]
@@ -151,13 +153,13 @@ def test_objective_gradient_is_that_of_j_with_pi_fixed():
 @pytest.mark.parametrize("lam", [0.5, 3.0, 10.0])
 def test_fixed_point_is_stationary(learn, pi, lam):
     stats = make_stats(k=6, d=5, sep=0.4)
-    assert lam < fpi.unbounded_threshold(6)        # the bounded regime
+    assert lam < fpi.unbounded_threshold(6)  # the bounded regime
     res = fpi.solve(stats, lam, pi=pi, learn=learn)
     assert res.converged and res.bounds_active == 0
     assert stationarity(stats, res, lam, 10.0, pi, learn) <= 1e-6
     assert fpi.gradient_residual(stats, res.means, res.variances, lam, pi=pi, learn=learn) <= 1e-6
     assert res.lam_normalised == pytest.approx(lam / 30)
-    if learn == "means":   # the untouched block stays at its data value
+    if learn == "means":  # the untouched block stays at its data value
         assert torch.equal(res.variances, stats.var())
     if learn == "variances":
         assert torch.equal(res.means, stats.mean())
@@ -180,9 +182,15 @@ def test_full_covariance_fixed_point_is_stationary(lam):
     assert (torch.linalg.eigvalsh(res.variances) > 0).all()
 
 
-@given(k=st.integers(2, 6), d=st.integers(1, 6), seed=st.integers(0, 10_000),
-       frac=st.one_of(st.just(0.0), st.floats(1e-3, 0.5)), sep=st.floats(0.05, 3.0),
-       learn=st.sampled_from(["both", "means", "variances"]), pi=st.sampled_from(["pairwise", "mean"]))
+@given(
+    k=st.integers(2, 6),
+    d=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+    frac=st.one_of(st.just(0.0), st.floats(1e-3, 0.5)),
+    sep=st.floats(0.05, 3.0),
+    learn=st.sampled_from(["both", "means", "variances"]),
+    pi=st.sampled_from(["pairwise", "mean"]),
+)
 @settings(max_examples=40, deadline=None)
 def test_random_statistics_converge_to_positive_stationary_points(k, d, seed, frac, sep, learn, pi):
     stats = make_stats(k=k, d=d, n=12, sep=sep, seed=seed)
@@ -192,7 +200,7 @@ def test_random_statistics_converge_to_positive_stationary_points(k, d, seed, fr
         res = fpi.solve(stats, lam, pi=pi, learn=learn, max_iter=3000)
     assert torch.isfinite(res.means).all() and (res.variances > 0).all()
     assert res.converged
-    if res.bounds_active:   # J keeps decreasing outward (possible for pi="mean"): it must say so
+    if res.bounds_active:  # J keeps decreasing outward (possible for pi="mean"): it must say so
         assert any("sit on the bound" in str(r.message) for r in record)
     elif lam > 0:
         assert stationarity(stats, res, lam, 10.0, pi, learn) <= 1e-6
@@ -237,10 +245,9 @@ def test_unbounded_regime_warns_and_stays_bounded(lam):
 
 def test_not_converged_can_raise():
     stats = make_stats(k=10, d=16, sep=0.05)
-    with pytest.raises(fpi.FPIDivergenceError, match="did not converge"):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FPIWarning)
-            fpi.solve(stats, 1e3, learn="means", max_iter=2, on_fail="raise")
+    with pytest.raises(fpi.FPIDivergenceError, match="did not converge"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FPIWarning)
+        fpi.solve(stats, 1e3, learn="means", max_iter=2, on_fail="raise")
 
 
 def test_degenerate_inputs():
@@ -286,7 +293,7 @@ def test_gradient_descent_descends_towards_the_fpi_optimum():
     h = res.history["objective"]
     assert h[-1] < h[0]
     assert h[-1] == pytest.approx(ref.objective, abs=1e-3 * abs(ref.objective) + 1e-3)
-    assert h[-1] >= ref.objective - 1e-6      # the FPI point is the (local) minimum
+    assert h[-1] >= ref.objective - 1e-6  # the FPI point is the (local) minimum
     assert torch.allclose(res.means, ref.means, atol=5e-2)
 
 
@@ -304,7 +311,7 @@ def test_gradient_descent_policies_and_errors():
 def test_fixed_blocks_are_not_touched_by_the_bounds():
     """Means-only with identity variances far outside [v/rho, v*rho] keeps them exactly 1 (FPI and GD)."""
     stats = make_stats(k=4, d=3, sep=0.5)
-    stats = ClassStats(stats.count, stats.total * 10, stats.total_sq * 100)     # variances ~ 100x
+    stats = ClassStats(stats.count, stats.total * 10, stats.total_sq * 100)  # variances ~ 100x
     ones = torch.ones(4, 3)
     res = fpi.solve(stats, 50.0, learn="means", init=(stats.mean(), ones), rho=2.0)
     assert torch.equal(res.variances, ones) and res.bounds_active == 0
@@ -390,7 +397,7 @@ def test_released_variance_rule_is_the_released_formula():
         b = v[y].clone()
         for j in range(k):
             if j != y:
-                q = sum((mu[j] - mu[l]) ** 2 for l in range(k))
+                q = sum((mu[j] - mu[i]) ** 2 for i in range(k))
                 a = a + c * kmat[j, y] * (q + s[j])
                 b = b + c * s[y] ** 2 * kmat[y, j] / s[j]
         ref[y] = (b / a).sqrt()
@@ -407,12 +414,13 @@ def test_solution_is_a_fixed_point_of_its_own_update(rule, learn, isotropic):
     lam = 1e3 if rule == "released" else 30.0
     res = fpi.solve(stats, lam, learn=learn, rule=rule, isotropic_mean_step=isotropic, tol=1e-12)
     assert res.converged and res.bounds_active == 0
-    mu, s = fpi.update(stats, res.means, res.variances, lam, learn=learn, rule=rule,
-                       isotropic_mean_step=isotropic)
+    mu, s = fpi.update(
+        stats, res.means, res.variances, lam, learn=learn, rule=rule, isotropic_mean_step=isotropic
+    )
     std = stats.var().sqrt()
     assert ((mu - res.means) / std).abs().max() <= 1e-10
     assert ((s - res.variances) / res.variances).abs().max() <= 1e-10
-    assert (res.means - stats.mean()).abs().max() > 1e-3 or learn == "variances"   # it did move
+    assert (res.means - stats.mean()).abs().max() > 1e-3 or learn == "variances"  # it did move
 
 
 @pytest.mark.parametrize("learn", ["both", "variances"])
@@ -424,7 +432,7 @@ def test_released_stop_is_the_released_rule(learn):
     lam = 1e3
     res = fpi.solve(stats, lam, learn=learn, rule="released", stop="released", accel="none", rho=1e6)
     mu, s = stats.mean(), stats.var()
-    for it in range(1, 1001):
+    for it in range(1, 1001):  # noqa: B007 (the count is checked after the loop)
         mu_n, s_n = fpi.update(stats, mu, s, lam, learn=learn, rule="released")
         change = max(float((mu_n - mu).norm(dim=1).max()), float((s_n - s).norm(dim=1).max()))
         mu, s = mu_n, s_n
@@ -445,7 +453,7 @@ def test_mean_pi_threshold_separates_bounded_and_runaway_variances():
     g = torch.Generator().manual_seed(0)
     mean = 0.3 * torch.randn(k, d, generator=g)
     n = torch.full((k,), 100.0)
-    stats = ClassStats(n, mean * 100, (1 + mean ** 2) * 100)      # unit variances in every class
+    stats = ClassStats(n, mean * 100, (1 + mean**2) * 100)  # unit variances in every class
     s0 = torch.ones(k, d)
     s0[0, 0] = 1e3
     threshold = fpi.unbounded_threshold(k, 10.0, pi="mean")
@@ -464,12 +472,16 @@ def test_mean_pi_threshold_separates_bounded_and_runaway_variances():
 @pytest.mark.parametrize("policy", sorted(gd.POLICIES))
 def test_gradient_descent_lr_policy_schedule(policy):
     """lr_t = lr0 (1 - t/T)^p with the README's exponent for each policy, t = 0 .. T-1."""
-    p = {"constant": 0.0, "sublinear_v1": 0.5, "sublinear_v2": 0.75, "linear": 1.0,
-         "superlinear_v1": 1.5, "superlinear_v2": 2.0}[policy]
+    p = {
+        "constant": 0.0,
+        "sublinear_v1": 0.5,
+        "sublinear_v2": 0.75,
+        "linear": 1.0,
+        "superlinear_v1": 1.5,
+        "superlinear_v2": 2.0,
+    }[policy]
     steps, lr0 = 40, 0.03
     res = gd.solve(make_stats(k=3, d=2), 1.0, policy=policy, steps=steps, lr=lr0)
     assert len(res.history["lr"]) == steps
     for t in (0, 1, 10, 20, 33, 39):
         assert res.history["lr"][t] == pytest.approx(lr0 * (1 - t / steps) ** p, rel=1e-12, abs=0)
-
-

@@ -1,5 +1,6 @@
 """``scripts/gpu_check.sh --device cpu --smoke``: the GPU check script runs end to end on a CPU
 (issue 15: the script a later session with a GPU runs; see README "Reproducing the paper on GPUs")."""
+
 from __future__ import annotations
 
 import json

@@ -1,6 +1,7 @@
 """Working in JupyterLab: executed notebooks without volatile metadata (nfpi._notebooks), and
 the round trip "open and save every notebook through the Jupyter server" leaving every file of
 the pairs byte-identical (jupytext.toml, kernelspec, stripped metadata all agree)."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,9 @@ def test_strip_removes_volatile_metadata_and_pins_the_kernel(tmp_path: Path) -> 
     assert not {"papermill", "widgets"} & set(out.metadata)
     assert out.metadata.kernelspec == _notebooks.KERNELSPEC
     assert not any({"papermill", "execution"} & set(c.metadata) for c in out.cells)
-    assert [c.metadata.get("tags") for c in out.cells] == [c.metadata.get("tags") for c in jupytext.read(PAIRS[0]).cells]
+    assert [c.metadata.get("tags") for c in out.cells] == [
+        c.metadata.get("tags") for c in jupytext.read(PAIRS[0]).cells
+    ]
 
 
 def test_finish_rewrites_only_on_change_and_orders_the_pair(tmp_path: Path) -> None:
@@ -80,27 +83,48 @@ class _Server:
         self.token = secrets.token_hex(16)
         port = _free_port()
         self.base = f"http://127.0.0.1:{port}/api/contents/"
-        env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(root.parent / "runtime"),
-               "JUPYTER_CONFIG_DIR": str(root.parent / "config")}
+        env = {
+            **os.environ,
+            "JUPYTER_RUNTIME_DIR": str(root.parent / "runtime"),
+            "JUPYTER_CONFIG_DIR": str(root.parent / "config"),
+        }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
-             f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={root}", "--no-browser",
-             "--allow-root"], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            [
+                sys.executable,
+                "-m",
+                "jupyter_server",
+                "--ServerApp.ip=127.0.0.1",
+                f"--ServerApp.port={port}",
+                f"--IdentityProvider.token={self.token}",
+                f"--ServerApp.root_dir={root}",
+                "--no-browser",
+                "--allow-root",
+            ],
+            cwd=root,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 120
         while True:
             try:
                 self.call("GET", "")
                 return
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError) as err:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.close()
-                    raise RuntimeError(f"jupyter server did not start: {self.proc.stderr.read().decode()[-2000:]}")
+                    raise RuntimeError(
+                        f"jupyter server did not start: {self.proc.stderr.read().decode()[-2000:]}"
+                    ) from err
                 time.sleep(0.25)
 
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         request = urllib.request.Request(
-            self.base + path, method=method, data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"})
+            self.base + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())
 
@@ -125,8 +149,11 @@ def test_open_and_save_in_jupyterlab_changes_nothing(tmp_path: Path) -> None:
             # JupyterLab's open (GET) and save (PUT), of the .ipynb and of the .py opened as a notebook.
             for name in (source.with_suffix(".ipynb").name, source.name):
                 model = server.call("GET", f"notebooks/{name}?type=notebook&content=1")
-                server.call("PUT", f"notebooks/{name}", {"type": "notebook", "format": "json",
-                                                         "content": model["content"]})
+                server.call(
+                    "PUT",
+                    f"notebooks/{name}",
+                    {"type": "notebook", "format": "json", "content": model["content"]},
+                )
     finally:
         server.close()
     after = {p: p.read_bytes() for p in (root / "notebooks").iterdir() if p.is_file()}

@@ -1,5 +1,6 @@
 """Runs written before the solver / gd / schedule config groups still load: their stored config
 (flat ``gaussians`` keys) is upgraded, and their flows give the outputs they gave then."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,9 +16,19 @@ from nfpi.splits import load_data
 REPO = Path(__file__).resolve().parents[1]
 LEGACY = Path(__file__).parent / "data" / "legacy_d10b07e"
 # The command line that made the checkpoint (see its README), in the current layout.
-NEW_LAYOUT = {"epochs": 1, "model.hidden": 8, "model.steps": 1, "per_class": 20, "test_per_class": 10,
-              "batch_size": 32, "eval_batch_size": 200, "init_images": 64, "solver.max_iter": 500,
-              "gd.steps": 50, "gd.lr": 0.1}
+NEW_LAYOUT = {
+    "epochs": 1,
+    "model.hidden": 8,
+    "model.steps": 1,
+    "per_class": 20,
+    "test_per_class": 10,
+    "batch_size": 32,
+    "eval_batch_size": 200,
+    "init_images": 64,
+    "solver.max_iter": 500,
+    "gd.steps": 50,
+    "gd.lr": 0.1,
+}
 
 
 def test_legacy_config_upgrades_to_the_new_layout():
@@ -37,8 +48,14 @@ def test_legacy_checkpoint_gives_the_same_flow_outputs():
     assert evaluate_flow(model, gaussians, test_set, cfg.bits, 500) == reference["metrics"]
 
 
-@pytest.mark.parametrize("old, new", [("gaussians.gd_lr", "gd.lr"), ("gaussians.tol", "solver.tol"),
-                                      ("gaussians.solve_epoch", "schedule.solve_epoch")])
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("gaussians.gd_lr", "gd.lr"),
+        ("gaussians.tol", "solver.tol"),
+        ("gaussians.solve_epoch", "schedule.solve_epoch"),
+    ],
+)
 def test_old_keys_name_their_new_place(tmp_path, old, new):
     with pytest.raises(ValueError, match=rf"{old} moved to {new}"):
         TrainConfig.from_dict({}, **{old: 1})

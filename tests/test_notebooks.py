@@ -1,5 +1,6 @@
 """Notebooks follow the repository's rules: jupytext sources paired with executed copies in
 sync, exactly one `parameters` cell, result cells checked by nbval, no algorithm code."""
+
 import ast
 from pathlib import Path
 
@@ -23,8 +24,9 @@ def test_notebook_rules(path):
     cells = code_cells(source)
     tagged = [c for c in cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
-    assert any(c.source.lstrip().startswith("# NBVAL_CHECK_OUTPUT") for c in cells), \
+    assert any(c.source.lstrip().startswith("# NBVAL_CHECK_OUTPUT") for c in cells), (
         f"{path.name}: no result cell marked '# NBVAL_CHECK_OUTPUT' for nbval to compare"
+    )
     for cell in cells:
         tree = ast.parse(cell.source)
         defs = [n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
@@ -32,6 +34,7 @@ def test_notebook_rules(path):
     executed = path.with_suffix(".ipynb")
     assert executed.exists(), f"{executed.name} missing: run `make reproduce`"
     run = jupytext.read(executed)
-    assert [c.source for c in code_cells(run)] == [c.source for c in cells], \
+    assert [c.source for c in code_cells(run)] == [c.source for c in cells], (
         f"{executed.name} is out of date with {path.name}: run `make reproduce`"
+    )
     assert all(c.get("execution_count") for c in code_cells(run)), f"{executed.name} is not fully executed"

@@ -15,11 +15,20 @@ from nfpi.splits import load_data
 from nfpi.train import train
 
 TINY = {
-    "dataset": "digits", "bits": 5, "per_class": 30, "test_per_class": 10, "epochs": 1, "batch_size": 100,
-    "eval_batch_size": 128, "init_images": 128, "seed": 1, "threads": 1,
+    "dataset": "digits",
+    "bits": 5,
+    "per_class": 30,
+    "test_per_class": 10,
+    "epochs": 1,
+    "batch_size": 100,
+    "eval_batch_size": 128,
+    "init_images": 128,
+    "seed": 1,
+    "threads": 1,
     "model": {"levels": 2, "steps": 1, "hidden": 8},
     "optim": {"warmup": 2, "ema": 0.9},
-    "gaussians": {"prior": "fpi", "lam": 40.0}, "schedule": {"solve_epoch": 0},
+    "gaussians": {"prior": "fpi", "lam": 40.0},
+    "schedule": {"solve_epoch": 0},
 }
 # How far a recomputation may land from the recorded value on another machine or thread count
 # (issue 11: 0.05 points of NF accuracy, 0.005 bits/dim).

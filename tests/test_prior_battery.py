@@ -5,11 +5,13 @@
 input are checked against float64 torch.distributions references; bad labels and NaN
 parameters must give the same ValueErrors from both.
 """
+
 import io
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from nfpi.priors import ClassGaussians, FullGaussians
@@ -18,17 +20,21 @@ from nfpi.priors import ClassGaussians, FullGaussians
 def diagonal(k, d, seed):
     """ClassGaussians with random parameters, and its (K, D, D) float64 covariances."""
     g = torch.Generator().manual_seed(seed)
-    prior = ClassGaussians(torch.randn(k, d, generator=g, dtype=torch.float64) * 3 + 10,
-                           torch.rand(k, d, generator=g, dtype=torch.float64) + 0.1)
+    prior = ClassGaussians(
+        torch.randn(k, d, generator=g, dtype=torch.float64) * 3 + 10,
+        torch.rand(k, d, generator=g, dtype=torch.float64) + 0.1,
+    )
     return prior, torch.diag_embed(prior.variances.double())
 
 
 def full(k, d, seed):
     """FullGaussians (rank min(2, D) + diagonal) with random parameters, and its covariances."""
     g = torch.Generator().manual_seed(seed)
-    prior = FullGaussians(torch.randn(k, d, generator=g, dtype=torch.float64) * 3 + 10,
-                          torch.randn(k, d, min(2, d), generator=g, dtype=torch.float64) * 0.7,
-                          torch.rand(k, d, generator=g, dtype=torch.float64) + 0.1)
+    prior = FullGaussians(
+        torch.randn(k, d, generator=g, dtype=torch.float64) * 3 + 10,
+        torch.randn(k, d, min(2, d), generator=g, dtype=torch.float64) * 0.7,
+        torch.rand(k, d, generator=g, dtype=torch.float64) + 0.1,
+    )
     factor = prior.factor.double()
     return prior, factor @ factor.mT + torch.diag_embed(prior.diag.double())
 
@@ -132,12 +138,18 @@ def test_buffers_round_trip_through_state_dict(kind):
 
 
 # ----------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("bad, message", [
-    (torch.zeros(2, 5, dtype=torch.float64), r"latents must be \(B, 3\), got \(2, 5\)"),
-    (torch.zeros(5, dtype=torch.float64), r"latents must be \(B, 3\), got \(5,\)"),
-    (torch.tensor([[0.0, float("nan"), 0.0]], dtype=torch.float64), r"latents contain NaN or inf in 1 row"),
-    (torch.tensor([[0.0, 0.0, float("inf")]], dtype=torch.float64), r"latents contain NaN or inf"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.zeros(2, 5, dtype=torch.float64), r"latents must be \(B, 3\), got \(2, 5\)"),
+        (torch.zeros(5, dtype=torch.float64), r"latents must be \(B, 3\), got \(5,\)"),
+        (
+            torch.tensor([[0.0, float("nan"), 0.0]], dtype=torch.float64),
+            r"latents contain NaN or inf in 1 row",
+        ),
+        (torch.tensor([[0.0, 0.0, float("inf")]], dtype=torch.float64), r"latents contain NaN or inf"),
+    ],
+)
 def test_scoring_rejects_bad_latents(kind, bad, message):
     prior, _ = kind(4, 3, 0)
     with pytest.raises(ValueError, match=message):
@@ -173,10 +185,13 @@ def test_constructors_reject_non_positive_variances_and_bad_shapes():
 
 # ------------------------------------------------------------- bad labels and parameters
 @pytest.mark.parametrize("name", ["diagonal", "full"])
-@pytest.mark.parametrize("labels, message", [
-    (torch.tensor([0, 4]), r"labels must lie in \[0, 4\)"),
-    (torch.tensor([0.0, 1.0]), r"labels must be an integer tensor"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (torch.tensor([0, 4]), r"labels must lie in \[0, 4\)"),
+        (torch.tensor([0.0, 1.0]), r"labels must be an integer tensor"),
+    ],
+)
 def test_nll_rejects_bad_labels(name, labels, message):
     prior, _ = KINDS[name](4, 3, 0)
     with pytest.raises(ValueError, match=message):
@@ -194,6 +209,6 @@ def test_sample_rejects_float_labels(name):
 def test_constructor_rejects_nan_means(name):
     prior, _ = KINDS[name](2, 2, 0)
     params = [t.clone() for t in prior.buffers()]
-    params[0][0, 0] = float("nan")                       # the means buffer comes first in both
+    params[0][0, 0] = float("nan")  # the means buffer comes first in both
     with pytest.raises(ValueError, match="NaN"):
         type(prior)(*params)

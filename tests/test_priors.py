@@ -1,9 +1,11 @@
 """The class-Gaussian prior: densities, classification, sampling, constructors (SPEC §5-§6)."""
+
 import io
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributions import Independent, Normal
 
 from nfpi import fpi
@@ -12,8 +14,9 @@ from nfpi.priors import ClassGaussians, interpolate
 
 def random_prior(k=4, d=6, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return ClassGaussians(torch.randn(k, d, generator=g, dtype=dtype) * 3 + 10,
-                          torch.rand(k, d, generator=g, dtype=dtype) + 0.1)
+    return ClassGaussians(
+        torch.randn(k, d, generator=g, dtype=dtype) * 3 + 10, torch.rand(k, d, generator=g, dtype=dtype) + 0.1
+    )
 
 
 @given(st.integers(1, 6), st.integers(1, 8), st.integers(0, 1000))
@@ -21,8 +24,13 @@ def random_prior(k=4, d=6, seed=0, dtype=torch.float64):
 def test_log_prob_and_nll_match_torch_distributions(k, d, seed):
     prior = random_prior(k, d, seed)
     z = torch.randn(7, d, dtype=torch.float64) * 3 + 10
-    ref = torch.stack([Independent(Normal(prior.means[i].double(), prior.variances[i].double().sqrt()), 1).log_prob(z)
-                       for i in range(k)], 1)
+    ref = torch.stack(
+        [
+            Independent(Normal(prior.means[i].double(), prior.variances[i].double().sqrt()), 1).log_prob(z)
+            for i in range(k)
+        ],
+        1,
+    )
     assert torch.allclose(prior.log_prob(z), ref, rtol=1e-5, atol=1e-4)
     y = torch.randint(0, k, (7,))
     assert torch.allclose(prior.nll(z, y), -ref.gather(1, y[:, None]).squeeze(1), rtol=1e-5, atol=1e-4)
@@ -47,7 +55,7 @@ def test_interpolation_endpoints_and_rescaling():
     path = interpolate(z1, z2, 5)
     assert path.shape == (5, 5)
     assert torch.allclose(path[0], z2) and torch.allclose(path[-1], z1)
-    mid = (0.5 * z1 + 0.5 * z2) / (0.5 ** 0.5)
+    mid = (0.5 * z1 + 0.5 * z2) / (0.5**0.5)
     assert torch.allclose(path[2], mid)
 
 

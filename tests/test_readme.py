@@ -1,5 +1,6 @@
 """The README's quick-start example runs as printed, and its results tables are the committed
 results CSVs (every published number has an artefact)."""
+
 import re
 from pathlib import Path
 
@@ -10,7 +11,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_quick_start_runs():
     text = README.read_text()
-    blocks = re.findall(r"<!-- tests/test_readme.py executes this block -->\n```python\n(.*?)```", text, re.S)
+    marker = r"<!-- tests/test_readme.py executes this block -->\n```python\n(.*?)```"
+    blocks = re.findall(marker, text, re.DOTALL)
     assert blocks, "README lost its executed quick-start block"
     for block in blocks:
         exec(compile(block, str(README), "exec"), {})
@@ -24,18 +26,27 @@ def test_readme_results_tables_agree_with_the_committed_artefacts():
         assert (README.parent / path).is_file(), f"README table without its artefact: {path}"
     assert repro.render_readme(text, README.parent) == text, (
         "a README results table differs from its CSV: run `python -m nfpi.repro README.md` after re-running "
-        "the notebook, and commit both")
+        "the notebook, and commit both"
+    )
 
 
 def test_readme_shipped_flows_table_is_the_manifest():
     text = README.read_text()
-    block = re.search(r"<!-- shipped: checkpoints/manifest.yaml -->\n(.*?)<!-- /shipped -->", text, re.S)
+    block = re.search(r"<!-- shipped: checkpoints/manifest.yaml -->\n(.*?)<!-- /shipped -->", text, re.DOTALL)
     assert block, "the README lost its table of shipped flows"
-    rows = {m[0]: m[1:] for m in re.findall(r"^\| `([\w-]+)` \| [^|]+ \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|",
-                                             block[1], re.M)}
+    rows = {
+        m[0]: m[1:]
+        for m in re.findall(
+            r"^\| `([\w-]+)` \| [^|]+ \| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", block[1], re.MULTILINE
+        )
+    }
     entries = pretrained.manifest()
     assert set(rows) == set(entries), "README table and checkpoints/manifest.yaml list other flows"
     for name, (images, top1, top5, bpd) in rows.items():
         e = entries[name]
         assert (int(images), top1, top5, bpd) == (
-            e["test_images"], f"{e['acc_top1']:.2f}", f"{e['acc_top5']:.2f}", f"{e['test_bpd']:.4f}"), name
+            e["test_images"],
+            f"{e['acc_top1']:.2f}",
+            f"{e['acc_top5']:.2f}",
+            f"{e['test_bpd']:.4f}",
+        ), name

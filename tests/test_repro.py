@@ -1,10 +1,10 @@
 """Tests of nfpi.repro: the code fingerprint, run keys and the tolerance check."""
+
 from __future__ import annotations
 
 import shutil
 
 import pandas as pd
-
 import pytest
 
 from nfpi import repro
@@ -63,29 +63,42 @@ def test_expect_prints_within_tolerance_and_fails_outside(capsys):
 
 
 def test_seed_summary_pairs_differences_by_seed():
-    results = pd.DataFrame({"setting": ["baseline", "nfa"] * 3, "seed": [0, 0, 1, 1, 2, 2],
-                            "top1": [50.0, 52.0, 60.0, 61.0, 70.0, 73.0], "top5": [90.0] * 6})
+    results = pd.DataFrame(
+        {
+            "setting": ["baseline", "nfa"] * 3,
+            "seed": [0, 0, 1, 1, 2, 2],
+            "top1": [50.0, 52.0, 60.0, 61.0, 70.0, 73.0],
+            "top5": [90.0] * 6,
+        }
+    )
     s = seed_summary(results, ["top1", "top5"], baseline="baseline")
     assert list(s.index) == ["baseline", "nfa"] and (s["seeds"] == 3).all()
-    assert s.loc["nfa", "top1_mean"] == pytest.approx(62.0) and s.loc["baseline", "top1_std"] == pytest.approx(10.0)
+    assert s.loc["nfa", "top1_mean"] == pytest.approx(62.0) and s.loc[
+        "baseline", "top1_std"
+    ] == pytest.approx(10.0)
     assert s.loc["nfa", "top1_diff_mean"] == pytest.approx(2.0)
     assert s.loc["nfa", "top1_diff_std"] == pytest.approx(1.0)  # differences 2, 1, 3
     # Student-t 95 % half-width with 2 degrees of freedom: 4.303 * 1 / sqrt(3).
-    assert s.loc["nfa", "top1_diff_ci95"] == pytest.approx(4.3027 / 3 ** 0.5, rel=1e-4)
+    assert s.loc["nfa", "top1_diff_ci95"] == pytest.approx(4.3027 / 3**0.5, rel=1e-4)
     assert s.loc["baseline", "top1_diff_mean"] == 0
     with pytest.raises(ValueError, match="baseline 'none' is not a value"):
         seed_summary(results, ["top1"], baseline="none")
 
 
 def test_expect_recorded_derives_tolerances_from_the_recorded_spread(capsys):
-    recorded = pd.DataFrame({"setting": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2,
-                             "acc": [90.0, 92.0, 94.0, 50.0, 50.0, 50.0]})
+    recorded = pd.DataFrame(
+        {"setting": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2, "acc": [90.0, 92.0, 94.0, 50.0, 50.0, 50.0]}
+    )
     # a: mean 92, std 2 -> tol 3 * 2 * sqrt(2/3) = 4.90; b: no spread -> the floor 0.5.
-    expect_recorded(recorded.assign(acc=recorded["acc"] + pd.Series([4.8] * 3 + [0.4] * 3)), recorded, {"acc": 0.5})
+    expect_recorded(
+        recorded.assign(acc=recorded["acc"] + pd.Series([4.8] * 3 + [0.4] * 3)), recorded, {"acc": 0.5}
+    )
     out = capsys.readouterr().out
     assert "a acc (mean of 3 seeds): 96.80, recorded 92.00 +- 4.90" in out and out.count(": ok") == 2
     with pytest.raises(ResultMismatch, match="b acc"):
-        expect_recorded(recorded.assign(acc=recorded["acc"] + pd.Series([0.0] * 3 + [0.6] * 3)), recorded, {"acc": 0.5})
+        expect_recorded(
+            recorded.assign(acc=recorded["acc"] + pd.Series([0.0] * 3 + [0.6] * 3)), recorded, {"acc": 0.5}
+        )
     # A metric a setting does not produce (NaN on both sides) is skipped; NaN on one side fails.
     both_nan = recorded.assign(acc=float("nan"))
     expect_recorded(both_nan, both_nan, {"acc": 0.5})
@@ -98,8 +111,14 @@ def test_expect_recorded_derives_tolerances_from_the_recorded_spread(capsys):
 
 
 def test_markdown_summary_and_readme_blocks(tmp_path):
-    results = pd.DataFrame({"setting": ["data", "fpi"] * 3, "seed": [0, 0, 1, 1, 2, 2],
-                            "acc": [90.0, 92.0, 91.0, 94.0, 92.0, 93.0], "bpd": [3.0] * 6})
+    results = pd.DataFrame(
+        {
+            "setting": ["data", "fpi"] * 3,
+            "seed": [0, 0, 1, 1, 2, 2],
+            "acc": [90.0, 92.0, 91.0, 94.0, 92.0, 93.0],
+            "bpd": [3.0] * 6,
+        }
+    )
     table = repro.markdown_summary(results, ["acc", "bpd"], baseline="data", settings=["fpi", "data"])
     assert table.splitlines()[0] == "| setting | seeds | acc | bpd | acc - data (95 % CI) |"
     assert table.splitlines()[2] == "| fpi | 3 | 93.00 ± 1.00 | 3.00 ± 0.00 | +2.00 ± 2.48 |"
@@ -107,7 +126,11 @@ def test_markdown_summary_and_readme_blocks(tmp_path):
     results.to_csv(tmp_path / "r.csv", index=False)
     stale = "text\n<!-- results: r.csv metrics=acc,bpd baseline=data -->\n| old |\n<!-- /results -->\nmore\n"
     fresh = repro.render_readme(stale, tmp_path)
-    assert "| old |" not in fresh and "| fpi | 3 | 93.00 ± 1.00" in fresh and fresh.endswith("<!-- /results -->\nmore\n")
+    assert (
+        "| old |" not in fresh
+        and "| fpi | 3 | 93.00 ± 1.00" in fresh
+        and fresh.endswith("<!-- /results -->\nmore\n")
+    )
     assert repro.render_readme(fresh, tmp_path) == fresh
     # Further column=value options keep only the matching rows (here one seed: std is NaN).
     one = repro.render_readme("<!-- results: r.csv metrics=acc seed=2 -->\n<!-- /results -->", tmp_path)

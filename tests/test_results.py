@@ -9,6 +9,7 @@ against the same seed that allows sqrt(2) seed standard deviations: the toleranc
 max(floor, 3 * sqrt(2) * the committed seed std of that setting). A change to the library that
 moves a result further fails here even though the notebooks' cached rows would still render.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,11 @@ pytestmark = pytest.mark.slow
 
 def parameters(notebook: str) -> dict:
     """The values of a notebook's `parameters` cell (plain literals)."""
-    cell = next(c for c in jupytext.read(NOTEBOOKS / f"{notebook}.py").cells
-                if "parameters" in c.metadata.get("tags", []))
+    cell = next(
+        c
+        for c in jupytext.read(NOTEBOOKS / f"{notebook}.py").cells
+        if "parameters" in c.metadata.get("tags", [])
+    )
     values: dict = {}
     exec(cell.source, {}, values)
     return values
@@ -55,8 +59,13 @@ def check_against_record(fresh: pd.Series, record: pd.DataFrame, setting: pd.Ser
     for metric, floor in floors.items():
         spread = float(record.loc[setting, metric].std())
         tol = max(floor, 3 * math.sqrt(2) * spread)
-        repro.expect(f"{metric} seed {fresh['seed']}", fresh[metric], float(same[metric].iloc[0]), tol,
-                     f"max(floor {floor:g}, 3 x sqrt(2) x committed seed std {spread:.2f})")
+        repro.expect(
+            f"{metric} seed {fresh['seed']}",
+            fresh[metric],
+            float(same[metric].iloc[0]),
+            tol,
+            f"max(floor {floor:g}, 3 x sqrt(2) x committed seed std {spread:.2f})",
+        )
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +84,30 @@ def test_02_data_init_row(tmp_path):
     p = parameters("02_train_flow")
     base = TrainConfig.from_yaml(NOTEBOOKS / p["config"], **p["overrides"])
     record = committed(f"02_train_flow_{Path(p['config']).stem}.csv")
-    fresh = train_settings(base, {"data": {"gaussians.prior": "data", "gaussians.lam": float(
-        record.loc[record["setting"] == "fpi", "lam"].iloc[0])}}, [p["seeds"][0]], tmp_path, "fresh").iloc[0]
-    check_against_record(fresh, record, record["setting"] == "data",
-                         {"acc_top1": 2 * one_image(base), "test_bpd": 0.02})
+    fresh = train_settings(
+        base,
+        {
+            "data": {
+                "gaussians.prior": "data",
+                "gaussians.lam": float(record.loc[record["setting"] == "fpi", "lam"].iloc[0]),
+            }
+        },
+        [p["seeds"][0]],
+        tmp_path,
+        "fresh",
+    ).iloc[0]
+    check_against_record(
+        fresh, record, record["setting"] == "data", {"acc_top1": 2 * one_image(base), "test_bpd": 0.02}
+    )
 
 
-@pytest.mark.parametrize("notebook, setting, table", [
-    ("04_lambda_sweep", "data_init", "04_lambda_sweep.csv"),
-    ("05_ablations", "means_only", "05_ablations.csv"),
-])
+@pytest.mark.parametrize(
+    "notebook, setting, table",
+    [
+        ("04_lambda_sweep", "data_init", "04_lambda_sweep.csv"),
+        ("05_ablations", "means_only", "05_ablations.csv"),
+    ],
+)
 def test_04_05_rows(notebook, setting, table, digits_oracle, tmp_path):
     p = parameters(notebook)
     base = TrainConfig.from_yaml(NOTEBOOKS / p["config"], **p["overrides"])
@@ -92,17 +115,41 @@ def test_04_05_rows(notebook, setting, table, digits_oracle, tmp_path):
     ours = record["setting"] == setting
     row = record[ours].iloc[0]
     # The evaluation exactly as recorded in the row (its eval.* columns).
-    ev = EvalConfig(samples_per_class=int(row["eval.samples_per_class"]), temperature=row["eval.temperature"],
-                    mean_scale=row["eval.mean_scale"], classifier=ClassifierConfig(**p["cnn"]))
+    ev = EvalConfig(
+        samples_per_class=int(row["eval.samples_per_class"]),
+        temperature=row["eval.temperature"],
+        mean_scale=row["eval.mean_scale"],
+        classifier=ClassifierConfig(**p["cnn"]),
+    )
     assert ev.tag() == row["eval"], "the notebook's parameters no longer make the committed rows"
     ours &= record["eval"] == ev.tag()
-    overrides = {"04_lambda_sweep": {"gaussians.prior": "data"},
-                 "05_ablations": {"gaussians.prior": "fpi", "gaussians.lam": p.get("lam"), "gaussians.learn": "means"}}
-    fresh = run_grid({setting: overrides[notebook]}, base, tmp_path / "runs", tmp_path / "rows.csv", digits_oracle, ev,
-                     seeds=[p["seeds"][0]]).iloc[0]
+    overrides = {
+        "04_lambda_sweep": {"gaussians.prior": "data"},
+        "05_ablations": {"gaussians.prior": "fpi", "gaussians.lam": p.get("lam"), "gaussians.learn": "means"},
+    }
+    fresh = run_grid(
+        {setting: overrides[notebook]},
+        base,
+        tmp_path / "runs",
+        tmp_path / "rows.csv",
+        digits_oracle,
+        ev,
+        seeds=[p["seeds"][0]],
+    ).iloc[0]
     image = one_image(base)
-    check_against_record(fresh, record, ours, {"nf_top1": 2 * image, "cnn_top1": 2 * image, "fid": 1.0,
-                                               "coverage": 1.0, "label_reliability": 1.0, "bpd": 0.02})
+    check_against_record(
+        fresh,
+        record,
+        ours,
+        {
+            "nf_top1": 2 * image,
+            "cnn_top1": 2 * image,
+            "fid": 1.0,
+            "coverage": 1.0,
+            "label_reliability": 1.0,
+            "bpd": 0.02,
+        },
+    )
 
 
 def test_06_baseline_row():
@@ -110,10 +157,17 @@ def test_06_baseline_row():
 
     p = parameters("06_eva02_augmentation")
     flow_cfg = TrainConfig.from_yaml(NOTEBOOKS / p["flow_config"], **p["flow_overrides"])
-    train_set, test_set = load_data(flow_cfg.replace(per_class=p["per_class"], test_per_class=p["test_per_class"],
-                                                     val_fraction=0.0))
+    train_set, test_set = load_data(
+        flow_cfg.replace(per_class=p["per_class"], test_per_class=p["test_per_class"], val_fraction=0.0)
+    )
     cfg = finetune.FinetuneConfig.cpu(**p["finetune_overrides"]).replace(seed=p["seeds"][0])
-    fresh = pd.Series(finetune.train_setting("baseline", train_set, test_set, flow_cfg.bits, cfg, progress=False))
+    fresh = pd.Series(
+        finetune.train_setting("baseline", train_set, test_set, flow_cfg.bits, cfg, progress=False)
+    )
     record = committed("06_eva02_augmentation.csv")
-    check_against_record(fresh, record, record["setting"] == "baseline",
-                         {"top1": 2 * 100 / len(test_set), "top5": 2 * 100 / len(test_set)})
+    check_against_record(
+        fresh,
+        record,
+        record["setting"] == "baseline",
+        {"top1": 2 * 100 / len(test_set), "top5": 2 * 100 / len(test_set)},
+    )

@@ -1,4 +1,5 @@
 """Tests of nfpi.priors.FullGaussians: GLEM's RFCM full covariances (GLEM Tables 5-6)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,7 +26,9 @@ def test_rfcm_full_covariance_is_the_empirical_covariance():
     for c in range(3):
         zc = z[y == c].numpy()
         np.testing.assert_allclose(g.means[c].numpy(), zc.mean(0), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(g.covariance()[c].double().numpy(), np.cov(zc.T, bias=True), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(
+            g.covariance()[c].double().numpy(), np.cov(zc.T, bias=True), rtol=1e-4, atol=1e-5
+        )
 
 
 def test_rfcm_log_prob_matches_a_full_gaussian_and_classifies():
@@ -33,8 +36,9 @@ def test_rfcm_log_prob_matches_a_full_gaussian_and_classifies():
     g = FullGaussians.from_latents(z, y, 3)
     cov = torch.stack([torch.from_numpy(np.cov(z[y == c].numpy().T, bias=True)) for c in range(3)])
     ref = torch.distributions.MultivariateNormal(g.means.double(), covariance_matrix=cov)
-    np.testing.assert_allclose(g.log_prob(z[:50].float()).double().numpy(), ref.log_prob(z[:50, None]).numpy(),
-                               rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(
+        g.log_prob(z[:50].float()).double().numpy(), ref.log_prob(z[:50, None]).numpy(), rtol=1e-3, atol=1e-3
+    )
     assert g.nll(z[:50].float(), y[:50]).shape == (50,)
     # Classes are well separated: the re-estimated Gaussians classify their own data.
     assert (g.predict(z.float()) == y).double().mean() > 0.95
@@ -46,12 +50,15 @@ def test_rfcm_low_rank_keeps_variances_and_top_axes():
     assert g.rank == 3
     for c in range(2):
         zc = z[y == c]
-        np.testing.assert_allclose(g.covariance()[c].diagonal().double().numpy(), zc.var(0, unbiased=False).numpy(),
-                                   rtol=1e-4)
+        np.testing.assert_allclose(
+            g.covariance()[c].diagonal().double().numpy(), zc.var(0, unbiased=False).numpy(), rtol=1e-4
+        )
         top = torch.linalg.eigh(torch.from_numpy(np.cov(zc.numpy().T, bias=True)))[1][:, -3:]
         factor = g.factor[c].double()
         # The factor spans the top-3 principal axes.
-        np.testing.assert_allclose(torch.linalg.svdvals(top.T @ torch.linalg.qr(factor)[0]).numpy(), 1.0, atol=1e-4)
+        np.testing.assert_allclose(
+            torch.linalg.svdvals(top.T @ torch.linalg.qr(factor)[0]).numpy(), 1.0, atol=1e-4
+        )
 
 
 def test_rfcm_samples_have_the_covariance_scaled_by_temperature():

@@ -6,6 +6,7 @@ A table-driven battery over the public API (:mod:`nfpi.fpi`, :mod:`nfpi.gd`,
 where files are involved, that no file was written, lost or overwritten. Runs use a tiny Glow
 on scikit-learn digits (about a second each).
 """
+
 from __future__ import annotations
 
 import io
@@ -24,7 +25,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nfpi import data, fpi, gd
 from nfpi.priors import ClassGaussians, FullGaussians
@@ -33,11 +35,19 @@ from nfpi.train import TrainConfig, load_checkpoint, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
-    "dataset": "digits", "bits": 5, "per_class": 20, "epochs": 1, "batch_size": 50, "eval_batch_size": 200,
-    "init_images": 100, "seed": 0, "threads": 1,
+    "dataset": "digits",
+    "bits": 5,
+    "per_class": 20,
+    "epochs": 1,
+    "batch_size": 50,
+    "eval_batch_size": 200,
+    "init_images": 100,
+    "seed": 0,
+    "threads": 1,
     "model": {"levels": 1, "steps": 1, "hidden": 8},
     "optim": {"warmup": 2, "ema": 0.9},
-    "gaussians": {"prior": "fpi", "lam": 10.0}, "schedule": {"solve_epoch": 0},
+    "gaussians": {"prior": "fpi", "lam": 10.0},
+    "schedule": {"solve_epoch": 0},
 }
 
 
@@ -70,8 +80,14 @@ def stats() -> fpi.ClassStats:
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "nfpi.train", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "nfpi.train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def write_config(path: Path, **overrides) -> Path:
@@ -128,11 +144,15 @@ def test_gd_solve_rejects_bad_arguments(stats, kwargs, message):
 @given(alpha=st.floats(allow_nan=True), rho=st.floats(allow_nan=True), tol=st.floats(allow_nan=True))
 @settings(max_examples=200, deadline=None)
 def test_solver_arguments_are_refused_exactly_outside_their_range(alpha, rho, tol):
-    valid = {"alpha": alpha > 0 and math.isfinite(alpha), "rho": rho > 1 and math.isfinite(rho),
-             "tol": tol > 0 and math.isfinite(tol)}
+    valid = {
+        "alpha": alpha > 0 and math.isfinite(alpha),
+        "rho": rho > 1 and math.isfinite(rho),
+        "tol": tol > 0 and math.isfinite(tol),
+    }
     try:
-        fpi.check_solver_args(lam=1.0, alpha=alpha, pi="pairwise", learn="both", rho=rho, tol=tol,
-                              max_iter=10)
+        fpi.check_solver_args(
+            lam=1.0, alpha=alpha, pi="pairwise", learn="both", rho=rho, tol=tol, max_iter=10
+        )
     except ValueError as err:
         # the first invalid argument, in the order checked, is named
         assert str(err).startswith(next(name for name, ok in valid.items() if not ok))
@@ -168,8 +188,9 @@ def test_predict_and_log_prob_refuse_non_finite_latents(kind):
             prior.log_prob(z)
 
 
-@pytest.mark.parametrize("labels", [torch.tensor([0.0, 1.7]), torch.tensor([True, False])],
-                         ids=["float", "bool"])
+@pytest.mark.parametrize(
+    "labels", [torch.tensor([0.0, 1.7]), torch.tensor([True, False])], ids=["float", "bool"]
+)
 def test_non_integer_labels_are_refused_not_truncated(labels):
     prior = ClassGaussians(torch.zeros(2, 2), torch.ones(2, 2))
     message = r"labels must be an integer tensor \(torch.long\), got torch\.(float|bool)"
@@ -211,22 +232,32 @@ def test_config_values_are_checked_when_built(override, message):
 def test_solve_after_the_last_epoch_is_refused_before_anything_is_written(tmp_path):
     run_dir = tmp_path / "run"
     for prior in ("fpi", "gd", "data"):
-        with pytest.raises(ValueError, match=r"schedule\.solve_epoch=1 is not before the end of training "
-                                             r"\(epochs=1, .*would never happen; set schedule\.solve_epoch"):
+        with pytest.raises(
+            ValueError,
+            match=r"schedule\.solve_epoch=1 is not before the end of training "
+            r"\(epochs=1, .*would never happen; set schedule\.solve_epoch",
+        ):
             train(tiny(**{"schedule.solve_epoch": 1, "gaussians.prior": prior}), run_dir, progress=False)
     assert not run_dir.exists()
     # random/standard Gaussians are never solved: any solve_epoch is fine for them.
-    assert train(tiny(**{"schedule.solve_epoch": 5, "gaussians.prior": "standard"}), run_dir,
-                 progress=False)["solved"] is None
+    assert (
+        train(tiny(**{"schedule.solve_epoch": 5, "gaussians.prior": "standard"}), run_dir, progress=False)[
+            "solved"
+        ]
+        is None
+    )
 
 
-@pytest.mark.parametrize("text, message", [
-    ("dataset: digits\nepochs: [1\n", r"invalid YAML at line 3, column 1"),
-    ("dataset: digits\n  epochs: 1\n", r"invalid YAML at line 2, column 9"),
-    ("", r"is empty: a training config must set its options"),
-    ("# only a comment\n", r"is empty"),
-    ("- a list\n", r"must be a YAML mapping"),  # held before
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("dataset: digits\nepochs: [1\n", r"invalid YAML at line 3, column 1"),
+        ("dataset: digits\n  epochs: 1\n", r"invalid YAML at line 2, column 9"),
+        ("", r"is empty: a training config must set its options"),
+        ("# only a comment\n", r"is empty"),
+        ("- a list\n", r"must be a YAML mapping"),  # held before
+    ],
+)
 def test_bad_yaml_files_get_one_line_errors(tmp_path, text, message):
     path = tmp_path / "c.yaml"
     path.write_text(text)
@@ -268,10 +299,17 @@ def test_a_stale_lock_of_a_killed_process_is_taken_over_and_a_live_one_named(fin
     shutil.copytree(finished[0], run_dir)
     config = write_config(tmp_path / "c.yaml")
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; import nfpi.runs as t; "
-         "lock = t.lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)",
-         str(run_dir)],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; import nfpi.runs as t; "
+            "lock = t.lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)",
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         before = snapshot(run_dir)
@@ -279,7 +317,8 @@ def test_a_stale_lock_of_a_killed_process_is_taken_over_and_a_live_one_named(fin
         assert busy.returncode == 1 and busy.stdout == ""
         assert busy.stderr.strip().splitlines() == [
             f"error: run directory {run_dir} is in use by another training process (pid {holder.pid} on "
-            f"{os.uname().nodename}); wait for it to finish or use another run directory"]
+            f"{os.uname().nodename}); wait for it to finish or use another run directory"
+        ]
         assert snapshot(run_dir) == before
     finally:
         holder.send_signal(signal.SIGKILL)
@@ -299,18 +338,32 @@ def test_two_cli_runs_started_together_never_mix(tmp_path):
     procs = []
     for lam in (10.0, 50.0):
         config = write_config(tmp_path / f"{lam}.yaml", epochs=3, per_class=60, **{"gaussians.lam": lam})
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "nfpi.train", "--config", str(config), "--run-dir", str(run_dir),
-             "--no-progress"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "nfpi.train",
+                    "--config",
+                    str(config),
+                    "--run-dir",
+                    str(run_dir),
+                    "--no-progress",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+            )
+        )
     outs = [p.communicate(timeout=300) for p in procs]
     codes = [p.returncode for p in procs]
     assert sorted(codes) == [0, 1], outs
     owner = [10.0, 50.0][codes.index(0)]
     refused = outs[codes.index(1)][1].strip().splitlines()
-    assert len(refused) == 1 and ("is in use by another training process" in refused[0]
-                                  or "belongs to a different run" in refused[0])
+    assert len(refused) == 1 and (
+        "is in use by another training process" in refused[0] or "belongs to a different run" in refused[0]
+    )
     summary = yaml.safe_load((run_dir / "metrics.json").read_text())
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert summary["config"]["gaussians"]["lam"] == ckpt["config"]["gaussians"]["lam"] == owner
@@ -345,9 +398,9 @@ def flip_tensor_bytes(path: Path, count: int = 64) -> None:
     with zipfile.ZipFile(path) as z:
         info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
     raw = bytearray(path.read_bytes())
-    name_len, extra_len = np.frombuffer(bytes(raw[info.header_offset + 26: info.header_offset + 30]), "<u2")
+    name_len, extra_len = np.frombuffer(bytes(raw[info.header_offset + 26 : info.header_offset + 30]), "<u2")
     start = info.header_offset + 30 + int(name_len) + int(extra_len) + info.file_size // 2 - count // 2
-    raw[start:start + count] = bytes(b ^ 0xFF for b in raw[start:start + count])
+    raw[start : start + count] = bytes(b ^ 0xFF for b in raw[start : start + count])
     path.write_bytes(bytes(raw))
 
 
@@ -368,12 +421,19 @@ def test_flipped_tensor_bytes_are_caught_by_the_checksum(finished, tmp_path):
     assert untimed(train(tiny(), tmp_path / "run", resume=False, progress=False)) == untimed(finished[1])
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda good: b"", r"not a readable checkpoint \(it is empty, 0 bytes\)"),
-    (lambda good: good[: len(good) // 2], r"not a readable checkpoint \(.*\)\. It is probably truncated or"),
-    (lambda good: good[:100], r"not a readable checkpoint"),
-    (lambda good: b"\n", r"not a readable checkpoint"),
-], ids=["empty", "half", "100 bytes", "newline"])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda good: b"", r"not a readable checkpoint \(it is empty, 0 bytes\)"),
+        (
+            lambda good: good[: len(good) // 2],
+            r"not a readable checkpoint \(.*\)\. It is probably truncated or",
+        ),
+        (lambda good: good[:100], r"not a readable checkpoint"),
+        (lambda good: b"\n", r"not a readable checkpoint"),
+    ],
+    ids=["empty", "half", "100 bytes", "newline"],
+)
 def test_empty_and_truncated_checkpoints(finished, tmp_path, damage, message):
     good = (finished[0] / "checkpoint.pt").read_bytes()
     (tmp_path / "checkpoint.pt").write_bytes(damage(good))
@@ -410,9 +470,12 @@ def test_foreign_objects_and_old_checkpoints(finished, tmp_path):
 
 def test_fewer_epochs_than_a_finished_run_warns_and_returns_that_epoch(tmp_path):
     two = train(tiny(epochs=2), tmp_path, progress=False)
-    with pytest.warns(UserWarning, match=r"holds a finished 2-epoch run and epochs=1 asks for fewer: "
-                                         r"returning the metrics of epoch 0, but the checkpoint holds the "
-                                         r"weights after 2"):
+    with pytest.warns(
+        UserWarning,
+        match=r"holds a finished 2-epoch run and epochs=1 asks for fewer: "
+        r"returning the metrics of epoch 0, but the checkpoint holds the "
+        r"weights after 2",
+    ):
         one = train(tiny(), tmp_path, progress=False)
     assert one["epoch"] == 0 and two["epoch"] == 1
     assert one == torch.load(tmp_path / "checkpoint.pt", weights_only=True)["metrics"][0]
@@ -426,8 +489,11 @@ def test_offline_download_is_one_line(tmp_path, monkeypatch):
         raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
-    with pytest.raises(ConnectionError, match=r"could not download mnist \(train\) .*URLError.*copy "
-                                              r"mnist_train\.npz into .* NFPI_DATA") as err:
+    with pytest.raises(
+        ConnectionError,
+        match=r"could not download mnist \(train\) .*URLError.*copy "
+        r"mnist_train\.npz into .* NFPI_DATA",
+    ) as err:
         data.load("mnist", "train", data_dir=tmp_path, download=True)
     assert err.value.__cause__ is None and "\n" not in str(err.value)
     assert list(tmp_path.rglob("*.npz")) == []
@@ -447,8 +513,18 @@ def test_missing_and_malformed_data_files(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ the command line
 def test_cli_overrides_on_both_sides_of_options(tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml", epochs=3)
-    metrics = main(["--config", str(config), "epochs=1", "--run-dir", str(tmp_path / "run"), "model.hidden=8",
-                    "--no-progress", "gaussians.lam=10"])
+    metrics = main(
+        [
+            "--config",
+            str(config),
+            "epochs=1",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "model.hidden=8",
+            "--no-progress",
+            "gaussians.lam=10",
+        ]
+    )
     assert metrics["epoch"] == 0 and '"epoch": 0' in capsys.readouterr().out
 
 
@@ -465,17 +541,27 @@ def empty_checkpoint(d: Path) -> None:
 CONFIG = ["--config", "{d}/c.yaml"]
 
 
-@pytest.mark.parametrize("setup, argv, message", [
-    (lambda d: d.joinpath("c.yaml").write_text("epochs: [1\n"), CONFIG, r"invalid YAML at line 2"),
-    (lambda d: d.joinpath("c.yaml").write_text(""), CONFIG, r"c\.yaml is empty"),
-    (lambda d: None, ["--config", "{d}/missing.yaml"], r"No such file or directory: '.*missing\.yaml'"),
-    (with_config, CONFIG + ["gaussians.alpha=0"], r"gaussians\.alpha"),
-    (with_config, CONFIG + ["epochs=[1"], r"is not a YAML value"),
-    (lambda d: (with_config(d), d.joinpath("f").write_text("")), CONFIG + ["--run-dir", "{d}/f/run"],
-     r"run directory .*f/run is not writable"),
-    (empty_checkpoint, CONFIG + ["--run-dir", "{d}/run"],
-     r"checkpoint\.pt is not a readable checkpoint \(it is empty"),
-], ids=["yaml syntax", "empty yaml", "missing yaml", "alpha=0", "bad override", "unwritable", "0-byte ckpt"])
+@pytest.mark.parametrize(
+    "setup, argv, message",
+    [
+        (lambda d: d.joinpath("c.yaml").write_text("epochs: [1\n"), CONFIG, r"invalid YAML at line 2"),
+        (lambda d: d.joinpath("c.yaml").write_text(""), CONFIG, r"c\.yaml is empty"),
+        (lambda d: None, ["--config", "{d}/missing.yaml"], r"No such file or directory: '.*missing\.yaml'"),
+        (with_config, CONFIG + ["gaussians.alpha=0"], r"gaussians\.alpha"),
+        (with_config, CONFIG + ["epochs=[1"], r"is not a YAML value"),
+        (
+            lambda d: (with_config(d), d.joinpath("f").write_text("")),
+            CONFIG + ["--run-dir", "{d}/f/run"],
+            r"run directory .*f/run is not writable",
+        ),
+        (
+            empty_checkpoint,
+            CONFIG + ["--run-dir", "{d}/run"],
+            r"checkpoint\.pt is not a readable checkpoint \(it is empty",
+        ),
+    ],
+    ids=["yaml syntax", "empty yaml", "missing yaml", "alpha=0", "bad override", "unwritable", "0-byte ckpt"],
+)
 def test_cli_errors_are_one_line(tmp_path, capsys, setup, argv, message):
     setup(tmp_path)
     with pytest.raises(SystemExit, match=r"^error: .*" + message) as err:
@@ -494,6 +580,6 @@ def test_cli_subprocess_exit_status_and_stderr(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: schedule.solve_epoch=4 is not before the end of training (epochs=1, last epoch 0), so the "
         "prior='fpi' solve would never happen; set schedule.solve_epoch <= 0 (0: after the first epoch, -1: "
-        "before training) or raise epochs"]
+        "before training) or raise epochs"
+    ]
     assert not (tmp_path / "run").exists() and time.perf_counter() - start < 60
-

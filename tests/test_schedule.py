@@ -1,5 +1,6 @@
 """Tests of nfpi.schedule: GLEM's EM schedule (GLEM §4.3 Algorithm 1), warm starts and lambda
 annealing. Tiny flows on scikit-learn digits."""
+
 from __future__ import annotations
 
 import json
@@ -7,14 +8,14 @@ import math
 
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from nfpi import fpi
-from nfpi.config import TrainConfig
 from nfpi.priors import ClassGaussians
 from nfpi.runs import load_checkpoint
 from nfpi.schedule import em_overrides, fit
 from nfpi.train import train
+
 
 def correlated(n: int, d: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents (n, d) of k classes with class-specific full covariances, float64."""

@@ -2,6 +2,7 @@
 
 All runs use scikit-learn digits and a tiny Glow (a few seconds each).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,23 +23,35 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from conftest import tiny_config
 from torch.optim.swa_utils import AveragedModel
 
-from conftest import tiny_config
 from nfpi import data, fpi, repro
 from nfpi.flows import Glow
-from nfpi.priors import ClassGaussians
 from nfpi.latents import NonFiniteLossError, class_stats, evaluate_flow
+from nfpi.priors import ClassGaussians
 from nfpi.runs import CheckpointError, keyed_run_dir
 from nfpi.schedule import fit, solves_after
 from nfpi.splits import load_data, load_validation
 from nfpi.train import TrainConfig, _Run, load_checkpoint, main, train
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 def tiny(**overrides) -> TrainConfig:
     """The shared tiny config, a little larger: 60 images per class, 2 steps per level."""
-    return tiny_config(**{"per_class": 60, "eval_batch_size": 128, "init_images": 256, "seed": 3,
-                          "model.steps": 2, "optim.ema": 0.99, "schedule.solve_epoch": 0, **overrides})
+    return tiny_config(
+        **{
+            "per_class": 60,
+            "eval_batch_size": 128,
+            "init_images": 256,
+            "seed": 3,
+            "model.steps": 2,
+            "optim.ema": 0.99,
+            "schedule.solve_epoch": 0,
+            **overrides,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +67,10 @@ def two_epochs(tmp_path_factory) -> tuple[Path, dict, TrainConfig]:
     cfg = tiny(epochs=2, **{"schedule.solve_epoch": 1})
     run_dir = tmp_path_factory.mktemp("two_epochs")
     return run_dir, train(cfg, run_dir, progress=False), cfg
+
+
+def _untimed(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("time", "solve_time")}
 
 
 def _states(run_dir: Path) -> dict:
@@ -103,14 +120,16 @@ def test_released_solve_keys_reach_the_solver():
     y = torch.arange(4).repeat_interleave(30)
     z = torch.randn(120, 6, generator=g, dtype=torch.float64) + 0.3 * torch.randn(4, 6, generator=g)[y]
     stats = fpi.ClassStats.from_latents(z, y, 4)
-    released = TrainConfig.from_dict({"gaussians": {"lam": 100.0},
-                                       "solver": {"rule": "released", "stop": "released", "accel": "none"}})
+    released = TrainConfig.from_dict(
+        {"gaussians": {"lam": 100.0}, "solver": {"rule": "released", "stop": "released", "accel": "none"}}
+    )
     fitted, info = fit(released, stats, 100.0)
     ref = fpi.solve(stats, 100.0, rule="released", stop="released", accel="none")
     torch.testing.assert_close(fitted.means, ref.means.float())
     assert info["iterations"] == ref.iterations and info["change"] <= fpi.RELEASED_TOL
-    _, default = fit(TrainConfig.from_dict({"gaussians": {"lam": 100.0}, "solver": {"rule": "released"}}), stats,
-                     100.0)
+    _, default = fit(
+        TrainConfig.from_dict({"gaussians": {"lam": 100.0}, "solver": {"rule": "released"}}), stats, 100.0
+    )
     assert default["change"] <= 1e-10 < info["change"] and default["iterations"] > info["iterations"]
     with pytest.raises(ValueError, match="solver.stop must be one of"):
         tiny(**{"solver.stop": "l2"})
@@ -153,7 +172,10 @@ def test_validation_split_is_held_out_and_the_test_set_is_read_once(tmp_path):
     table = pd.read_csv(tmp_path / "metrics.csv")
     # Validation every epoch (what settings are chosen on); the test set once, after the last epoch.
     assert table["val_acc_top1"].notna().all() and table["val_bpd"].notna().all()
-    assert table["acc_top1"].isna().tolist() == [True, False] and table["test_bpd"].isna().tolist() == [True, False]
+    assert table["acc_top1"].isna().tolist() == [True, False] and table["test_bpd"].isna().tolist() == [
+        True,
+        False,
+    ]
     model, prior, _ = load_checkpoint(tmp_path)
     again = evaluate_flow(model, prior, val_set, cfg.bits)
     assert again["acc_top1"] == pytest.approx(final["val_acc_top1"])
@@ -201,14 +223,13 @@ def test_resume_gives_the_uninterrupted_result(two_epochs, tmp_path, monkeypatch
             train(cfg, tmp_path / "split", progress=False)
     assert len(pd.read_csv(tmp_path / "split" / "metrics.csv")) == 1
     resumed = train(cfg, tmp_path / "split", progress=False)
-    drop = lambda row: {k: v for k, v in row.items() if k not in ("time", "solve_time")}  # noqa: E731
-    assert drop(resumed) == drop(straight)
+    assert _untimed(resumed) == _untimed(straight)
     a, b = _states(straight_dir), _states(tmp_path / "split")
     for part in ("model", "ema", "prior"):
         assert a[part].keys() == b[part].keys()
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resume"
-    assert [drop(r) for r in a["metrics"]] == [drop(r) for r in b["metrics"]]
+    assert [_untimed(r) for r in a["metrics"]] == [_untimed(r) for r in b["metrics"]]
 
 
 _STALL_IN_EPOCH_1 = """
@@ -251,8 +272,7 @@ def test_resume_after_a_kill_in_the_middle_of_an_epoch(two_epochs, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert _states(run_dir)["epoch"] == 1 and len(pd.read_csv(run_dir / "metrics.csv")) == 1
     resumed = train(cfg, run_dir, progress=False)
-    drop = lambda row: {k: v for k, v in row.items() if k not in ("time", "solve_time")}  # noqa: E731
-    assert drop(resumed) == drop(straight)
+    assert _untimed(resumed) == _untimed(straight)
     a, b = _states(straight_dir), _states(run_dir)
     for part in ("model", "ema", "prior", "optimizer", "scheduler"):
         assert _flat(a[part]).keys() == _flat(b[part]).keys()
@@ -296,7 +316,7 @@ def test_ema_weights_are_the_closed_form_of_the_configured_decay(tmp_path, monke
     n = len(trajectory)
     assert n == 600 // 40
     decays = [0.0] + [min(beta, (1 + k) / (10 + k)) for k in range(1, n)]
-    weights = [(1 - decays[k]) * math.prod(decays[k + 1:]) for k in range(n)]
+    weights = [(1 - decays[k]) * math.prod(decays[k + 1 :]) for k in range(n)]
     assert math.isclose(sum(weights), 1.0)
     ema = _states(tmp_path)["ema"]
     assert int(ema["n_averaged"]) == n
@@ -346,8 +366,12 @@ def test_channels_last_matches_the_default_layout(finished, tmp_path, monkeypatc
     def flow(self, x):
         if self.training and torch.is_grad_enabled():  # training steps, not the ActNorm init
             weights = [p for p in self.parameters() if p.dim() == 4]
-            layouts.add((all(p.is_contiguous(memory_format=torch.channels_last) for p in weights),
-                         all(p.is_contiguous() for p in weights)))
+            layouts.add(
+                (
+                    all(p.is_contiguous(memory_format=torch.channels_last) for p in weights),
+                    all(p.is_contiguous() for p in weights),
+                )
+            )
         return forward(self, x)
 
     monkeypatch.setattr(Glow, "forward", flow)
@@ -380,7 +404,9 @@ def test_compile_wraps_the_training_forward(finished, tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------ errors
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(ClassGaussians, "nll", lambda self, z, y: z.sum(1) * math.nan)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 0, step 0.*Lower optim\.lr"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 0, step 0.*Lower optim\.lr"
+    ):
         train(tiny(), tmp_path, progress=False)
     assert not (tmp_path / "checkpoint.pt").exists()
 
@@ -404,8 +430,11 @@ def test_foreign_checkpoint(finished, tmp_path):
     with pytest.raises(CheckpointError, match="not an nfpi training checkpoint"):
         load_checkpoint(tmp_path / "checkpoint.pt")
     shutil.copy(finished[0] / "checkpoint.pt", tmp_path / "checkpoint.pt")
-    with pytest.raises(CheckpointError, match=r"different run \(dataset: 'digits' in the checkpoint, 'mnist' now.*"
-                                              r"model\.hidden: 8 in the checkpoint, 16 now.*resume=False"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"different run \(dataset: 'digits' in the checkpoint, 'mnist' now.*"
+        r"model\.hidden: 8 in the checkpoint, 16 now.*resume=False",
+    ):
         train(tiny(dataset="mnist", **{"model.hidden": 16}), tmp_path, progress=False)
 
 
@@ -424,8 +453,16 @@ def test_fpi_solve_happens_at_solve_epoch_and_sets_the_fixed_point(two_epochs):
     train_set, _ = load_data(cfg)
     stats = class_stats(model, train_set, cfg.bits, cfg.eval_batch_size, noise=info["stats_seed"])
     gs, solver = cfg.gaussians, cfg.solver
-    res = fpi.solve(stats, gs.lam, alpha=gs.alpha, pi=gs.pi, learn=gs.learn, rule=solver.rule, rho=solver.rho,
-                    tol=solver.tol)
+    res = fpi.solve(
+        stats,
+        gs.lam,
+        alpha=gs.alpha,
+        pi=gs.pi,
+        learn=gs.learn,
+        rule=solver.rule,
+        rho=solver.rho,
+        tol=solver.tol,
+    )
     torch.testing.assert_close(prior.means, res.means.float())
     torch.testing.assert_close(prior.variances, res.variances.float())
     # ... which differs from the data statistics (lambda = 0): every class mean moves by more
@@ -469,18 +506,29 @@ def test_dg_split_fits_the_gaussians_on_dg(tmp_path):
     gs, solver = cfg.gaussians, cfg.solver
     for arrays, same in ((train_set.subset(dg_idx), True), (train_set, False)):
         stats = class_stats(model, arrays, cfg.bits, cfg.eval_batch_size, noise=seed)
-        res = fpi.solve(stats, gs.lam, alpha=gs.alpha, pi=gs.pi, learn=gs.learn, rule=solver.rule, rho=solver.rho,
-                        tol=solver.tol)
+        res = fpi.solve(
+            stats,
+            gs.lam,
+            alpha=gs.alpha,
+            pi=gs.pi,
+            learn=gs.learn,
+            rule=solver.rule,
+            rho=solver.rho,
+            tol=solver.tol,
+        )
         assert torch.allclose(prior.means, res.means.float(), rtol=1e-4, atol=1e-5) == same
 
 
 def test_solve_schedule():
-    every_2 = TrainConfig.from_dict({"schedule": {"solve_epoch": 1, "resolve_every": 2, "dg_fraction": 0.1,
-                                                 "merge_epoch": 4}})
+    every_2 = TrainConfig.from_dict(
+        {"schedule": {"solve_epoch": 1, "resolve_every": 2, "dg_fraction": 0.1, "merge_epoch": 4}}
+    )
     assert [e for e in range(-1, 8) if solves_after(every_2, e)] == [1, 3]
     before = TrainConfig.from_dict({"schedule": {"solve_epoch": -1}})
     assert [e for e in range(-1, 8) if solves_after(before, e)] == [-1]
-    assert not any(solves_after(TrainConfig.from_dict({"gaussians": {"prior": "random"}}), e) for e in range(-1, 8))
+    assert not any(
+        solves_after(TrainConfig.from_dict({"gaussians": {"prior": "random"}}), e) for e in range(-1, 8)
+    )
 
 
 # ------------------------------------------------------------------------------ distributed
@@ -488,8 +536,13 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_path: str, run_dir: str, i
     """One of ``world`` CPU processes: the CLI run as under torchrun (env-initialised gloo
     group), then the class statistics the solve after epoch 0 saw, recomputed on a new group."""
     torch.set_num_threads(1)  # forked from a process that used OpenMP threads
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     main(["--config", cfg_path, "--run-dir", run_dir, "--no-progress"])
     assert not dist.is_initialized(), "train() must close the process group it opened"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -513,14 +566,23 @@ def test_ddp_two_gloo_processes(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     # fork: the workers inherit the imported modules instead of re-importing torch.
-    mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path / "tiny.yaml"), str(run_dir), str(tmp_path / "init")),
-                       nprocs=2, start_method="fork")
+    mp.start_processes(
+        _ddp_worker,
+        args=(2, port, str(tmp_path / "tiny.yaml"), str(run_dir), str(tmp_path / "init")),
+        nprocs=2,
+        start_method="fork",
+    )
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert summary["solves"][0]["converged"] and math.isfinite(summary["metrics"]["test_bpd"])
     assert summary["metrics"]["acc_top1"] > 30  # far above chance (10 %) after one epoch and the solve
     ranks = [torch.load(run_dir / f"stats.{r}", weights_only=True) for r in range(2)]
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "metrics.csv", "metrics.json",
-                                                         "stats.0", "stats.1"]  # no stray temporary files
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoint.pt",
+        "metrics.csv",
+        "metrics.json",
+        "stats.0",
+        "stats.1",
+    ]  # no stray temporary files
     model, prior, _ = load_checkpoint(run_dir, ema=False)
     seed = _states(run_dir)["solves"][0]["stats_seed"]
     single = class_stats(model, load_data(cfg)[0], cfg.bits, cfg.eval_batch_size, noise=seed)
@@ -547,15 +609,26 @@ def test_image_size_that_does_not_suit_the_levels_fails_before_training(tmp_path
     folder = tmp_path / "own"
     folder.mkdir()
     for split in ("train", "test"):
-        np.savez_compressed(folder / f"{split}.npz", x=np.zeros((30, 12, 12, 1), np.uint8),
-                            y=np.arange(30) % 3, classes=np.array(["a", "b", "c"]))
+        np.savez_compressed(
+            folder / f"{split}.npz",
+            x=np.zeros((30, 12, 12, 1), np.uint8),
+            y=np.arange(30) % 3,
+            classes=np.array(["a", "b", "c"]),
+        )
     cfg = tiny(dataset=str(folder), per_class=None, test_per_class=None, batch_size=10, **{"model.levels": 3})
-    with pytest.raises(ValueError, match=r"12x12 after padding \(pad=0\), not divisible by 2\*\*model.levels = 8.*"
-                                         r"\(e.g. pad=2\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"12x12 after padding \(pad=0\), not divisible by 2\*\*model.levels = 8.*"
+        r"\(e.g. pad=2\)",
+    ):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
-    np.savez_compressed(folder / "test.npz", x=np.zeros((30, 12, 12, 1), np.uint8), y=np.arange(30) % 2,
-                        classes=np.array(["a", "b"]))
+    np.savez_compressed(
+        folder / "test.npz",
+        x=np.zeros((30, 12, 12, 1), np.uint8),
+        y=np.arange(30) % 2,
+        classes=np.array(["a", "b"]),
+    )
     with pytest.raises(data.DatasetFormatError, match="the train and test splits differ"):
         load_data(cfg)
 
@@ -578,7 +651,9 @@ def test_dataset_names_folders_and_typos(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.chdir(tmp_path)
     assert TrainConfig(dataset="FashionMNIST").dataset == "FashionMNIST"  # torchvision's spelling
     assert TrainConfig(dataset="not/yet/there").dataset == "not/yet/there"  # a path: checked when loading
-    with pytest.raises(ValueError, match=r"unknown dataset 'fashion_mnst': neither a known dataset .* nor a folder"):
+    with pytest.raises(
+        ValueError, match=r"unknown dataset 'fashion_mnst': neither a known dataset .* nor a folder"
+    ):
         TrainConfig(dataset="fashion_mnst")
     (tmp_path / "mine").mkdir()
     assert TrainConfig(dataset="mine").dataset == "mine"
@@ -610,18 +685,19 @@ def test_test_bpd_is_the_uniform_dequantisation_bound():
     w^2 / 24 nats per dimension (w = 2 / 2^bits, the bin width): 0.5 E[(c + d)^2] with d
     uniform on (-w/2, w/2). A wrong noise range or offset moves the mean by >> 5 sigma."""
     bits, per_class = 2, 300
-    pixels = torch.randint(0, 256, (per_class * 3, 1, 4, 4), generator=torch.Generator().manual_seed(0),
-                           dtype=torch.uint8)
+    pixels = torch.randint(
+        0, 256, (per_class * 3, 1, 4, 4), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     arrays = data.ImageArrays(pixels, torch.arange(3).repeat(per_class), ("a", "b", "c"))
     prior = ClassGaussians(torch.zeros(3, 16), torch.ones(3, 16))
     out = evaluate_flow(_IdentityFlow(), prior, arrays, bits, batch_size=64)
     d = 16 * math.log(2.0)  # nats per bit/dim
     excess = (out["test_bpd"] - out["test_bpd_centres"]) * d / 16  # nats per dimension
-    w = 2.0 / 2 ** bits
+    w = 2.0 / 2**bits
     centres = data.dequantize(data.quantize(arrays.x, bits), bits, noise=False)
     # The fluctuating term c * d has standard deviation rms(c) w / sqrt(12) per dimension.
     sigma = float(centres.pow(2).mean().sqrt()) * w / math.sqrt(12) / math.sqrt(centres.numel())
-    assert abs(excess - w ** 2 / 24) < 5 * sigma and w ** 2 / 24 > 10 * sigma
+    assert abs(excess - w**2 / 24) < 5 * sigma and w**2 / 24 > 10 * sigma
     # Deterministic, and the same whatever the batch size.
     again = evaluate_flow(_IdentityFlow(), prior, arrays, bits, batch_size=500)
     assert again["test_bpd"] == pytest.approx(out["test_bpd"], rel=1e-6)
