@@ -1,5 +1,6 @@
-"""Shared test settings: one thread for tiny tensors, float64 where precision is the point, and
-the tiny training config that the training, schedule, code and experiment tests start from."""
+"""Shared test settings: one thread for tiny tensors, float64 where precision is the point, the
+tiny training config that the training, schedule, code and experiment tests start from, and
+latents with class-specific full covariances (full-covariance prior tests)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,15 @@ TINY_TRAIN: dict[str, Any] = {
 def tiny_config(**overrides: Any) -> TrainConfig:
     """:data:`TINY_TRAIN` with ``overrides`` (dotted keys or nested dicts, as TrainConfig.from_dict)."""
     return TrainConfig.from_dict(TINY_TRAIN, **overrides)
+
+
+def correlated(n: int, d: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents (n, d) of k classes with class-specific full covariances, float64."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % k
+    mix = torch.randn(k, d, d, generator=gen, dtype=torch.float64)
+    z = (mix[y] @ torch.randn(n, d, 1, generator=gen, dtype=torch.float64)).squeeze(2)
+    return z + 3 * torch.randn(k, d, generator=gen, dtype=torch.float64)[y], y
 
 
 @pytest.fixture(scope="module")

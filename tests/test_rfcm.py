@@ -5,19 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import correlated
 
 from nfpi.priors import FullGaussians
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def correlated(n: int, d: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (n, d) of k classes with class-specific full covariances, float64."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % k
-    mix = torch.randn(k, d, d, generator=g, dtype=torch.float64)
-    z = (mix[y] @ torch.randn(n, d, 1, generator=g, dtype=torch.float64)).squeeze(2)
-    return z + 3 * torch.randn(k, d, generator=g, dtype=torch.float64)[y], y
 
 
 def test_rfcm_full_covariance_is_the_empirical_covariance():

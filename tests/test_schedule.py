@@ -8,22 +8,13 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import correlated, tiny_config
 
 from nfpi import fpi
 from nfpi.priors import ClassGaussians
 from nfpi.runs import load_checkpoint
 from nfpi.schedule import em_overrides, fit
 from nfpi.train import train
-
-
-def correlated(n: int, d: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latents (n, d) of k classes with class-specific full covariances, float64."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % k
-    mix = torch.randn(k, d, d, generator=g, dtype=torch.float64)
-    z = (mix[y] @ torch.randn(n, d, 1, generator=g, dtype=torch.float64)).squeeze(2)
-    return z + 3 * torch.randn(k, d, generator=g, dtype=torch.float64)[y], y
 
 
 def test_em_alternation_changes_the_gaussians_and_anneals_lambda(tmp_path):
