@@ -87,7 +87,7 @@ recorded = repro.read_recorded(results)
 g = base.gaussians
 print(
     f"{base.dataset}, {base.epochs} epochs, {base.model.levels} levels x {base.model.steps} steps; "
-    f"rule={g.rule}, learn={g.learn}, pi={g.pi}; {len(grid)} settings x {len(seeds)} seeds; "
+    f"rule={base.solver.rule}, learn={g.learn}, pi={g.pi}; {len(grid)} settings x {len(seeds)} seeds; "
     f"evaluation {evaluation.tag()}"
 )
 

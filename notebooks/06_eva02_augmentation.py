@@ -187,13 +187,14 @@ plt.show()
 # %% [markdown]
 # ## Reading
 #
-# *Does NFA help at this scale?* Not measurably. The paired differences to the baseline above
+# *Does NFA help at this scale?* Not demonstrably. The paired differences to the baseline above
 # (`top1_diff_mean` ± `top1_diff_std` over the seeds, `top1_diff_ci95` the half-width of the 95 %
-# interval) are of the order of the seed-to-seed spread, and the per-seed gains change sign;
-# with earlier flows of the same pipeline (3,000-image MNIST flows, and a flow trained only on
-# the classifier's own 200 images) the mean NFA gain ranged between about -1 and +3.5 points
-# with similar spreads. Three seeds cannot resolve effects of the size the paper reports (+0.1
-# to +0.2 points on ImageNet, up to +1 point on CIFAR with a Swin).
+# interval) are positive for every seed with the full-MNIST flow, but three seeds leave an
+# interval that includes zero; with earlier flows of the same pipeline (3,000-image MNIST flows,
+# and a flow trained only on the classifier's own 200 images) the mean NFA gain ranged between
+# about -1 and +3.5 points and the per-seed gains changed sign. Three seeds cannot resolve
+# effects of the size the paper reports (+0.1 to +0.2 points on ImageNet, up to +1 point on
+# CIFAR with a Swin); issue 14 asks for an experiment with that power.
 #
 # Standard augmentation (timm's DeiT-style RandAugment m9 + RandomErasing 0.25, as in the
 # paper's SA) costs ~20 points here: a 0.2M-parameter transformer trained from scratch for 10

@@ -69,7 +69,7 @@ last = runs.groupby("candidate", sort=False).agg(
     test_bpd=("test_bpd", "last"),
     command=("command", "first"),
 )
-print(last.round(3).to_markdown())
+print(last.round(3).to_string())
 
 # %% [markdown]
 # ## 2. The shipped flows, recomputed
