@@ -5,6 +5,7 @@ All runs use scikit-learn digits and a tiny Glow (a few seconds each).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -274,7 +275,8 @@ def test_resume_after_a_kill_in_the_middle_of_an_epoch(two_epochs, tmp_path):
     resumed = train(cfg, run_dir, progress=False)
     assert _untimed(resumed) == _untimed(straight)
     a, b = _states(straight_dir), _states(run_dir)
-    for part in ("model", "ema", "prior", "optimizer", "scheduler"):
+    assert a["step"] == b["step"]  # the optimizer step count that get_lr(it) reads
+    for part in ("model", "ema", "prior", "optimizer"):
         assert _flat(a[part]).keys() == _flat(b[part]).keys()
         for key, value in _flat(a[part]).items():
             other = _flat(b[part])[key]
@@ -452,17 +454,8 @@ def test_fpi_solve_happens_at_solve_epoch_and_sets_the_fixed_point(two_epochs):
     model, prior, _ = load_checkpoint(run_dir, ema=False)
     train_set, _ = load_data(cfg)
     stats = class_stats(model, train_set, cfg.bits, cfg.eval_batch_size, noise=info["stats_seed"])
-    gs, solver = cfg.gaussians, cfg.solver
-    res = fpi.solve(
-        stats,
-        gs.lam,
-        alpha=gs.alpha,
-        pi=gs.pi,
-        learn=gs.learn,
-        rule=solver.rule,
-        rho=solver.rho,
-        tol=solver.tol,
-    )
+    gs = cfg.gaussians
+    res = fpi.solve(stats, gs.lam, alpha=gs.alpha, pi=gs.pi, learn=gs.learn, **dataclasses.asdict(cfg.solver))
     torch.testing.assert_close(prior.means, res.means.float())
     torch.testing.assert_close(prior.variances, res.variances.float())
     # ... which differs from the data statistics (lambda = 0): every class mean moves by more
@@ -503,18 +496,11 @@ def test_dg_split_fits_the_gaussians_on_dg(tmp_path):
     train_set = load_data(cfg)[0]
     _, dg_idx = data.stratified_split(train_set.y, 0.5, cfg.seed)
     seed = _states(tmp_path)["solves"][0]["stats_seed"]
-    gs, solver = cfg.gaussians, cfg.solver
+    gs = cfg.gaussians
     for arrays, same in ((train_set.subset(dg_idx), True), (train_set, False)):
         stats = class_stats(model, arrays, cfg.bits, cfg.eval_batch_size, noise=seed)
         res = fpi.solve(
-            stats,
-            gs.lam,
-            alpha=gs.alpha,
-            pi=gs.pi,
-            learn=gs.learn,
-            rule=solver.rule,
-            rho=solver.rho,
-            tol=solver.tol,
+            stats, gs.lam, alpha=gs.alpha, pi=gs.pi, learn=gs.learn, **dataclasses.asdict(cfg.solver)
         )
         assert torch.allclose(prior.means, res.means.float(), rtol=1e-4, atol=1e-5) == same
 
@@ -593,8 +579,10 @@ def test_ddp_two_gloo_processes(tmp_path):
         # ... and they are the single-process sums up to float64 summation order.
         ref = getattr(single, key)
         torch.testing.assert_close(ranks[0][key], ref, rtol=1e-13, atol=1e-13 * float(ref.abs().max()))
-    g = cfg.gaussians
-    res = fpi.solve(single, g.lam, alpha=g.alpha, pi=g.pi, learn=g.learn, rule=g.rule, rho=g.rho, tol=g.tol)
+    gs = cfg.gaussians
+    res = fpi.solve(
+        single, gs.lam, alpha=gs.alpha, pi=gs.pi, learn=gs.learn, **dataclasses.asdict(cfg.solver)
+    )
     torch.testing.assert_close(prior.means, res.means.float())
     torch.testing.assert_close(prior.variances, res.variances.float())
     # The test metrics gathered from the two shards are a single process's: the seeded noise of
