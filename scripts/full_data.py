@@ -89,6 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     table = candidates() if args.what == "candidates" else tables(args.settings, args.seeds)
+    if "run_dir" in table:  # committed files name runs relative to the repository
+        table["run_dir"] = [str(Path(p).resolve().relative_to(REPO)) for p in table["run_dir"]]
     out = Path(args.out) if args.out else RESULTS / f"mnist_{args.what}.csv"
     table.to_csv(out, index=False)
     print(f"wrote {out} ({len(table)} rows)")
