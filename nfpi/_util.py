@@ -1,6 +1,7 @@
 """Small infrastructure shared by the nfpi modules, one copy each: atomic file writes, the
 device choice, CPU thread counts, eval mode for a block, seed derivation, label and choice
-checks. None of it is paper-specific.
+checks, a flow's device and dtype, the fallback for decoded images that are not finite. None
+of it is paper-specific.
 
 Example:
     >>> with threads(1), eval_mode(model):
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +28,8 @@ __all__ = [
     "check_labels",
     "derive_seed",
     "eval_mode",
+    "finite_or_original",
+    "flow_device_dtype",
     "pick_device",
     "threads",
 ]
@@ -128,3 +132,25 @@ def check_labels(
                 f"{num_classes} classes; got values in [{lo}, {hi}]"
             )
     return y.long()
+
+
+def flow_device_dtype(flow: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a flow's parameters; a clear error for a flow without any."""
+    param = next(flow.parameters(), None)
+    if param is None:
+        raise ValueError("the flow has no parameters; pass a trained nfpi.flows.Glow")
+    return param.device, param.dtype
+
+
+def finite_or_original(out: Tensor, original: Tensor, what: str) -> Tensor:
+    """``out`` with every variant that is not finite replaced by its original, with a warning."""
+    bad = ~torch.isfinite(out.flatten(1)).all(1)
+    if bad.any():
+        warnings.warn(
+            f"{what}: {int(bad.sum())} of {len(bad)} variants were not finite after f^-1 and were "
+            "replaced by their originals",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        out[bad] = original[bad]
+    return out

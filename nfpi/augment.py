@@ -27,7 +27,6 @@ augmented copies), which writes a SPEC §9 npz resumably (:mod:`nfpi.generated`,
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from . import data
-from ._util import check_labels, eval_mode
+from ._util import check_labels, eval_mode, finite_or_original, flow_device_dtype
 from .generated import generate_dataset, generation_fingerprint, load_generated
 from .latents import encode
 from .layers import ActNorm
@@ -214,13 +213,6 @@ def sample_beta(cfg: AugmentConfig, n: int, generator: torch.Generator | None = 
 
 
 # ------------------------------------------------------------------------------ augmenter
-def _flow_device_dtype(flow: nn.Module) -> tuple[torch.device, torch.dtype]:
-    param = next(flow.parameters(), None)
-    if param is None:
-        raise ValueError("the flow has no parameters; pass a trained nfpi.flows.Glow")
-    return param.device, param.dtype
-
-
 class NFAugmenter:
     """NFA with a trained flow: ``augment(x, y, generator)`` maps images to same-class variants.
 
@@ -245,7 +237,7 @@ class NFAugmenter:
     ) -> None:
         self.cfg = cfg or AugmentConfig()
         self.flow = flow
-        self.device, self.dtype = _flow_device_dtype(flow)
+        self.device, self.dtype = flow_device_dtype(flow)
         self.in_shape = tuple(int(s) for s in flow.in_shape)
         dim = math.prod(self.in_shape)
         if any(isinstance(m, ActNorm) and not bool(m.initialized) for m in flow.modules()):
@@ -345,20 +337,15 @@ class NFAugmenter:
         y = check_labels(y.cpu() if isinstance(y, Tensor) else y, x.shape[0], self.num_classes)
         with eval_mode(self.flow):
             xin = x.to(self.device, self.dtype)
-            z = self.flow(xin)[0]
-            partners = self.sample_partners(y, generator)
-            beta = sample_beta(self.cfg, y.shape[0], generator).to(self.device, self.dtype)
-            out = self.flow.inverse(mix(z, y.to(self.device), partners, self.pca, beta))
-        bad = ~torch.isfinite(out.flatten(1)).all(1)
-        if bad.any():
-            warnings.warn(
-                f"NFA: {int(bad.sum())} of {len(bad)} variants were not finite after f^-1 and were "
-                "replaced by their originals",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            out[bad] = xin[bad]
-        return out.clamp_(-1.0, 1.0).to(x.device, x.dtype)
+            out = self.flow.inverse(self.move(self.flow(xin)[0], y, generator))
+        return finite_or_original(out, xin, "NFA").clamp_(-1.0, 1.0).to(x.device, x.dtype)
+
+    def move(self, z: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """The NFA step in latent space: z (B, D) of classes y (B,) moved a random beta towards a
+        random same-class partner inside the class's principal subspace (:func:`mix`)."""
+        partners = self.sample_partners(y, generator)
+        beta = sample_beta(self.cfg, y.shape[0], generator).to(self.device, self.dtype)
+        return mix(z, y.to(self.device), partners, self.pca, beta)
 
 
 # -------------------------------------------------------------------------- on the fly

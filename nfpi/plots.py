@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -23,18 +24,17 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from . import data
-from .augment import NFAugmenter
 from .fpi import FPIResult
 from .preprocess import bin_centres, to_uint8
 from .priors import ClassGaussians, interpolate
 
 __all__ = [
-    "augmentation_bars",
+    "augmentation_grid",
     "class_samples",
     "image_grid",
     "interpolations",
     "latent_tsne",
-    "nfa_grid",
+    "paired_differences",
     "solver_curves",
     "temperature_sweep",
     "toy_panels",
@@ -343,77 +343,57 @@ def interpolations(
     )
 
 
-def nfa_grid(
-    augmenter: NFAugmenter,
+def augmentation_grid(
+    augmenters: Mapping[str, Any],
     arrays: data.ImageArrays,
     bits: int,
     classes: Sequence[int] | None = None,
-    per_class: int = 1,
-    variants: int = 3,
+    variants: int = 2,
     seed: int = 0,
     path: PathLike = None,
 ) -> Figure:
-    """Paper Fig. 2 / GLEM supplementary Figs. 6-12: per row an original image (left) and
-    ``variants`` NFA variants of it (right), for the first ``per_class`` images of each class
-    in ``classes`` (default: all). Images are shown at ``bits`` bits; ``seed`` fixes the variants."""
+    """Paper Fig. 2 / GLEM supplementary Figs. 6-12, side by side: per row the first training
+    image of a class in ``classes`` (default: all), then ``variants`` variants by each augmenter
+    (name -> object with ``augment(x, y, generator)``, e.g. :class:`nfpi.augment.NFAugmenter`,
+    :class:`nfpi.augment.LatentNoise`, :class:`nfpi.augment.PixelMixup`). Images are shown at
+    ``bits`` bits; ``seed`` fixes the variants."""
     classes = list(range(arrays.num_classes)) if classes is None else list(classes)
-    rows, labels = [], []
-    gen = torch.Generator().manual_seed(seed)
+    firsts = []
     for c in classes:
-        members = (arrays.y == c).nonzero().flatten()[:per_class]
-        if len(members) < per_class:
-            raise ValueError(f"class {c} has {len(members)} images, fewer than per_class={per_class}")
-        x = bin_centres(arrays.x[members], bits)
-        y = arrays.y[members]
-        outs = [augmenter.augment(x, y, gen).cpu() for _ in range(variants)]
-        for i in range(len(members)):
-            rows.append(torch.stack([x[i]] + [o[i] for o in outs]))
-            labels.append(arrays.classes[c])
+        members = (arrays.y == c).nonzero().flatten()
+        if len(members) == 0:
+            raise ValueError(f"class {c} has no image in the set")
+        firsts.append(int(members[0]))
+    x, y = bin_centres(arrays.x[firsts], bits), arrays.y[firsts]
+    columns = [x]
+    for augmenter in augmenters.values():
+        gen = torch.Generator().manual_seed(seed)
+        columns += [augmenter.augment(x, y, gen).cpu() for _ in range(variants)]
     return image_grid(
-        torch.cat(rows),
+        torch.stack(columns, 1).flatten(0, 1),
         bits,
-        1 + variants,
-        row_labels=labels,
-        col_labels=["original"] + [f"NFA {j + 1}" for j in range(variants)],
-        title=f"NF augmentation: same-class mix in the top-{augmenter.cfg.k} PCA subspace",
+        len(columns),
+        row_labels=[arrays.classes[c] for c in classes],
+        col_labels=["original"] + [f"{name} {j + 1}" for name in augmenters for j in range(variants)],
         path=path,
     )
 
 
-def augmentation_bars(
-    results: pd.DataFrame,
-    metrics: Sequence[str] = ("top1", "top5"),
-    order: Sequence[str] | None = None,
-    path: PathLike = None,
+def paired_differences(
+    summary: pd.DataFrame, metric: str = "top1", baseline: str = "baseline", path: PathLike = None
 ) -> Figure:
-    """Paper Tables 5-6 as bars: mean test accuracy per ``setting`` with +-1 std error bars over
-    the seeds and the individual seeds as dots; one panel per metric. ``results``: the tidy
-    table of :func:`nfpi.finetune.compare` (columns ``setting``, ``seed`` and the metrics)."""
-    import seaborn as sns
-
-    order = list(order) if order is not None else list(dict.fromkeys(results["setting"]))
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        sns.barplot(
-            data=results,
-            x="setting",
-            y=metric,
-            order=order,
-            errorbar="sd",
-            capsize=0.15,
-            color="C0",
-            alpha=0.6,
-            ax=ax,
-        )
-        sns.stripplot(data=results, x="setting", y=metric, order=order, color="black", size=4, ax=ax)
-        values = results[metric]
-        span = max(float(values.max() - values.min()), 1.0)
-        ax.set_ylim(max(0.0, float(values.min()) - span), min(100.0, float(values.max()) + 0.5 * span))
-        ax.set_ylabel(f"test {metric} accuracy (%)")
-        ax.set_xlabel("")
-        ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"mean +- std over {results['seed'].nunique()} seeds", fontsize=10)
-    fig.tight_layout()
+    """Each setting's mean paired difference to ``baseline`` in ``metric`` with its 95 %
+    interval (the ``<metric>_diff_*`` columns of :func:`nfpi.repro.seed_summary`, settings as
+    its index, top to bottom); a dotted line at 0. An interval that crosses 0 is grey."""
+    rows = summary.drop(index=baseline)
+    mean, half = rows[f"{metric}_diff_mean"].to_numpy(), rows[f"{metric}_diff_ci95"].to_numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 0.35 * len(rows) + 1.2))
+    pos = np.arange(len(rows))[::-1]
+    for m, h, y in zip(mean, half, pos):
+        ax.errorbar(m, y, xerr=h, fmt="o", color="C0" if abs(m) > h else "0.55", capsize=3)
+    ax.axvline(0, color="black", linestyle=":", linewidth=1)
+    ax.set_yticks(pos, [f"{name} (n={int(n)})" for name, n in zip(rows.index, rows["seeds"])])
+    ax.set_xlabel(f"test {metric} - {baseline} (points; mean and 95 % interval over paired seeds)")
     return _finish(fig, path)
 
 

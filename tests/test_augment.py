@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nfpi import data
+from nfpi.alternatives import ClassSamples, LatentNoise, PixelMixup
 from nfpi.augment import (
     AugmentConfig,
     ClassPCA,
@@ -22,6 +23,7 @@ from nfpi.augment import (
 )
 from nfpi.flows import CouplingNet, Glow
 from nfpi.priors import ClassGaussians
+from nfpi.stats import ClassStats
 
 K, SHAPE = 3, (1, 8, 8)
 D = 64
@@ -411,3 +413,83 @@ def test_generate_dataset_refuses_stale_outputs_and_mismatched_images(setup, tmp
         generate_dataset(aug, small, copies=1, out_path=tmp_path / "bad.npz", bits=5, progress=False)
     with pytest.raises(ValueError, match="copies"):
         generate_dataset(aug, arrays, copies=0, out_path=tmp_path / "bad.npz", bits=5, progress=False)
+
+
+# ------------------------------------------------------------------------- alternatives
+def test_augment_is_the_decoded_move(setup):
+    flow, arrays, x, z, pca = setup
+    aug = NFAugmenter(flow, None, pca, bank=(z, arrays.y))
+    out = aug.augment(x[:9], arrays.y[:9], torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        moved = aug.move(flow(x[:9])[0], arrays.y[:9], torch.Generator().manual_seed(5))
+        expected = flow.inverse(moved).clamp(-1, 1)
+    torch.testing.assert_close(out, expected)
+
+
+def test_matched_latent_noise_moves_latents_as_far_as_nfa(setup):
+    flow, arrays, x, z, pca = setup
+    nfa = NFAugmenter(flow, None, pca, AugmentConfig(k=4), bank=(z, arrays.y))
+    noise = LatentNoise.matched(nfa, arrays, 8, seed=3)
+    # sigma^2 is NFA's mean squared displacement per dimension, for the same draws ...
+    step = nfa.move(z, arrays.y, torch.Generator().manual_seed(3)) - z
+    assert noise.sigma == pytest.approx(float(step.pow(2).mean().sqrt()), rel=1e-6)
+    assert noise.sigma > 0
+    # ... and the noise itself has that RMS displacement in latent space, in every direction.
+    with torch.no_grad():
+        out = noise.augment(x, arrays.y, torch.Generator().manual_seed(0))
+        unclamped = out.abs().lt(1).flatten(1).all(1)
+        shift = flow(out[unclamped])[0] - z[unclamped]
+    assert unclamped.sum() > 20
+    assert float(shift.pow(2).mean().sqrt()) == pytest.approx(noise.sigma, rel=0.1)
+    assert float(off_span(pca, shift, arrays.y[unclamped]).pow(2).mean()) > 0.5 * noise.sigma**2
+
+
+def test_latent_noise_errors(setup):
+    flow = setup[0]
+    with pytest.raises(ValueError, match="sigma"):
+        LatentNoise(flow, 0.0)
+
+
+def test_pixel_mixup_lies_between_the_image_and_a_same_class_image(setup):
+    _, arrays, x, _, _ = setup
+    bank = x.float()
+    mixup = PixelMixup(arrays, 8, AugmentConfig(beta_max=0.5))
+    out = mixup.augment(bank, arrays.y, torch.Generator().manual_seed(1))
+    for i in range(len(bank)):
+        d = out[i] - bank[i]
+        same = (arrays.y == arrays.y[i]).nonzero().flatten()
+        # out = x + beta (p - x): some same-class p makes d parallel to p - x with beta in [0, 0.5].
+        fits = []
+        for j in same:
+            v = bank[j] - bank[i]
+            if v.abs().sum() == 0:
+                continue
+            beta = float((d * v).sum() / (v * v).sum())
+            fits.append(0 <= beta <= 0.5 + 1e-6 and torch.allclose(d, beta * v, atol=1e-5))
+        assert any(fits) or d.abs().max() < 1e-6
+    again = mixup.augment(bank, arrays.y, torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+
+
+def test_pixel_mixup_errors():
+    arrays = data.ImageArrays(
+        torch.zeros(4, *SHAPE, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]), tuple("abc")
+    )
+    with pytest.raises(ValueError, match="class"):
+        PixelMixup(arrays, 8)
+
+
+def test_class_samples_decode_the_class_gaussians(setup):
+    flow, arrays, x, z, _ = setup
+    prior = ClassGaussians.from_stats(ClassStats.from_latents(z, arrays.y, K))
+    sampler = ClassSamples(flow, prior, temperature=0.5)
+    y = arrays.y[:12]
+    out = sampler.augment(x[:12], y, torch.Generator().manual_seed(2))
+    eps = torch.randn(12, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    expected = prior.means.double()[y] + 0.5 * prior.variances.double()[y].sqrt() * eps
+    inside = out.abs().lt(1).flatten(1).all(1)
+    assert inside.sum() > 6
+    with torch.no_grad():
+        torch.testing.assert_close(flow(out[inside])[0], expected[inside], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        ClassSamples(flow, prior, 0.0)
