@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import data
 from ._util import check_labels, eval_mode, finite_or_original, flow_device_dtype
-from .augment import AugmentConfig, NFAugmenter, sample_beta
+from .augment import AugmentConfig, NFAugmenter, SameClassBank, sample_beta
 from .latents import encode
 from .preprocess import bin_centres
 from .priors import ClassGaussians
@@ -82,24 +82,18 @@ class PixelMixup:
 
     def __init__(self, arrays: data.ImageArrays, bits: int, cfg: AugmentConfig | None = None) -> None:
         self.cfg = cfg or AugmentConfig()
-        order = torch.argsort(arrays.y, stable=True)
-        self.counts = torch.bincount(arrays.y, minlength=arrays.num_classes)
-        if (self.counts == 0).any():
-            missing = (self.counts == 0).nonzero().flatten().tolist()
-            raise ValueError(f"no training images of class(es) {missing}: every class needs partners")
-        self.offsets = torch.cumsum(self.counts, 0) - self.counts
-        self.bank = bin_centres(arrays.x[order], bits)
+        self.bank = SameClassBank(
+            bin_centres(arrays.x, bits), arrays.y, arrays.num_classes, "training images"
+        )
         self.num_classes = arrays.num_classes
 
     def augment(self, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Same-class pixel mixtures of images x (B, C, H, W) in [-1, 1] with labels y (B,)."""
         y = check_labels(y.cpu() if isinstance(y, Tensor) else y, x.shape[0], self.num_classes)
-        if tuple(x.shape[1:]) != tuple(self.bank.shape[1:]):
-            raise ValueError(f"images must be (B, {tuple(self.bank.shape[1:])}); got {tuple(x.shape)}")
-        u = torch.rand(y.shape[0], generator=generator, dtype=torch.float64)
-        pick = self.offsets[y] + (u * self.counts[y]).long().clamp_max(self.counts[y] - 1)
+        if tuple(x.shape[1:]) != tuple(self.bank.rows.shape[1:]):
+            raise ValueError(f"images must be (B, {tuple(self.bank.rows.shape[1:])}); got {tuple(x.shape)}")
+        partners = self.bank.draw(y, generator).to(x.device, x.dtype)  # drawn before beta, as NFA
         beta = sample_beta(self.cfg, y.shape[0], generator).to(x.dtype)[:, None, None, None]
-        partners = self.bank[pick].to(x.device, x.dtype)
         return x + beta.to(x.device) * (partners - x)
 
 
@@ -113,14 +107,13 @@ class ClassSamples:
             raise ValueError(f"temperature must be > 0; got {temperature}")
         self.flow, self.prior, self.temperature = flow, prior, float(temperature)
         self.device, self.dtype = flow_device_dtype(flow)
+        self._prior64 = prior.cpu64()
 
     @torch.no_grad()
     def augment(self, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One sample of class y_i per row of x (B, C, H, W); returns (B, C, H, W) in [-1, 1]."""
         y = check_labels(y.cpu() if isinstance(y, Tensor) else y, x.shape[0], self.prior.num_classes)
-        means, variances = self.prior.means.double().cpu()[y], self.prior.variances.double().cpu()[y]
-        eps = torch.randn(means.shape, generator=generator, dtype=torch.float64)
-        z = (means + self.temperature * variances.sqrt() * eps).to(self.device, self.dtype)
+        z = self._prior64.sample(y, self.temperature, generator=generator).to(self.device, self.dtype)
         with eval_mode(self.flow):
             out = self.flow.inverse(z)
         return (

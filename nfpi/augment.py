@@ -46,6 +46,7 @@ __all__ = [
     "ClassPCA",
     "NFADataset",
     "NFAugmenter",
+    "SameClassBank",
     "generate_dataset",
     "generation_fingerprint",
     "load_generated",
@@ -213,6 +214,37 @@ def sample_beta(cfg: AugmentConfig, n: int, generator: torch.Generator | None = 
 
 
 # ------------------------------------------------------------------------------ augmenter
+class SameClassBank:
+    """Rows (N, ...) sorted by class with per-class offsets and counts, so that a random row of
+    class y is one index ``offset[y] + floor(u * count[y])`` (u uniform, float64, from a CPU
+    generator) without a Python loop per sample: NFA's partner latents, pixel mixup's partner
+    images. ``what`` names the rows in errors.
+
+    Example:
+        >>> bank = SameClassBank(z, y, num_classes=10)
+        >>> partners = bank.draw(labels, torch.Generator().manual_seed(0))   # (B, D)
+    """
+
+    def __init__(self, rows: Tensor, y: Tensor, num_classes: int, what: str = "rows") -> None:
+        y = check_labels(y, rows.shape[0], num_classes, f"labels of the {what}")
+        self.counts = torch.bincount(y, minlength=num_classes)
+        if (self.counts == 0).any():
+            missing = (self.counts == 0).nonzero().flatten().tolist()
+            raise ValueError(f"no {what} of class(es) {missing}: every class needs partners")
+        self.offsets = torch.cumsum(self.counts, 0) - self.counts
+        self.rows = rows[torch.argsort(y, stable=True)]
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(sorted rows, offsets, counts): what determines :meth:`draw`."""
+        return self.rows, self.offsets, self.counts
+
+    def draw(self, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One random row of class y_i per label of y (B,) (CPU int64); (B, ...) on the rows' device."""
+        u = torch.rand(y.shape[0], generator=generator, dtype=torch.float64)
+        pick = self.offsets[y] + (u * self.counts[y]).long().clamp_max(self.counts[y] - 1)
+        return self.rows[pick.to(self.rows.device)]
+
+
 class NFAugmenter:
     """NFA with a trained flow: ``augment(x, y, generator)`` maps images to same-class variants.
 
@@ -266,22 +298,12 @@ class NFAugmenter:
                     f"K={self.num_classes}, D={dim}"
                 )
             self._bank = None
+            self._prior64 = prior.cpu64()
         else:
-            self._bank = self._sorted_bank(*bank, dim)
-
-    def _sorted_bank(self, z: Tensor, y: Tensor, dim: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Bank latents sorted by class with per-class offsets and counts, so that a partner is
-        one index ``offset[y] + floor(u * count[y])`` without a Python loop per sample."""
-        if z.dim() != 2 or z.shape[1] != dim:
-            raise ValueError(f"bank latents must be (N, {dim}); got {tuple(z.shape)}")
-        y = check_labels(y, z.shape[0], self.num_classes, "bank labels")
-        counts = torch.bincount(y, minlength=self.num_classes)
-        if (counts == 0).any():
-            missing = (counts == 0).nonzero().flatten().tolist()
-            raise ValueError(f"the bank has no latents of class(es) {missing}; every class needs partners")
-        order = torch.argsort(y, stable=True)
-        offsets = torch.cumsum(counts, 0) - counts
-        return z[order].to(self.device, self.dtype), offsets, counts
+            z, y = bank
+            if z.dim() != 2 or z.shape[1] != dim:
+                raise ValueError(f"bank latents must be (N, {dim}); got {tuple(z.shape)}")
+            self._bank = SameClassBank(z.to(self.device, self.dtype), y, self.num_classes, "bank latents")
 
     @classmethod
     def from_arrays(
@@ -310,13 +332,10 @@ class NFAugmenter:
         class y_i, or a sample of N(mu_y, T^2 s_y) without a bank; (B, D) on the flow's device."""
         y = check_labels(y.cpu() if isinstance(y, Tensor) else y, len(y), self.num_classes)
         if self._bank is None:
-            means, variances = self.prior.means.double().cpu()[y], self.prior.variances.double().cpu()[y]
-            eps = torch.randn(y.shape[0], means.shape[1], generator=generator, dtype=torch.float64)
-            return (means + self.cfg.temperature * variances.sqrt() * eps).to(self.device, self.dtype)
-        z, offsets, counts = self._bank
-        u = torch.rand(y.shape[0], generator=generator, dtype=torch.float64)
-        pick = offsets[y] + (u * counts[y]).long().clamp_max(counts[y] - 1)
-        return z[pick.to(self.device)]
+            return self._prior64.sample(y, self.cfg.temperature, generator=generator).to(
+                self.device, self.dtype
+            )
+        return self._bank.draw(y, generator)
 
     @torch.no_grad()
     def augment(self, x: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:

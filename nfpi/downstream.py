@@ -53,6 +53,7 @@ from .config import TrainConfig
 from .preprocess import bin_centres, class_balanced_indices, to_uint8
 from .priors import ClassGaussians
 from .runs import keyed_run_dir, load_checkpoint
+from .splits import class_subset
 from .train import train
 
 __all__ = [
@@ -195,6 +196,19 @@ class StudyConfig:
     batch_size: int = 500
     threads: int | None = 1
 
+    @classmethod
+    def resnet(cls, width: int, shift: int, epochs: int, **fields: Any) -> StudyConfig:
+        """The protocol with the ResNet-18 of ``width`` (stage-1 channels) trained ``epochs``
+        epochs, standard augmentation = random crops after padding by ``shift`` pixels of 32
+        (no flips); ``fields`` set the others (notebook 06's flat parameters).
+
+        Example:
+            >>> StudyConfig.resnet(width=8, shift=4, epochs=30, per_class=20).classifier.crop_padding
+            4
+        """
+        classifier = ClassifierConfig(width=width, epochs=epochs, flip=False, crop_padding=shift)
+        return cls(epochs=epochs, classifier=classifier, **fields)
+
     def __post_init__(self) -> None:
         for name in ("per_class", "val_per_class", "copies", "epochs", "batch_size"):
             if getattr(self, name) < 1:
@@ -254,10 +268,7 @@ def replicate_data(
     run_cfg = flow_cfg.replace(per_class=cfg.per_class, seed=seed, val_fraction=0.0)
     full = data.load(run_cfg.dataset, "train", run_cfg.data_dir, download=run_cfg.download)
     test = data.load(run_cfg.dataset, "test", run_cfg.data_dir, download=run_cfg.download)
-    chosen = class_balanced_indices(full.y, cfg.per_class, seed)
-    rest = torch.ones(len(full), dtype=torch.bool)
-    rest[chosen] = False
-    others = full.subset(rest.nonzero().flatten())
+    chosen, others = class_subset(full, cfg.per_class, seed)  # the images splits(run_cfg) trains on
     have = int(torch.bincount(others.y, minlength=others.num_classes).min())
     if have < cfg.val_per_class:
         raise ValueError(
@@ -265,7 +276,7 @@ def replicate_data(
             f"the smallest class for validation; lower val_per_class (now {cfg.val_per_class}) or per_class"
         )
     val = others.subset(class_balanced_indices(others.y, cfg.val_per_class, seed))
-    return run_cfg, full.subset(chosen), val, test
+    return run_cfg, chosen, val, test
 
 
 @torch.no_grad()

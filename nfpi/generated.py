@@ -46,7 +46,9 @@ def generation_fingerprint(
     for t in (augmenter.pca.axes, arrays.x, arrays.y):
         add(t)
     source = (
-        augmenter._bank if augmenter._bank is not None else (augmenter.prior.means, augmenter.prior.variances)
+        augmenter._bank.tensors()
+        if augmenter._bank is not None
+        else (augmenter.prior.means, augmenter.prior.variances)
     )
     for t in source:
         add(t)

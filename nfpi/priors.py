@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -165,10 +166,18 @@ class ClassGaussians(nn.Module):
         mean_scale: float = 1.0,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """z = mean_scale * mu_y + temperature * sqrt(s_y) * eps for labels y (B,); returns (B, D)."""
+        """z = mean_scale * mu_y + temperature * sqrt(s_y) * eps for labels y (B,); returns (B, D)
+        in the buffers' dtype and device (a :meth:`cpu64` copy draws the same z on any device)."""
         self._check_y(y)
-        eps = torch.randn(y.shape[0], self.dim, generator=generator, device=self.means.device)
+        eps = torch.randn(
+            y.shape[0], self.dim, generator=generator, device=self.means.device, dtype=self.means.dtype
+        )
         return mean_scale * self.means[y] + temperature * self.variances[y].sqrt() * eps
+
+    def cpu64(self) -> ClassGaussians:
+        """A float64 CPU copy: its :meth:`sample` with a seeded CPU generator gives the same
+        latents whatever device the flow is on (the augmenters draw through it)."""
+        return copy.deepcopy(self).cpu().double()
 
 
 class FullGaussians(nn.Module):

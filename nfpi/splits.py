@@ -7,6 +7,7 @@ Example:
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from . import data
@@ -14,7 +15,7 @@ from .codes import ClassCodes
 from .config import TrainConfig
 from .preprocess import class_balanced_indices, stratified_split
 
-__all__ = ["load_data", "load_validation", "splits"]
+__all__ = ["class_subset", "load_data", "load_validation", "splits"]
 
 
 def load_data(cfg: TrainConfig) -> tuple[data.ImageArrays, data.ImageArrays]:
@@ -32,6 +33,17 @@ def load_validation(cfg: TrainConfig) -> data.ImageArrays | None:
     return splits(cfg)[1]
 
 
+def class_subset(
+    images: data.ImageArrays, per_class: int, seed: int
+) -> tuple[data.ImageArrays, data.ImageArrays]:
+    """(``per_class`` images of each class drawn with ``seed``, the rest): the training subset
+    of a config with ``per_class`` set, and the images it leaves out."""
+    chosen = class_balanced_indices(images.y, per_class, seed)
+    rest = torch.ones(len(images), dtype=torch.bool)
+    rest[chosen] = False
+    return images.subset(chosen), images.subset(rest.nonzero().flatten())
+
+
 def splits(cfg: TrainConfig) -> tuple[data.ImageArrays, data.ImageArrays | None, data.ImageArrays]:
     """(train, validation or None, test) images of ``cfg``."""
     train_set = data.load(cfg.dataset, "train", cfg.data_dir, download=cfg.download)
@@ -42,7 +54,7 @@ def splits(cfg: TrainConfig) -> tuple[data.ImageArrays, data.ImageArrays | None,
             f"{test_set.shape}, classes {train_set.classes} vs {test_set.classes}); both need the same"
         )
     if cfg.per_class is not None:
-        train_set = train_set.subset(class_balanced_indices(train_set.y, cfg.per_class, cfg.seed))
+        train_set, _ = class_subset(train_set, cfg.per_class, cfg.seed)
     if cfg.test_per_class is not None:
         test_set = test_set.subset(class_balanced_indices(test_set.y, cfg.test_per_class, cfg.seed))
     val_set = None

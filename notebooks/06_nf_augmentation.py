@@ -76,7 +76,6 @@ import torch
 from nfpi import downstream, finetune, plots, repro
 from nfpi.alternatives import LatentNoise, PixelMixup
 from nfpi.augment import AugmentConfig, NFAugmenter
-from nfpi.classifiers import ClassifierConfig
 from nfpi.train import TrainConfig
 
 torch.manual_seed(0)
@@ -84,12 +83,8 @@ table_path = f"{results}/06_nf_augmentation.csv"
 recorded = repro.read_recorded(table_path)
 flow_base = TrainConfig.from_yaml(flow_config, **flow_overrides)
 nfa_cfg = AugmentConfig(k=k, law=law, beta_max=beta_max, beta_a=beta_a, copies=copies)
-study_cfg = downstream.StudyConfig(
-    per_class=per_class,
-    val_per_class=val_per_class,
-    copies=copies,
-    epochs=epochs,
-    classifier=ClassifierConfig(width=width, epochs=epochs, flip=False, crop_padding=shift),
+study_cfg = downstream.StudyConfig.resnet(
+    width, shift, epochs, per_class=per_class, val_per_class=val_per_class, copies=copies
 )
 ft_presets = {"cpu": finetune.FinetuneConfig.cpu, "paper": finetune.FinetuneConfig.paper}
 transformer = ft_presets[protocol](**finetune_overrides) if protocol else None

@@ -16,6 +16,7 @@ from nfpi.augment import (
     ClassPCA,
     NFADataset,
     NFAugmenter,
+    SameClassBank,
     generate_dataset,
     load_generated,
     mix,
@@ -284,7 +285,7 @@ def test_augmenter_errors(setup):
         aug.augment(arrays.x[:2], arrays.y[:2])
     with pytest.raises(ValueError, match="bank=.* or the prior"):
         NFAugmenter(flow, None, pca)
-    with pytest.raises(ValueError, match="no latents of class"):
+    with pytest.raises(ValueError, match=r"no bank latents of class\(es\) \[2\]"):
         NFAugmenter(flow, None, pca, bank=(z[arrays.y != 2], arrays.y[arrays.y != 2]))
     other = ClassPCA.fit(torch.randn(30, 10, dtype=torch.float64), torch.arange(30) % K, K, 2)
     with pytest.raises(ValueError, match="fit ClassPCA on this flow"):
@@ -475,7 +476,7 @@ def test_pixel_mixup_errors():
     arrays = data.ImageArrays(
         torch.zeros(4, *SHAPE, dtype=torch.uint8), torch.tensor([0, 0, 1, 1]), tuple("abc")
     )
-    with pytest.raises(ValueError, match="class"):
+    with pytest.raises(ValueError, match=r"no training images of class\(es\) \[2\]"):
         PixelMixup(arrays, 8)
 
 
@@ -493,3 +494,35 @@ def test_class_samples_decode_the_class_gaussians(setup):
         torch.testing.assert_close(flow(out[inside])[0], expected[inside], atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="temperature"):
         ClassSamples(flow, prior, 0.0)
+
+
+@given(
+    counts=st.lists(st.integers(1, 6), min_size=1, max_size=5),
+    batch=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_same_class_bank_draws_rows_of_the_asked_class(counts, batch, seed):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    y = y[torch.randperm(len(y), generator=g)]
+    rows = torch.stack([y.double(), torch.arange(len(y), dtype=torch.float64)], 1)  # (N, 2): class, row id
+    bank = SameClassBank(rows, y, len(counts))
+    asked = torch.randint(0, len(counts), (batch,), generator=g)
+    drawn = bank.draw(asked, torch.Generator().manual_seed(seed))
+    assert torch.equal(drawn[:, 0].long(), asked)  # every partner is of its class ...
+    assert torch.equal(rows[drawn[:, 1].long()], drawn)  # ... and a row of the bank
+    again = bank.draw(asked, torch.Generator().manual_seed(seed))
+    assert torch.equal(again, drawn)
+
+
+def test_same_class_bank_is_uniform_within_a_class_and_needs_every_class():
+    y = torch.tensor([0, 1, 1, 1, 0])
+    bank = SameClassBank(torch.arange(5.0)[:, None], y, 2)
+    drawn = bank.draw(torch.ones(30_000, dtype=torch.long), torch.Generator().manual_seed(0))
+    freq = torch.bincount(drawn[:, 0].long(), minlength=5).double() / 30_000
+    torch.testing.assert_close(
+        freq, torch.tensor([0, 1 / 3, 1 / 3, 1 / 3, 0], dtype=torch.float64), atol=0.015, rtol=0
+    )
+    with pytest.raises(ValueError, match=r"no rows of class\(es\) \[2\]"):
+        SameClassBank(torch.zeros(5, 1), y, 3)

@@ -10,6 +10,7 @@ from conftest import tiny_config
 from nfpi import data, downstream
 from nfpi.augment import AugmentConfig
 from nfpi.classifiers import ClassifierConfig
+from nfpi.splits import class_subset, load_data
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -36,6 +37,22 @@ def test_replicate_data_is_a_seeded_disjoint_class_balanced_split():
     again = downstream.replicate_data(cfg, STUDY, seed=3)[1]
     other = downstream.replicate_data(cfg, STUDY, seed=4)[1]
     assert torch.equal(again.x, train.x) and not torch.equal(other.x, train.x)
+
+
+def test_replicate_data_trains_on_the_images_of_the_flow_config():
+    cfg = tiny_config()
+    run_cfg, train, val, _ = downstream.replicate_data(cfg, STUDY, seed=3)
+    assert torch.equal(load_data(run_cfg)[0].x, train.x)  # the flow and the classifier share them
+    full = data.load("digits", "train")
+    chosen, rest = class_subset(full, 10, 3)
+    assert torch.equal(chosen.x, train.x) and len(chosen) + len(rest) == len(full)
+    assert torch.equal(torch.bincount(rest.y) + 10, torch.bincount(full.y))
+
+
+def test_study_config_resnet():
+    cfg = downstream.StudyConfig.resnet(width=6, shift=2, epochs=7, per_class=5, copies=3)
+    assert (cfg.per_class, cfg.copies, cfg.epochs, cfg.classifier.epochs) == (5, 3, 7, 7)
+    assert (cfg.classifier.width, cfg.classifier.crop_padding, cfg.classifier.flip) == (6, 2, False)
 
 
 def test_replicate_data_errors():

@@ -44,6 +44,12 @@ def test_sampling_moments_temperature_and_mean_scale():
     z = prior.sample(y, temperature=0.5, mean_scale=1.3, generator=g)
     assert torch.allclose(z.mean(0), 1.3 * prior.means[1], atol=0.03)
     assert torch.allclose(z.var(0), 0.25 * prior.variances[1], rtol=0.05)
+    # a float64 CPU copy draws the same samples as float64 arithmetic on the float32 buffers
+    copy = prior.cpu64()
+    assert copy.means.dtype == torch.float64 and prior.means.dtype == torch.float32
+    z64 = copy.sample(y[:50], 0.5, generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(50, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.equal(z64, prior.means[1].double() + 0.5 * prior.variances[1].double().sqrt() * eps)
     # samples of a class are classified as that class when the classes are well apart
     far = ClassGaussians(torch.eye(3) * 20, torch.ones(3, 3))
     yy = torch.arange(3).repeat(100)

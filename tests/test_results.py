@@ -158,14 +158,13 @@ def test_06_nfa_rows(tmp_path):
 
     p = parameters("06_nf_augmentation")
     flow_cfg = TrainConfig.from_yaml(NOTEBOOKS / p["flow_config"], **p["flow_overrides"])
-    study_cfg = downstream.StudyConfig(
+    study_cfg = downstream.StudyConfig.resnet(
+        p["width"],
+        p["shift"],
+        p["epochs"],
         per_class=p["per_class"],
         val_per_class=p["val_per_class"],
         copies=p["copies"],
-        epochs=p["epochs"],
-        classifier=ClassifierConfig(
-            width=p["width"], epochs=p["epochs"], flip=False, crop_padding=p["shift"]
-        ),
     )
     nfa = AugmentConfig(
         k=p["k"], law=p["law"], beta_max=p["beta_max"], beta_a=p["beta_a"], copies=p["copies"]
