@@ -5,6 +5,7 @@
     python scripts/full_data.py tables --groups data gd --seeds 0 --out x.csv   # a part of them
     python scripts/full_data.py candidates --dataset cifar10  # candidates for configs/cifar10_full.yaml
     python scripts/full_data.py tables --dataset cifar10      # data init vs FPI "both" on full CIFAR-10
+    python scripts/full_data.py candidates --dataset cifar10 --collect  # the CSV of the runs as they are
 
 write results/full/<dataset>_candidates.csv and results/full/<dataset>_tables.csv (with the
 per-epoch metrics of the table runs in results/full/<dataset>_tables_epochs.csv).
@@ -118,17 +119,21 @@ def _epochs(run_dir: Path) -> pd.DataFrame:
     return table
 
 
-def candidates(dataset: str, only: list[str] | None = None) -> pd.DataFrame:
+def candidates(dataset: str, only: list[str] | None = None, collect: bool = False) -> pd.DataFrame:
     """Train (or resume, or reuse) each candidate of ``dataset`` (those in ``only`` when given);
     their per-epoch metrics in one table. The runs are keyed like the table runs, so the
-    config's own candidate is the table's run of its setting."""
+    config's own candidate is the table's run of its setting. ``collect``: train nothing, take
+    the runs as they are (a candidate stopped by hand keeps the epochs it finished)."""
     study, tables = STUDIES[dataset], []
     for label, items in study.candidates.items():
         if only and label not in only:
             continue
         cfg = TrainConfig.from_yaml(REPO / study.config, **_overrides(items))
         run_dir = keyed_run_dir(RUNS, f"{dataset}_full", cfg)
-        train(cfg, run_dir, progress=True)
+        if not collect:
+            train(cfg, run_dir, progress=True)
+        elif not (run_dir / "metrics.csv").is_file():
+            raise SystemExit(f"--collect: candidate {label!r} has no finished epoch in {run_dir}")
         table = _epochs(run_dir)
         table.insert(0, "candidate", label)
         table.insert(1, "command", _command(study, items))
@@ -169,6 +174,7 @@ def main() -> None:
     parser.add_argument("--groups", nargs="+", help="table groups (default: all of the data set's)")
     parser.add_argument("--only", nargs="+", help="candidates to train (default: all of the data set's)")
     parser.add_argument("--seeds", nargs="+", type=int, help="table seeds (default: the data set's)")
+    parser.add_argument("--collect", action="store_true", help="candidates: write the CSV, train nothing")
     parser.add_argument("--out", help="results CSV (default results/full/<dataset>_<what>.csv)")
     args = parser.parse_args()
     study = STUDIES[args.dataset]
@@ -181,7 +187,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"{args.dataset}_{args.what}.csv"
     if args.what == "candidates":
-        _write(candidates(args.dataset, args.only), out)
+        _write(candidates(args.dataset, args.only, args.collect), out)
     else:  # written after each group, so that a long run leaves its finished groups behind
         done, epochs = [], []
         for group in args.groups or study.groups:
