@@ -2,6 +2,8 @@
 #   make reproduce   set up .venv and execute every notebook on its CPU defaults (figures -> figures/)
 #   make test        set up .venv, run the unit tests, then re-execute the notebooks with nbval
 #                    (two notebook lanes side by side)
+#   make test-portable  the numeric tests and the notebooks that check numbers, under two other
+#                    processors' kernels (emulated; README "What a green test means")
 # and, for working interactively (README "Working in JupyterLab"):
 #   make lab         JupyterLab from .venv (kernel "Python 3 (ipykernel)" = .venv's Python)
 #   make nb-02 P="-p epochs 3"   one notebook, papermill parameters passed through
@@ -21,7 +23,7 @@ NB_IDS := $(foreach nb,$(NOTEBOOKS),$(firstword $(subst _, ,$(notdir $(nb)))))
 P ?=
 LAB_ARGS ?=
 
-.PHONY: venv test lint quick unit nbval nbval-long nbval-rest reproduce lab bench clean $(addprefix nb-,$(NB_IDS))
+.PHONY: venv test test-portable lint quick unit nbval nbval-long nbval-rest reproduce lab bench clean $(addprefix nb-,$(NB_IDS))
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -40,6 +42,21 @@ test: lint unit
 	wait $$long; long_status=$$?; \
 	echo "--- $(LONG_NB), run beside the other notebooks ---"; cat runs/nbval-long.log; \
 	test $$rest -eq 0 && test $$long_status -eq 0
+
+# Another processor's kernels, emulated on this one: ATen's scalar kernels, then AVX2 with
+# oneDNN capped at AVX2 (a comma stands for a space within one machine). The numeric tests
+# (recomputed results, shipped flows, legacy checkpoint, the measured spread) and the notebooks
+# whose checked cells print computed floats (01) or re-evaluate the shipped flows (07).
+PORTABLE_ISAS := ATEN_CPU_CAPABILITY=default ATEN_CPU_CAPABILITY=avx2,ONEDNN_MAX_CPU_ISA=AVX2
+PORTABLE_TESTS := tests/test_results.py tests/test_pretrained.py tests/test_legacy_checkpoint.py \
+	tests/test_portability.py
+PORTABLE_NOTEBOOKS := 01_toy_2d_fpi.ipynb 07_full_data.ipynb
+test-portable: venv
+	@for isa in $(PORTABLE_ISAS); do \
+		machine=$$(echo $$isa | tr , ' '); echo "=== $$machine"; \
+		env $$machine $(BIN)/python -m pytest $(PORTABLE_TESTS) -q -p no:cacheprovider || exit 1; \
+		(cd notebooks && env $$machine $(NBVAL) $(PORTABLE_NOTEBOOKS)) || exit 1; \
+	done
 
 # ruff (configured in pyproject.toml): the lint rules and the formatting, over the whole tree.
 lint: venv

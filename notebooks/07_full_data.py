@@ -158,9 +158,10 @@ print(summary.round(3).to_string())
 #
 # `nfpi.pretrained.load(name)` checks the file's SHA-256 against the manifest before loading
 # it; each flow is then evaluated on its config's whole test set (NF accuracy at the bin
-# centres, bits/dim as the dequantisation bound with seeded noise). Another machine or thread
-# count may move a result by float reduction order only: the tolerance is 0.05 points of NF
-# accuracy (5 of 10,000 MNIST test images) and 0.005 bits/dim.
+# centres, bits/dim as the dequantisation bound with seeded noise). Another processor moves a
+# re-evaluation by float32 rounding only: `pretrained.check` allows two test images of NF
+# accuracy and 5e-4 bits/dim (`pretrained.tolerance`; the spread measured on 12 emulated
+# machines is in `results/portability.csv`).
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -169,7 +170,4 @@ print({name: (e["dataset"], e["test_images"]) for name, e in entries.items()})
 
 # %%
 if check_shipped:
-    for name, entry in entries.items():
-        now = pretrained.evaluate_shipped(name)
-        repro.expect(f"{name} NF-Acc top-1", now["acc_top1"], entry["acc_top1"], 0.05, "0.05 points")
-        repro.expect(f"{name} bits/dim", now["test_bpd"], entry["test_bpd"], 0.005, "0.005 bits/dim")
+    pretrained.check()

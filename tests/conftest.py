@@ -4,7 +4,11 @@ latents with class-specific full covariances (full-covariance prior tests)."""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -28,6 +32,17 @@ TINY_TRAIN: dict[str, Any] = {
     "optim": {"warmup": 5, "ema": 0.9},
     "gaussians": {"prior": "fpi", "lam": 40.0},
 }
+
+
+def script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` imported as the module ``name`` (once per session)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).parents[1] / "scripts" / f"{name}.py"
+        )
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
 
 
 def tiny_config(**overrides: Any) -> TrainConfig:

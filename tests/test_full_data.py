@@ -6,20 +6,18 @@ re-evaluated by tests/test_pretrained.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import script
 
 from nfpi.train import TrainConfig, check_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "full"
-_spec = importlib.util.spec_from_file_location("full_data", REPO / "scripts" / "full_data.py")
-full_data = sys.modules["full_data"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(full_data)
+full_data = script("full_data")
 DATASETS = list(full_data.STUDIES)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import script
 
 from nfpi.config import TrainConfig, upgrade
 from nfpi.latents import encode, evaluate_flow
@@ -14,6 +15,7 @@ from nfpi.runs import load_checkpoint, read_checkpoint
 from nfpi.splits import load_data
 
 REPO = Path(__file__).resolve().parents[1]
+portability = script("portability")
 LEGACY = Path(__file__).parent / "data" / "legacy_d10b07e"
 # The command line that made the checkpoint (see its README), in the current layout.
 NEW_LAYOUT = {
@@ -39,13 +41,31 @@ def test_legacy_config_upgrades_to_the_new_layout():
     assert load_checkpoint(LEGACY)[2] == expected
 
 
+def legacy_tolerance(metric: str, floor: float) -> float:
+    """10x the largest difference to the stored outputs measured on the 12 emulated machines of
+    ``results/portability.csv`` (other ATen kernels, oneDNN ISA, threads), never below ``floor``."""
+    return max(10 * float(portability.spread("legacy", metric).max()), floor)
+
+
 def test_legacy_checkpoint_gives_the_same_flow_outputs():
+    """The stored outputs were made on another processor: equal up to float32 rounding, which
+    another machine's kernels change (measured), not bit for bit."""
     model, gaussians, cfg = load_checkpoint(LEGACY)
     reference = torch.load(LEGACY / "outputs.pt", weights_only=True)
     test_set = load_data(cfg)[1]
     z, logdet = encode(model, test_set, cfg.bits, 500)
-    assert torch.equal(z[:40], reference["z"]) and torch.equal(logdet[:40], reference["logdet"])
-    assert evaluate_flow(model, gaussians, test_set, cfg.bits, 500) == reference["metrics"]
+    eps = torch.finfo(torch.float32).eps  # floors: 8 float32 ulps of the largest stored value
+    z_tol = legacy_tolerance("z", 8 * eps * float(reference["z"].abs().max()))
+    logdet_tol = legacy_tolerance("logdet", 8 * eps * float(reference["logdet"].abs().max()))
+    assert torch.allclose(z[:40], reference["z"], rtol=0, atol=z_tol), float(
+        (z[:40] - reference["z"]).abs().max()
+    )
+    assert torch.allclose(logdet[:40], reference["logdet"], rtol=0, atol=logdet_tol)
+    metrics = evaluate_flow(model, gaussians, test_set, cfg.bits, 500)
+    one_image = 100 / len(test_set)  # an accuracy moves by whole images: one boundary flip
+    for key, value in reference["metrics"].items():
+        floor = one_image if key.startswith("acc") else 8 * eps * abs(value)
+        assert abs(metrics[key] - value) <= legacy_tolerance(key, floor), (key, metrics[key], value)
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pandas as pd
 import pytest
+from scipy import stats
 
 from nfpi import repro
-from nfpi.repro import ResultMismatch, expect, expect_recorded, seed_summary
+from nfpi.repro import (
+    ResultMismatch,
+    draw_tolerance,
+    expect,
+    expect_recorded,
+    pooled_spread,
+    seed_summary,
+)
 
 
 @pytest.fixture
@@ -85,20 +94,50 @@ def test_seed_summary_pairs_differences_by_seed():
         seed_summary(results, ["top1"], baseline="none")
 
 
-def test_expect_recorded_derives_tolerances_from_the_recorded_spread(capsys):
+def test_pooled_spread_and_draw_tolerance():
+    table = pd.DataFrame(
+        {
+            "setting": ["a"] * 3 + ["b"] * 3 + ["c"],
+            "acc": [90.0, 92.0, 94.0, 50.0, 51.0, 52.0, 70.0],
+        }
+    )
+    # within-setting variances 4 and 1 (2 degrees of freedom each); c has one seed: left out
+    s, df = pooled_spread(table, "acc")
+    assert df == 4 and s == pytest.approx(math.sqrt((2 * 4 + 2 * 1) / 4))
+    assert pooled_spread(table[table["setting"] == "c"], "acc") == (0.0, 0)
+    # one new draw against a mean of 3: t(1 - FALSE_ALARM / 2, 4) * s * sqrt(1 + 1/3)
+    expected = stats.t.ppf(1 - repro.FALSE_ALARM / 2, 4) * s * math.sqrt(4 / 3)
+    assert draw_tolerance(s, df, 1, 3, floor=0.5) == pytest.approx(expected)
+    assert draw_tolerance(s, df, 1, 3, floor=100.0) == 100.0  # never below the resolution
+    assert draw_tolerance(s, df, 1, 3, 0.5, false_alarm=0.05) < expected  # a looser check is narrower
+    with pytest.raises(ValueError, match="degree of freedom"):
+        draw_tolerance(1.0, 0, 1, 3, 0.5)
+
+
+def test_expect_recorded_treats_a_new_machine_as_another_draw(capsys):
+    # 5 settings of 3 seeds with std 1 each (pooled std 1, 10 degrees of freedom) and one, "e",
+    # whose own spread is larger (std 2): each setting uses the larger of its own and the pooled std.
+    offsets = [-1.0, 0.0, 1.0]
     recorded = pd.DataFrame(
-        {"setting": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2, "acc": [90.0, 92.0, 94.0, 50.0, 50.0, 50.0]}
+        {
+            "setting": [s for s in "abcde" for _ in offsets],
+            "seed": [0, 1, 2] * 5,
+            "acc": [90 + 10 * i + (2 if s == "e" else 1) * o for i, s in enumerate("abcde") for o in offsets],
+        }
     )
-    # a: mean 92, std 2 -> tol 3 * 2 * sqrt(2/3) = 4.90; b: no spread -> the floor 0.5.
-    expect_recorded(
-        recorded.assign(acc=recorded["acc"] + pd.Series([4.8] * 3 + [0.4] * 3)), recorded, {"acc": 0.5}
-    )
-    out = capsys.readouterr().out
-    assert "a acc (mean of 3 seeds): 96.80, recorded 92.00 +- 4.90" in out and out.count(": ok") == 2
-    with pytest.raises(ResultMismatch, match="b acc"):
-        expect_recorded(
-            recorded.assign(acc=recorded["acc"] + pd.Series([0.0] * 3 + [0.6] * 3)), recorded, {"acc": 0.5}
-        )
+    pooled, df = pooled_spread(recorded, "acc")
+    assert df == 10 and pooled == pytest.approx(math.sqrt((4 * 2 + 2 * 4) / 10))
+    k = stats.t.ppf(1 - repro.FALSE_ALARM / 2, 10)
+    tol_a = k * pooled * math.sqrt(2 / 3)
+    tol_e = k * 2.0 * math.sqrt(2 / 3)
+    shifted = recorded.assign(acc=recorded["acc"] + 0.99 * tol_a)
+    expect_recorded(shifted[shifted["setting"] == "a"], recorded, {"acc": 0.5})
+    assert f"recorded 90.00 +- {tol_a:.2f}" in capsys.readouterr().out
+    with pytest.raises(ResultMismatch, match="a acc"):
+        expect_recorded(recorded.assign(acc=recorded["acc"] + 1.01 * tol_a), recorded, {"acc": 0.5})
+    far = recorded.assign(acc=recorded["acc"] + 0.99 * tol_e)
+    expect_recorded(far[far["setting"] == "e"], recorded, {"acc": 0.5})
+    assert f"recorded 130.00 +- {tol_e:.2f}" in capsys.readouterr().out
     # A metric a setting does not produce (NaN on both sides) is skipped; NaN on one side fails.
     both_nan = recorded.assign(acc=float("nan"))
     expect_recorded(both_nan, both_nan, {"acc": 0.5})
