@@ -110,6 +110,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_fpi.py
 	$(BIN)/python benchmarks/bench_flow.py
 	$(BIN)/python benchmarks/bench_checkpoint.py
+	$(BIN)/python benchmarks/bench_fpi_configs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -12,6 +12,7 @@ It prints the medians and the ratios (with / without the checksum).
 
     python benchmarks/bench_checkpoint.py              # paper size, ~1 minute on one core
     python benchmarks/bench_checkpoint.py --small      # 2 x 4 x 32 digits-sized flow, seconds
+    python benchmarks/bench_checkpoint.py --smoke      # the small flow, one repeat (make test)
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch
 
 from nfpi.flows import Glow
 from nfpi.runs import CHECKPOINT_FORMAT, checksum, read_checkpoint
+
+SMOKE = {"small": True, "repeats": 1}  # --smoke: these defaults (explicit arguments still win)
 
 
 def build(small: bool) -> dict:
@@ -56,6 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", action="store_true", help="a digits-sized flow instead of the paper's")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="the small flow, one repeat (seconds)")
+    if parser.parse_known_args()[0].smoke:
+        parser.set_defaults(**SMOKE)
     args = parser.parse_args()
     ckpt = build(args.small)
     size = sum(t.numel() * t.element_size() for t in ckpt["model"].values())

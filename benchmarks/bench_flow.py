@@ -40,11 +40,15 @@ OpenMP threads stall whenever the other core is taken).
     python benchmarks/bench_flow.py                 # CPU-sized, ~1-2 minutes
     python benchmarks/bench_flow.py --paper --batch 8   # paper size: 3 levels, 8 steps, 128 hidden
     python benchmarks/bench_flow.py --report coupling   # MEF coupling and matrix exponential
+    python benchmarks/bench_flow.py --smoke             # every report at toy size, seconds (make test)
+
+Without normflows installed (``pip install -e '.[bench]'``) its peer is skipped, with a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -156,6 +160,30 @@ def matmul_flop_rate(n: int, seconds: float) -> float:
 
 MODES = ("standard", "reversible", "normflows")
 GPU_BYTES = {"24 GB": 24e9, "80 GB": 80e9}
+MEMORY_RATIOS = (("standard", "reversible"), ("normflows", "reversible"), ("standard", "normflows"))
+# --smoke: argument defaults of a toy run through every report (explicit arguments still win).
+SMOKE = {
+    "batch": 4,
+    "shape": (1, 8, 8),
+    "levels": 2,
+    "steps": 1,
+    "hidden": 8,
+    "iters": 2,
+    "mm_size": 64,
+    "mm_seconds": 0.05,
+    "expm_images": 1,
+    "report": "all",
+}
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN where b is not positive (toy sizes can measure no per-image memory)."""
+    return a / b if b > 0 else math.nan
+
+
+def modes(args: argparse.Namespace) -> tuple[str, ...]:
+    """The models compared: ours in both memory modes, and normflows unless it is skipped."""
+    return tuple(m for m in MODES if not (args.no_normflows and m == "normflows"))
 
 
 def build(mode: str, args: argparse.Namespace) -> nn.Module:
@@ -235,7 +263,7 @@ def measure_memory(args: argparse.Namespace) -> dict[str, dict]:
         *map(str, args.blocks if isinstance(args.blocks, list) else [args.blocks]),
     ]
     results = {}
-    for mode in MODES:
+    for mode in modes(args):
         out = subprocess.run(argv + ["--probe", mode], env=env, capture_output=True, text=True, check=True)
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     return results
@@ -272,7 +300,7 @@ def report_memory(args: argparse.Namespace) -> None:
         fixed = r["full"] - per_image[mode] * args.batch
         state = 4 * 4 * r["params"]  # float32 weights, 2 Adamax states, EMA copy
         fits = ", ".join(
-            f"{name}: batch {int((cap - state - fixed) // per_image[mode])}"
+            f"{name}: batch {ratio(cap - state - fixed, per_image[mode]) // 1:.0f}"
             for name, cap in GPU_BYTES.items()
         )
         print(
@@ -280,11 +308,10 @@ def report_memory(args: argparse.Namespace) -> None:
             f"{per_image[mode] / 2**20:6.2f} MiB per image + {fixed / 2**20:6.1f} MiB fixed; "
             f"largest batch (estimate) {fits}"
         )
+    pairs = [(a, b) for a, b in MEMORY_RATIOS if a in per_image and b in per_image]
     print(
-        f"per-image memory ratio standard/reversible: "
-        f"{per_image['standard'] / per_image['reversible']:.2f}x, normflows/reversible: "
-        f"{per_image['normflows'] / per_image['reversible']:.2f}x, standard/normflows: "
-        f"{per_image['standard'] / per_image['normflows']:.2f}"
+        "per-image memory ratio "
+        + ", ".join(f"{a}/{b}: {ratio(per_image[a], per_image[b]):.2f}x" for a, b in pairs)
     )
 
 
@@ -295,7 +322,7 @@ def report_throughput(args: argparse.Namespace) -> None:
     x = torch.rand(args.batch, *in_shape) * 2 - 1
     models = {"nfpi": build("standard", args), "nfpi-rev": build("reversible", args)}
     models["nfpi-rev"].load_state_dict(models["nfpi"].state_dict())  # same weights
-    if not args.no_normflows:
+    if "normflows" in modes(args):
         models["normflows"] = build("normflows", args)
 
     flops, steps_fn = {}, {}
@@ -320,7 +347,7 @@ def report_throughput(args: argparse.Namespace) -> None:
             times[name].append(time.perf_counter() - start)
             cpu_times[name].append(time.process_time() - cpu_start)
 
-    mm_rate = matmul_flop_rate(args.mm_size, seconds=3.0)
+    mm_rate = matmul_flop_rate(args.mm_size, seconds=args.mm_seconds)
     print(f"float32 matmul ({args.mm_size}^3): {mm_rate / 1e9:.1f} GFLOP/s")
     rate, best_rate = {}, {}
     for name in models:
@@ -387,7 +414,8 @@ def report_coupling_cost(args: argparse.Namespace) -> None:
         "batched expm of bounded W = tanh(r) / c2 + saturated rows (float32, fwd+bwd time, "
         "max rel. error vs float64 matrix_exp):"
     )
-    for c2, pixels in ((6, 64 * 16 * 16), (12, 64 * 8 * 8), (24, 64 * 4 * 4)):
+    for c2, side in ((6, 16), (12, 8), (24, 4)):
+        pixels = args.expm_images * side * side
         raw = 3 * torch.randn(pixels, c2, c2, dtype=torch.float64)
         w = torch.tanh(raw) / c2  # the MEF bound at init: ||W||_inf <= 1
         w[: pixels // 8] = 1.0 / c2  # saturated: one eigenvalue of exactly 1
@@ -439,15 +467,25 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--mm-size", type=int, default=2048)
+    parser.add_argument("--mm-seconds", type=float, default=3.0, help="time spent timing the matmul")
+    parser.add_argument(
+        "--expm-images", type=int, default=64, help="coupling report: images' worth of expm matrices"
+    )
     parser.add_argument("--no-normflows", action="store_true", help="time only our Glow")
     parser.add_argument(
         "--report",
-        choices=("default", "throughput", "memory", "coupling"),
+        choices=("default", "throughput", "memory", "coupling", "all"),
         default="default",
         help="default: throughput and memory; coupling: MEF coupling vs affine and matrix_exp vs series",
     )
+    parser.add_argument("--smoke", action="store_true", help="every report at toy size (seconds)")
     parser.add_argument("--probe", choices=MODES, help=argparse.SUPPRESS)
+    if parser.parse_known_args()[0].smoke:
+        parser.set_defaults(**SMOKE)
     args = parser.parse_args()
+    if not args.no_normflows and importlib.util.find_spec("normflows") is None:
+        print("normflows is not installed (pip install -e '.[bench]'): skipping the normflows peer")
+        args.no_normflows = True
     if args.paper:
         args.levels, args.steps, args.hidden = 3, 8, 128
     args.blocks = args.blocks[0] if len(args.blocks) == 1 else args.blocks
@@ -460,11 +498,11 @@ def main() -> None:
         f"steps={args.steps} hidden={args.hidden} blocks={args.blocks} conv={args.conv} "
         f"coupling={args.coupling} threads={args.threads} torch={torch.__version__}"
     )
-    if args.report == "coupling":
+    if args.report in ("coupling", "all"):
         report_coupling_cost(args)
-    if args.report in ("default", "throughput"):
+    if args.report in ("default", "throughput", "all"):
         report_throughput(args)
-    if args.report in ("default", "memory"):
+    if args.report in ("default", "memory", "all"):
         report_memory(args)
 
 

@@ -8,7 +8,10 @@
 4. Time for the FPI to reach the best objective gradient descent attains (over its lr
    policies) against the time gradient descent needs (target >= 10x).
 
-    python benchmarks/bench_fpi.py [--threads 2] [--quick]
+    python benchmarks/bench_fpi.py [--threads 2] [--quick | --smoke]
+
+``--smoke`` runs every section, memory probes included, at toy sizes (seconds): the check that
+``make test`` runs (tests/test_benchmarks.py); its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +27,21 @@ import torch
 
 from nfpi import fpi, gd
 from nfpi.fpi import ClassStats
+
+# Problem sizes: K, D of sections 1, 3, 4 and of the dense peer in 2; K of the large solve in 2,
+# its iterations; GD steps in 4; iteration cap of the plain solves in 3; default thread count
+# (at toy sizes a second thread only waits for a busy core).
+FULL = {
+    "k": 100,
+    "d": 3072,
+    "k_large": 1000,
+    "memory_iters": 10,
+    "gd_steps": 1000,
+    "max_iter": 20000,
+    "threads": 2,
+}
+QUICK = FULL | {"memory_iters": 3, "gd_steps": 300}
+SMOKE = {"k": 10, "d": 64, "k_large": 30, "memory_iters": 3, "gd_steps": 30, "max_iter": 200, "threads": 1}
 
 
 def latent_stats(k: int, d: int, n: int = 20, sep: float = 0.3, seed: int = 0) -> ClassStats:
@@ -104,7 +122,8 @@ with open("/proc/self/clear_refs", "w") as fh:   # reset the peak (VmHWM) to the
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     if mode == "ours":
-        res = fpi.solve(stats, {lam}, max_iter={iters}, tol=0.0)
+        # a fixed number of iterations: solve requires tol > 0, and 1e-300 is never reached
+        res = fpi.solve(stats, {lam}, max_iter={iters}, tol=1e-300)
     else:
         m, v = stats.mean(), stats.var()
         dense_update(m, v, m, v, {lam} / (k * (k - 1)), 10.0)
@@ -124,26 +143,27 @@ def peak_mb(k: int, d: int, mode: str, lam: float, iters: int) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def bench_memory(quick: bool) -> dict:
-    ours = peak_mb(1000, 3072, "ours", 1e3, 3 if quick else 10)
-    dense = peak_mb(100, 3072, "dense", 1e3, 1)
-    ours100 = peak_mb(100, 3072, "ours", 1e3, 10)
+def bench_memory(k_large: int, k: int, d: int, iters: int) -> dict:
+    ours = peak_mb(k_large, d, "ours", 1e3, iters)
+    dense = peak_mb(k, d, "dense", 1e3, 1)
+    ours_small = peak_mb(k, d, "ours", 1e3, 10)
     print(
-        f"[2] K=1000 D=3072: peak memory of the solve above the process before it {ours:.0f} MB; "
+        f"[2] K={k_large} D={d}: peak memory of the solve above the process before it {ours:.0f} MB; "
         "target < 2048 MB"
     )
     print(
-        f"    K=100 D=3072 one dense K x K x D update {dense:.0f} MB vs our whole solve {ours100:.0f} MB "
-        f"-> ratio {dense / max(ours100, 1):.1f}x (the dense update at K=1000 would need ~100x more)"
+        f"    K={k} D={d} one dense K x K x D update {dense:.0f} MB vs our whole solve {ours_small:.0f} MB "
+        f"-> ratio {dense / max(ours_small, 1):.1f}x (the dense update at K={k_large} would need "
+        f"~{(k_large / k) ** 2:.0f}x more)"
     )
-    return {"peak_mb_k1000": ours, "dense_mb_k100": dense, "ours_mb_k100": ours100}
+    return {f"peak_mb_k{k_large}": ours, f"dense_mb_k{k}": dense, f"ours_mb_k{k}": ours_small}
 
 
-def bench_acceleration(k: int, d: int, lam: float) -> dict:
+def bench_acceleration(k: int, d: int, lam: float, max_iter: int) -> dict:
     stats = latent_stats(k, d, sep=0.05)
-    acc = quiet(fpi.solve, stats, lam, learn="means", max_iter=20000)
+    acc = quiet(fpi.solve, stats, lam, learn="means", max_iter=max_iter)
     plain = {
-        eta: quiet(fpi.solve, stats, lam, learn="means", accel="none", damping=eta, max_iter=20000)
+        eta: quiet(fpi.solve, stats, lam, learn="means", accel="none", damping=eta, max_iter=max_iter)
         for eta in (1.0, 0.5)
     }
     print(
@@ -186,17 +206,21 @@ def bench_vs_gd(k: int, d: int, lam: float, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="smaller GD budget and memory run")
+    ap.add_argument("--threads", type=int, help="default 2 (--smoke: 1)")
+    size = ap.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smaller GD budget and memory run")
+    size.add_argument("--smoke", action="store_true", help="every section at toy sizes (seconds)")
     ap.add_argument("--json", help="also write the numbers to this file")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, float64")
+    n = SMOKE if args.smoke else QUICK if args.quick else FULL
+    threads = args.threads or n["threads"]
+    torch.set_num_threads(threads)
+    print(f"torch {torch.__version__}, {threads} threads, float64")
     out = {
-        "solve": bench_solve(100, 3072, 300.0),
-        "memory": bench_memory(args.quick),
-        "acceleration": bench_acceleration(100, 3072, 1e5),
-        "gd": bench_vs_gd(100, 3072, 300.0, 300 if args.quick else 1000),
+        "solve": bench_solve(n["k"], n["d"], 300.0),
+        "memory": bench_memory(n["k_large"], n["k"], n["d"], n["memory_iters"]),
+        "acceleration": bench_acceleration(n["k"], n["d"], 1e5, n["max_iter"]),
+        "gd": bench_vs_gd(n["k"], n["d"], 300.0, n["gd_steps"]),
     }
     if args.json:
         with open(args.json, "w") as fh:

@@ -14,6 +14,7 @@ The solve is :func:`nfpi.schedule.fit`, i.e. exactly what training calls with th
     config, lambda, rule, learn, stop, accel, iterations, final change, converged, seconds
 
     NFPI_DATA=/work/shared/data python benchmarks/bench_fpi_configs.py [--per-class 500] [--threads 1]
+    python benchmarks/bench_fpi_configs.py --smoke   # digits_cpu on 10 images per class, seconds
 """
 
 from __future__ import annotations
@@ -33,17 +34,24 @@ from nfpi.schedule import fit
 from nfpi.splits import load_data
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# --smoke: these defaults (explicit arguments still win): the embedded digits, a few images per class
+SMOKE = {"configs": ["digits_cpu"], "digits_per_class": 10, "distance": True}
 
 
-def untrained_latent_stats(cfg: TrainConfig, per_class: int) -> fpi.ClassStats:
+def untrained_latent_stats(
+    cfg: TrainConfig, per_class: int, digits_per_class: int | None = None
+) -> fpi.ClassStats:
     """Statistics of the latents of ``cfg``'s untrained flow on its training images (for configs
-    that train on a whole dataset: ``per_class`` images per class; digits: all 1,438)."""
+    that train on a whole dataset: ``per_class`` images per class; digits: ``digits_per_class``,
+    None = all 1,438)."""
     pseudo = cfg.dataset == "cifar100"
     if pseudo:  # not available offline: CIFAR-10 images, 10 pseudo-classes per class (see above)
         small = TrainConfig.from_yaml(CONFIGS / "cifar10_cpu.yaml").to_dict()["model"]
         cfg = cfg.replace(dataset="cifar10", download=False, **{f"model.{k}": v for k, v in small.items()})
-    if cfg.per_class is None and cfg.dataset != "digits":  # full-set configs: a class-balanced share
-        cfg = cfg.replace(per_class=per_class * (10 if pseudo else 1))
+    # configs on a whole dataset: a class-balanced share (digits: all unless digits_per_class)
+    share = digits_per_class if cfg.dataset == "digits" else per_class * (10 if pseudo else 1)
+    if cfg.per_class is None and share is not None:
+        cfg = cfg.replace(per_class=share)
     torch.manual_seed(cfg.seed)
     arrays, _ = load_data(cfg)
     model = build_flow(cfg.model, arrays.shape)
@@ -97,10 +105,16 @@ def main() -> None:
         default=500,
         help="images per class for the statistics of full-dataset configs",
     )
+    ap.add_argument(
+        "--digits-per-class", type=int, help="images per class for the digits configs (default: all)"
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", help="folder to keep the statistics in between runs")
     ap.add_argument("--distance", action="store_true", help="also the distance to the fixed point (slow)")
     ap.add_argument("configs", nargs="*", help="config names (default: all in configs/)")
+    ap.add_argument("--smoke", action="store_true", help="digits_cpu only, on few images (seconds)")
+    if ap.parse_known_args()[0].smoke:
+        ap.set_defaults(**SMOKE)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.configs or sorted(p.stem for p in CONFIGS.glob("*.yaml"))
@@ -111,11 +125,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.distance else ""))
     for name in names:
         cfg = TrainConfig.from_yaml(CONFIGS / f"{name}.yaml")
-        cached = Path(args.cache) / f"{name}_{args.per_class}.pt" if args.cache else None
+        digits = "" if args.digits_per_class is None else f"_{args.digits_per_class}"
+        cached = Path(args.cache) / f"{name}_{args.per_class}{digits}.pt" if args.cache else None
         if cached is not None and cached.exists():
             stats = fpi.ClassStats(*torch.load(cached, weights_only=True))
         else:
-            stats = untrained_latent_stats(cfg, args.per_class)
+            stats = untrained_latent_stats(cfg, args.per_class, args.digits_per_class)
             if cached is not None:
                 torch.save((stats.count, stats.total, stats.total_sq), cached)
         rows = [cfg] + [
