@@ -32,10 +32,11 @@ from typing import Any
 
 import yaml
 
-from . import data, fpi, gd
+from . import data
 from ._util import check_choice
-from .codes import CodeConfig
+from .data import CodeConfig
 from .flows import MEMORY_MODES
+from .prior import fpi, gd
 
 __all__ = [
     "NOT_KEYED",

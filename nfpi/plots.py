@@ -24,9 +24,8 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from . import data
-from .fpi import FPIResult
-from .preprocess import bin_centres, to_uint8
-from .priors import ClassGaussians, interpolate
+from .data import bin_centres, to_uint8
+from .prior import ClassGaussians, FPIResult, interpolate
 
 __all__ = [
     "augmentation_grid",

@@ -32,11 +32,10 @@ import yaml
 from . import repro
 from ._util import atomic_write
 from .config import TrainConfig, upgrade
+from .evaluation import evaluate_flow
 from .flows import Glow
-from .latents import evaluate_flow
-from .priors import ClassGaussians
-from .runs import build_flow, load_checkpoint
-from .splits import load_data
+from .prior import ClassGaussians
+from .train import build_flow, load_checkpoint, load_data
 
 __all__ = ["PretrainedError", "check", "evaluate_shipped", "export", "load", "manifest", "names", "root"]
 

@@ -10,8 +10,8 @@ and the two invertible 1x1 convolutions named in SPEC §4 (Glow Sec. 3.2):
 
 Every layer maps x to ``(y, log|det dy/dx|)`` so that the change-of-variables
 term of the paper's Eqs. (1)-(2), log p(x|y) = log p_Z(f(x)|y) + log|det J_f(x)|,
-is the sum of the per-layer terms. The couplings are in :mod:`nfpi.couplings`, the
-multi-scale :class:`nfpi.flows.Glow` in :mod:`nfpi.flows` (which re-exports these names).
+is the sum of the per-layer terms. The couplings are in :mod:`nfpi.flows.couplings`, the
+multi-scale :class:`nfpi.flows.Glow` in :mod:`nfpi.flows.glow`.
 
 Conventions: layers take (B, C, H, W) tensors and return a log-determinant of
 shape (B,) in the input's dtype and device; ``inverse(y)`` returns x only.

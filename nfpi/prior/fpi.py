@@ -10,15 +10,15 @@ with pi held fixed during an update (Eq. 9 ``pi="pairwise"``: pi_yy' = KL_yy'; E
 ``pi="mean"``: the mean off-diagonal KL). The stationarity conditions give the closed-form
 updates of Eq. 5 (means) and Eqs. 6-7 (covariances, a matrix geometric mean
 Sigma = A^-1 # B; elementwise sqrt(B / A) for diagonal covariances). :func:`solve` iterates
-them to a fixed point with safeguarded Anderson mixing (:func:`nfpi.anderson.fixed_point`,
-re-exported here as :func:`fixed_point`), keeps variances inside
+them to a fixed point with safeguarded Anderson mixing
+(:func:`nfpi.prior.anderson.fixed_point`), keeps variances inside
 ``[v/rho, v*rho]`` and reports when that bound is active, and never returns non-finite values.
 The released code's options (SPEC §3) are available for parity: its variance rule
 (``rule="released"``), its isotropic mean step and its stopping rule (``stop="released"``).
 
-The pieces live by role and are re-exported here: the class statistics :class:`ClassStats` in
-:mod:`nfpi.stats`, the objective J, pairwise KL and kernel in :mod:`nfpi.objective`, one update
-of Eqs. 5-7 in :mod:`nfpi.updates`; this module is the solver.
+The pieces live by role in :mod:`nfpi.prior`: the class statistics :class:`ClassStats` in
+:mod:`nfpi.prior.stats`, the objective J, pairwise KL and kernel in :mod:`nfpi.prior.criterion`,
+one update of Eqs. 5-7 in :mod:`nfpi.prior.updates`; this module is the solver.
 
 All K x K quantities are built from (K, D) matrix products: O(K^2 D) time, O(K^2 + K D) memory.
 """
@@ -34,42 +34,23 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from ._util import check_choice
+from .._util import check_choice
 from .anderson import fixed_point
-from .objective import (
+from .criterion import (
     Learn,
     Pi,
-    gradient_residual,
-    kernel,
-    objective,
     pairwise_kl,
     potential,
     unbounded_threshold,
 )
 from .stats import ClassStats
-from .updates import Rule, diag_update, full_update, geometric_mean_solve, update
+from .updates import Rule, diag_update, full_update
 
 Stop = Literal["relative", "released"]
 
 RELEASED_TOL = 0.1  # the released stopping rule: per-class L2 change of mu and of s <= 0.1
 
-__all__ = [
-    "RELEASED_TOL",
-    "ClassStats",
-    "FPIDivergenceError",
-    "FPIResult",
-    "FPIWarning",
-    "check_solver_args",
-    "fixed_point",
-    "geometric_mean_solve",
-    "gradient_residual",
-    "kernel",
-    "objective",
-    "pairwise_kl",
-    "solve",
-    "unbounded_threshold",
-    "update",
-]
+__all__ = ["RELEASED_TOL", "FPIDivergenceError", "FPIResult", "FPIWarning", "check_solver_args", "solve"]
 
 
 class FPIWarning(RuntimeWarning):

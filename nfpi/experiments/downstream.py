@@ -43,18 +43,16 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from . import data, finetune, pretrained
-from ._progress import tqdm
-from ._util import threads
-from .alternatives import ClassSamples, LatentNoise, PixelMixup
-from .augment import AugmentConfig, NFAugmenter
-from .classifiers import ClassifierConfig, apply_batched, topk_accuracy, train_classifier
-from .config import TrainConfig
-from .preprocess import bin_centres, class_balanced_indices, to_uint8
-from .priors import ClassGaussians
-from .runs import keyed_run_dir, load_checkpoint
-from .splits import class_subset
-from .train import train
+from .. import data, pretrained
+from .._progress import tqdm
+from .._util import threads
+from ..augment import AugmentConfig, ClassSamples, LatentNoise, NFAugmenter, PixelMixup
+from ..config import TrainConfig
+from ..data import bin_centres, class_balanced_indices, class_subset, to_uint8
+from ..evaluation import ClassifierConfig, apply_batched, topk_accuracy, train_classifier
+from ..prior import ClassGaussians
+from ..train import keyed_run_dir, load_checkpoint, train
+from . import finetune
 
 __all__ = [
     "NFA",

@@ -5,7 +5,7 @@ Implements the couplings of SPEC §4 ("Flow"): Glow's affine and additive ones
 Matrix Exponential Flow's (``"matexp"``, Xiao & Liu 2020, the paper's backbone, Sec. 5):
 per pixel x2 <- expm(W(x1)) x2 + b(x1), with W full (c2 x c2) or low-rank W = A B,
 expm(A B) = I + A phi(B A) B. Each coupling returns ``(y, log|det dy/dx|)`` like every
-layer of :mod:`nfpi.layers` and has ``inverse``; :mod:`nfpi.flows` re-exports these names.
+layer of :mod:`nfpi.flows.layers` and has ``inverse``.
 
 Conventions: couplings take (B, C, H, W) tensors, C >= 2, x1 = the first C//2 channels,
 and return a log-determinant of shape (B,).

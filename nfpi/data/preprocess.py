@@ -1,7 +1,7 @@
 """From stored uint8 images to flow inputs (SPEC §4 "Dequantisation", §4 step 4 split, §6):
-quantisation and dequantisation, bits/dim, class-balanced subsets and stratified splits, the
-seeded training :class:`FlowDataset` / :func:`make_loader`, and the t-SNE embedding of the
-toy demo. All names are re-exported by :mod:`nfpi.data` (``nfpi.data.quantize`` etc.).
+quantisation and dequantisation, bits/dim, the seeded training :class:`FlowDataset` /
+:func:`make_loader`, and the t-SNE embedding of the toy demo (subsets and splits:
+:mod:`nfpi.data.splits`).
 
 Preprocessing (SPEC §4): ``b``-bit data ``x_q in {0 .. 2^b - 1}`` maps to ``[-1, 1]`` by
 ``2 (x_q + u) / 2^b - 1``; ``u ~ U[0, 1)`` while training (uniform dequantisation) and
@@ -13,26 +13,22 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from ._util import check_labels
-
-if TYPE_CHECKING:
-    from .data import ImageArrays
+from .arrays import ImageArrays
+from .datasets import DATASETS
+from .splits import class_balanced_indices
 
 __all__ = [
     "FlowDataset",
     "bin_centres",
     "bits_per_dim",
-    "class_balanced_indices",
     "dequantize",
     "make_loader",
     "quantize",
-    "stratified_split",
     "to_uint8",
     "tsne_embedding",
 ]
@@ -122,48 +118,6 @@ def bits_per_dim(nll_nats: Tensor, dim: int, bits: int) -> Tensor:
     return (nll_nats + dim * (bits - 1) * math.log(2.0)) / (dim * math.log(2.0))
 
 
-def class_balanced_indices(y: Tensor, per_class: int, seed: int) -> Tensor:
-    """Indices (K * per_class,), sorted, of ``per_class`` random examples of each class in y (N,).
-
-    The classes are 0 .. max(y); each must have at least ``per_class`` examples. The draw is
-    nested in ``per_class``: for a fixed seed a smaller subset is contained in a larger one.
-    """
-    y = check_labels(torch.as_tensor(y), name="y", nonempty=True)
-    if per_class < 1:
-        raise ValueError(f"per_class must be >= 1; got {per_class}")
-    gen = torch.Generator().manual_seed(seed)
-    chosen = []
-    for k in range(int(y.max()) + 1):
-        members = (y == k).nonzero().squeeze(1)
-        if members.numel() < per_class:
-            raise ValueError(
-                f"class {k} has {members.numel()} examples, fewer than per_class={per_class}; lower per_class"
-            )
-        chosen.append(members[torch.randperm(members.numel(), generator=gen)[:per_class]])
-    return torch.cat(chosen).sort().values
-
-
-def stratified_split(y: Tensor, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Split indices of labels y (N,) into (idx_a, idx_b), both sorted, disjoint, covering 0..N-1.
-
-    Each class contributes round(fraction * N_k) (half up) random examples to idx_a and the
-    rest to idx_b, so both parts keep the class proportions (e.g. the paper's D_NF / D_G
-    split with fraction 0.9).
-    """
-    y = check_labels(torch.as_tensor(y), name="y", nonempty=True)
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must lie strictly between 0 and 1; got {fraction}")
-    gen = torch.Generator().manual_seed(seed)
-    part_a, part_b = [], []
-    for k in torch.unique(y).tolist():
-        members = (y == k).nonzero().squeeze(1)
-        members = members[torch.randperm(members.numel(), generator=gen)]
-        n_a = math.floor(fraction * members.numel() + 0.5)
-        part_a.append(members[:n_a])
-        part_b.append(members[n_a:])
-    return torch.cat(part_a).sort().values, torch.cat(part_b).sort().values
-
-
 def tsne_embedding(
     arrays: ImageArrays, per_class: int | None = None, seed: int = 0, pca_dims: int = 50
 ) -> tuple[Tensor, Tensor]:
@@ -203,8 +157,6 @@ class FlowDataset(Dataset):
         augment: bool | None = None,
         generator: torch.Generator | None = None,
     ) -> None:
-        from .data import DATASETS  # here: nfpi.data imports this module to re-export its names
-
         info = DATASETS.get(arrays.name)
         if augment is None:
             augment = train and info is not None and info.flip

@@ -1,4 +1,4 @@
-"""Datasets: the :class:`ImageArrays` container, the registry :data:`DATASETS`, storage and loading (SPEC §9).
+"""Datasets: the registry :data:`DATASETS`, storage and loading (SPEC §9). A new dataset goes here.
 
 Storage (SPEC §9): one compressed ``{name}_{split}.npz`` per dataset split with ``x`` uint8
 (N, H, W, C), ``y`` int64 (N,) and ``classes`` (K,) strings, in the directory given by
@@ -10,7 +10,7 @@ Datasets (:data:`DATASETS`, or a folder):
 
 - ``digits``: scikit-learn ``load_digits`` (1,797 8x8 images, values 0..16, shipped with
   scikit-learn, never downloaded). Values become uint8 by ``round(v * 255 / 16)`` (half up).
-  Train/test is a deterministic stratified 80/20 split (:func:`stratified_split` with
+  Train/test is a deterministic stratified 80/20 split (:func:`nfpi.data.splits.split_arrays` with
   ``seed=DIGITS_SPLIT_SEED``): 1,438 train / 359 test images.
 - torchvision image-classification datasets (``mnist``, ``fashionmnist``, ``kmnist``,
   ``qmnist``, ``usps``, ``svhn``, ``cifar10``, ``cifar100``, ``stl10``; torchvision's spelling
@@ -22,8 +22,9 @@ Datasets (:data:`DATASETS`, or a folder):
   images per class (torchvision's ImageFolder layout; class names are the sorted subfolder
   names). Shape, channels and classes are read from the data.
 
-Preprocessing (SPEC §4: quantisation, dequantisation, bits/dim, subsets and splits, the
-training loader) lives in :mod:`nfpi.preprocess`; its names are re-exported here.
+The container :class:`~nfpi.data.arrays.ImageArrays` is in :mod:`nfpi.data.arrays`, subsets and
+splits in :mod:`nfpi.data.splits`, preprocessing (SPEC §4: quantisation, dequantisation,
+bits/dim, the training loader) in :mod:`nfpi.data.preprocess`.
 """
 
 from __future__ import annotations
@@ -31,56 +32,32 @@ from __future__ import annotations
 import os
 import zipfile
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
-from ._util import atomic_write
-from .preprocess import (
-    FlowDataset,
-    bin_centres,
-    bits_per_dim,
-    class_balanced_indices,
-    dequantize,
-    make_loader,
-    quantize,
-    stratified_split,
-    to_uint8,
-    tsne_embedding,
-)
+from .._util import atomic_write
+from .arrays import DatasetFormatError, ImageArrays
+from .splits import split_arrays
 
 __all__ = [
     "DATASETS",
     "DIGITS_SPLIT_SEED",
     "REPO_ROOT",
-    "DatasetFormatError",
     "DatasetInfo",
-    "FlowDataset",
-    "ImageArrays",
-    "bin_centres",
-    "bits_per_dim",
     "check_dataset",
-    "class_balanced_indices",
     "data_dir",
-    "dequantize",
     "info",
     "load",
-    "make_loader",
-    "quantize",
     "registered",
-    "stratified_split",
-    "to_uint8",
-    "tsne_embedding",
 ]
 
 ENV_VAR = "NFPI_DATA"
 # The repository root when nfpi is used from a checkout (editable install), else the working
 # directory: a relative NFPI_DATA must not depend on where a kernel or a shell happens to stand.
-_PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+_PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # nfpi/data/datasets.py -> the checkout
 REPO_ROOT = _PACKAGE_PARENT if (_PACKAGE_PARENT / "pyproject.toml").is_file() else Path.cwd()
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DIGITS_SPLIT_SEED = 0
@@ -124,70 +101,6 @@ DATASETS: dict[str, DatasetInfo] = {
         (3, 96, 96), 10, flip=True, torchvision_name="STL10", split_arg=True, channels_first=True
     ),
 }
-
-
-class DatasetFormatError(ValueError):
-    """A dataset file exists but is not a valid SPEC §9 npz for the requested dataset."""
-
-
-@dataclass(frozen=True)
-class ImageArrays:
-    """A labelled image set held in memory.
-
-    x: uint8 (N, C, H, W); y: int64 (N,) with values in [0, K); classes: K names;
-    name: dataset name (selects augmentation defaults, see :class:`DatasetInfo`).
-    The constructor validates dtypes, shapes and label range.
-    """
-
-    x: Tensor
-    y: Tensor
-    classes: tuple[str, ...]
-    name: str = ""
-
-    def __post_init__(self) -> None:
-        if self.x.dtype != torch.uint8 or self.x.dim() != 4:
-            raise ValueError(
-                f"x must be a uint8 tensor of shape (N, C, H, W); got {self.x.dtype} {tuple(self.x.shape)}"
-            )
-        if self.y.dtype != torch.int64 or self.y.shape != self.x.shape[:1]:
-            raise ValueError(
-                f"y must be an int64 tensor of shape ({self.x.shape[0]},); got {self.y.dtype} "
-                f"{tuple(self.y.shape)}"
-            )
-        if not self.classes:
-            raise ValueError("classes must name at least one class")
-        if self.y.numel():
-            lo, hi = (int(v) for v in torch.aminmax(self.y))
-            if lo < 0 or hi >= len(self.classes):
-                raise ValueError(
-                    f"labels must lie in [0, {len(self.classes)}) (one per class name); "
-                    f"found values in [{lo}, {hi}]"
-                )
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes K."""
-        return len(self.classes)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """Image shape (C, H, W)."""
-        c, h, w = self.x.shape[1:]
-        return (c, h, w)
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    def subset(self, indices: Tensor | Sequence[int] | np.ndarray) -> ImageArrays:
-        """The images at integer ``indices`` (M,), in that order; classes and name are kept."""
-        idx = torch.as_tensor(indices)
-        if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex():
-            raise TypeError(
-                f"subset needs integer indices, got dtype {idx.dtype}; for a boolean mask "
-                "pass mask.nonzero().squeeze(1)"
-            )
-        idx = idx.long()
-        return ImageArrays(self.x[idx], self.y[idx], self.classes, self.name)
 
 
 def data_dir(path: str | os.PathLike[str] | None = None) -> Path:
@@ -278,9 +191,9 @@ def _load_digits(split: str) -> ImageArrays:
     pixels = np.floor(bunch.images * (255.0 / 16.0) + 0.5).astype(np.uint8)
     x = torch.from_numpy(pixels).unsqueeze(1)
     y = torch.from_numpy(bunch.target.astype(np.int64))
-    train, test = stratified_split(y, DIGITS_TRAIN_FRACTION, DIGITS_SPLIT_SEED)
     full = ImageArrays(x, y, tuple(str(c) for c in bunch.target_names), "digits")
-    return full.subset(train if split == "train" else test)
+    train, test = split_arrays(full, DIGITS_TRAIN_FRACTION, DIGITS_SPLIT_SEED)
+    return train if split == "train" else test
 
 
 def _read_npz(path: Path, name: str, info: DatasetInfo | None) -> ImageArrays:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import data
+from .arrays import ImageArrays
 from .preprocess import to_uint8
 
 __all__ = ["ClassCodes", "CodeConfig"]
@@ -139,7 +139,7 @@ class ClassCodes:
         self._check_width(x)
         return torch.cat([x, self.codes(y, noise, generator).to(x)], dim=2)
 
-    def append_arrays(self, arrays: data.ImageArrays, noise: float = 0.0, seed: int = 0) -> data.ImageArrays:
+    def append_arrays(self, arrays: ImageArrays, noise: float = 0.0, seed: int = 0) -> ImageArrays:
         """uint8 images with the codes of their labels appended, stored as 8-bit pixels.
 
         The flow's quantisation then keeps the codes' top ``bits`` bits, i.e. a code pixel is
@@ -148,7 +148,7 @@ class ClassCodes:
         codes = self.codes(arrays.y, noise, torch.Generator().manual_seed(seed))
         return self._with_rows(arrays, to_uint8(codes, 8))
 
-    def append_random(self, arrays: data.ImageArrays, seed: int = 0) -> data.ImageArrays:
+    def append_random(self, arrays: ImageArrays, seed: int = 0) -> ImageArrays:
         """uint8 images with uniformly random code rows (test images: their label is unknown)."""
         n, c, _, w = arrays.x.shape
         rows = torch.randint(
@@ -156,9 +156,9 @@ class ClassCodes:
         )
         return self._with_rows(arrays, rows)
 
-    def _with_rows(self, arrays: data.ImageArrays, rows: Tensor) -> data.ImageArrays:
+    def _with_rows(self, arrays: ImageArrays, rows: Tensor) -> ImageArrays:
         self._check_width(arrays.x)
-        return data.ImageArrays(torch.cat([arrays.x, rows], dim=2), arrays.y, arrays.classes, arrays.name)
+        return ImageArrays(torch.cat([arrays.x, rows], dim=2), arrays.y, arrays.classes, arrays.name)
 
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(N, C, H + rows, W) -> images (N, C, H, W) and code rows (N, C, rows, W)."""

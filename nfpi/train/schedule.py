@@ -36,10 +36,8 @@ from typing import Any
 
 import torch
 
-from . import fpi, gd
-from .config import TrainConfig
-from .priors import ClassGaussians
-from .stats import ClassStats
+from ..config import TrainConfig
+from ..prior import ClassGaussians, ClassStats, fpi, gd
 
 __all__ = ["em_overrides", "fit", "initial_gaussians", "solve_lam", "solves_after"]
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .criterion import Learn, Pi, pairwise_kl, potential
 from .fpi import FPIResult, check_solver_args
-from .objective import Learn, Pi, pairwise_kl, potential
 from .stats import ClassStats
 
 __all__ = ["POLICIES", "solve"]

@@ -8,7 +8,7 @@
 * ``nf_top1`` / ``nf_top5``, ``bpd``, ``bpd_centres``: NF accuracy at the bin centres, test
   bits/dim as the uniform-dequantisation bound (seeded noise, deterministic; the number
   published bits/dim report) and at the bin centres (SPEC §6; EMA weights), through
-  :func:`nfpi.latents.evaluate_flow`;
+  :func:`nfpi.evaluation.evaluate_flow`;
 * ``lam`` / ``lam_normalised``: the un-normalised lambda of the last solve and
   lambda / (K (K - 1)) (SPEC §2: the paper quotes the first, the solver uses the second);
   ``solves``, ``solve_iterations``, ``solve_converged``, ``solve_bounds_active``: how many
@@ -20,7 +20,7 @@
   GLEM proxy metrics on the oracle's 512-d (8 x width) features (SPEC §7, GLEM supplementary
   §3.3; not comparable with Inception FIDs), generated images against the real test set;
   precision, recall, coverage and label reliability in percent, as GLEM reports them;
-* GLEM options (:class:`nfpi.priors.FullGaussians`, :mod:`nfpi.codes`): ``covariance="rfcm"``
+* GLEM options (:class:`nfpi.prior.FullGaussians`, :mod:`nfpi.data.codes`): ``covariance="rfcm"``
   re-estimates full class covariances of the training latents and uses them to classify and
   sample (GLEM Table 5); a checkpoint trained with class codes (CE / CEGLEM) is sampled with
   its codes cropped off, the label of an unconditional CE sample is decoded from its code, and
@@ -32,11 +32,13 @@ the oracle and the CNN see. Samples whose decoding is not finite are dropped and
 (``nonfinite``). Metrics that a setting cannot produce are NaN (e.g. NF accuracy of the
 monomodal CE flow).
 
-:func:`append_row` (:mod:`nfpi.tables`, re-exported here) keeps a CSV with one row per
-(``run``, ``eval``) key, rewritten atomically; a row with the same key replaces the old one.
-:func:`run_grid` trains (through :func:`nfpi.train.train`, which resumes and reuses finished
-runs) and evaluates only the (run, evaluation) pairs whose row is missing or was computed
-from another configuration (``config_hash``). The papers' numbers are in :mod:`nfpi.references`.
+The papers' numbers are in :mod:`nfpi.experiments.references`; :mod:`nfpi.experiments.grid`
+trains and evaluates grids of runs into results CSVs.
+
+Example:
+    >>> ev = EvalConfig(samples_per_class=10, cnn=False)
+    >>> ev.tag() == EvalConfig(samples_per_class=10, cnn=False, threads=2).tag()
+    True
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,35 +58,32 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from . import data, repro
-from ._util import pick_device
-from ._util import threads as cpu_threads
-from .classifiers import ClassifierConfig, load_or_train_oracle
-from .codes import ClassCodes
-from .config import NOT_KEYED, TrainConfig
-from .latents import encode, evaluate_flow
-from .metrics import cnn_accuracy, generated_metrics
-from .preprocess import bin_centres, to_uint8
-from .priors import ClassGaussians, FullGaussians
-from .runs import keyed_run_dir, load_checkpoint
-from .splits import load_data, load_validation
-from .tables import KEY, append_row, find_row, read_rows
-from .train import train
+from .. import data, repro
+from .._util import pick_device
+from .._util import threads as cpu_threads
+from ..config import NOT_KEYED, TrainConfig
+from ..data import ClassCodes, bin_centres, to_uint8
+from ..evaluation import (
+    ClassifierConfig,
+    cnn_accuracy,
+    evaluate_flow,
+    generated_metrics,
+    load_or_train_oracle,
+)
+from ..latents import encode
+from ..prior import ClassGaussians, FullGaussians
+from ..train import load_checkpoint, load_data, load_validation
 
 __all__ = [
-    "KEY",
     "EvalConfig",
     "Oracle",
-    "append_row",
     "check_compatible",
     "config_hash",
     "evaluate_run",
     "generate",
     "load_oracle",
-    "read_rows",
     "rfcm",
-    "run_grid",
-    "train_settings",
+    "solve_info",
 ]
 
 _EVAL_NOT_HASHED = ("batch_size", "threads")
@@ -349,7 +348,8 @@ def rfcm(
     )
 
 
-def _solve_info(run_dir: Path) -> dict[str, Any]:
+def solve_info(run_dir: Path) -> dict[str, Any]:
+    """lambda, its normalised value and the last solver's report of the run in ``run_dir``."""
     summary = json.loads((run_dir / "metrics.json").read_text())
     solves = summary.get("solves") or []
     last = solves[-1] if solves else {}
@@ -401,7 +401,7 @@ def evaluate_run(
         "code": repro.code_fingerprint(),
         **_flatten(cfg.to_dict()),
         **ev.flat(),
-        **_solve_info(run_dir),
+        **solve_info(run_dir),
     }
     with cpu_threads(ev.threads):
         train_set, test_set = load_data(cfg)
@@ -456,97 +456,3 @@ def _generated_row(
             {m: 100.0 * v if m in ("precision", "recall", "coverage") else v for m, v in scores.items()}
         )
     return out
-
-
-def run_grid(
-    grid: Mapping[str, Mapping[str, Any]],
-    base_cfg: TrainConfig,
-    runs_dir: str | os.PathLike[str],
-    results_csv: str | os.PathLike[str],
-    oracle: Oracle | None = None,
-    evals: EvalConfig | Sequence[EvalConfig] | None = None,
-    progress: bool = False,
-    seeds: Sequence[int] | None = None,
-) -> pd.DataFrame:
-    """Train and evaluate every run of ``grid`` (setting name -> config overrides of
-    ``base_cfg``, dotted keys) under every evaluation of ``evals`` (default: one
-    ``EvalConfig()``); return their rows in grid
-    order, each with a ``setting`` column holding its grid name.
-
-    With ``seeds`` every setting is trained once per seed (``seed`` overridden), as the run
-    ``<name>_seed<s>``; without, once with the base config's seed, as the run ``<name>``.
-    A (run, evaluation) whose row is in ``results_csv`` with the same ``config_hash`` is reused
-    as is (the hash covers the config, the evaluation and the code). Otherwise the run is
-    trained or resumed in ``runs_dir / "flow-<key>"`` (:func:`nfpi.runs.keyed_run_dir`; a
-    finished checkpoint costs nothing) and evaluated, and its row is appended to the CSV at
-    once, so an interrupted grid continues where it stopped.
-    """
-    evals = [EvalConfig()] if evals is None else [evals] if isinstance(evals, EvalConfig) else list(evals)
-    if not evals:
-        raise ValueError("evals is empty: give at least one EvalConfig")
-    runs = (
-        [(name, name, base_cfg.replace(**overrides)) for name, overrides in grid.items()]
-        if seeds is None
-        else [
-            (name, f"{name}_seed{s}", base_cfg.replace(**overrides, seed=s))
-            for name, overrides in grid.items()
-            for s in seeds
-        ]
-    )
-    table = read_rows(results_csv)
-    keys = []
-    for setting, run, cfg in runs:
-        todo = []
-        for ev in evals:
-            keys.append((setting, run, ev.tag()))
-            done = find_row(table, run, ev.tag())
-            if done is None or done.get("config_hash") != config_hash(cfg, ev):
-                todo.append(ev)
-        # The folder is named by the config alone: settings of several grids that train the
-        # same config share one run.
-        folder = keyed_run_dir(runs_dir, "flow", cfg)
-        if todo:
-            train(cfg, folder, progress=progress)
-        for ev in todo:
-            table = append_row(
-                results_csv, {"setting": setting, **evaluate_run(folder, ev, oracle, run, progress)}
-            )
-    table = read_rows(results_csv)  # as stored, so that fresh and reused rows have the same types
-    return pd.DataFrame([find_row(table, run, tag) for _, run, tag in keys]).reset_index(drop=True)
-
-
-def train_settings(
-    base_cfg: TrainConfig,
-    settings: Mapping[str, Mapping[str, Any]],
-    seeds: Sequence[int],
-    runs_dir: str | os.PathLike[str],
-    name: str,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """Train every setting (label -> config overrides of ``base_cfg``, dotted keys) with every
-    seed and return one tidy row per (setting, seed): ``setting``, ``seed``, ``run_dir``,
-    ``code``, ``lam`` / ``lam_normalised`` of the last solve, and the final metrics row of
-    :func:`nfpi.train.train` (validation metrics ``val_*`` when the config has a split, test
-    metrics ``acc_top1``, ``acc_top5``, ``test_bpd``, ...).
-
-    Runs live in ``runs_dir / "<name>-<key>"`` (:func:`nfpi.runs.keyed_run_dir`): a finished
-    run of the same config and code is reused, any other is trained. Rows are not cached:
-    the numbers always come from the checkpoints of this code.
-    """
-    rows = []
-    for label, overrides in settings.items():
-        for seed in seeds:
-            cfg = base_cfg.replace(**overrides, seed=seed)
-            folder = keyed_run_dir(runs_dir, name, cfg)
-            final = train(cfg, folder, progress=progress)
-            rows.append(
-                {
-                    "setting": label,
-                    "seed": seed,
-                    "run_dir": str(folder),
-                    "code": repro.code_fingerprint(),
-                    **{k: v for k, v in _solve_info(folder).items() if k.startswith("lam")},
-                    **final,
-                }
-            )
-    return pd.DataFrame(rows)

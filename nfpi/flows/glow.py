@@ -3,9 +3,9 @@
 Implements SPEC §4 ("Flow"): the Glow skeleton (Kingma & Dhariwal 2018) used by
 the NFPI paper -- per level a squeeze, K steps of ActNorm -> invertible 1x1
 convolution -> coupling, then a split of half the channels after every level
-but the last. The layers live in :mod:`nfpi.layers` (squeeze, ActNorm, the 1x1
-convolutions ``"lu"`` and ``"matexp"``) and :mod:`nfpi.couplings` (affine, additive
-and the Matrix Exponential Flow's ``"matexp"`` coupling); their names are re-exported here.
+but the last. The layers live in :mod:`nfpi.flows.layers` (squeeze, ActNorm, the 1x1
+convolutions ``"lu"`` and ``"matexp"``) and :mod:`nfpi.flows.couplings` (affine, additive
+and the Matrix Exponential Flow's ``"matexp"`` coupling).
 
 ``Glow(..., memory="reversible")`` trains with activation memory that does not
 grow with the number of steps per level: each level's steps run under a custom
@@ -30,36 +30,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .couplings import (
-    COUPLINGS,
-    AdditiveCoupling,
-    AffineCoupling,
-    CouplingNet,
-    MatExpCoupling,
-    _phi,  # noqa: F401  (tests reach it here)
-    expm_series,
-)
-from .layers import CONVS, ActNorm, FlowLayer, FlowSequence, InvConv1x1LU, InvConv1x1MatExp, Squeeze
+from .couplings import COUPLINGS
+from .layers import CONVS, ActNorm, FlowLayer, FlowSequence, Squeeze
 
-__all__ = [
-    "CONVS",
-    "COUPLINGS",
-    "MEMORY_MODES",
-    "ActNorm",
-    "AdditiveCoupling",
-    "AffineCoupling",
-    "CouplingNet",
-    "FlowLayer",
-    "FlowSequence",
-    "FlowStep",
-    "Glow",
-    "InvConv1x1LU",
-    "InvConv1x1MatExp",
-    "MatExpCoupling",
-    "Squeeze",
-    "expm_series",
-    "saved_activation_bytes",
-]
+__all__ = ["MEMORY_MODES", "FlowStep", "Glow", "saved_activation_bytes"]
 
 MEMORY_MODES = ("standard", "reversible")
 

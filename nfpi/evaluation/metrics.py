@@ -1,7 +1,6 @@
-"""Metrics for classifiers and generated data (SPEC §6-§7; GLEM paper §5.1, Tables 2-5).
+"""Metrics for generated data (SPEC §7; GLEM paper §5.1, Tables 2-5); top-k accuracy is in
+:mod:`nfpi.evaluation.accuracy`.
 
-* :func:`topk_accuracy` - top-k accuracy in percent (NF-Acc, CNN-Acc). It is defined in
-  :mod:`nfpi.classifiers`, which needs it for ``evaluate``, and re-exported here.
 * :func:`fid` - Frechet distance between Gaussians fitted to *oracle* features (GLEM: FID
   on the 512-d penultimate layer of a ResNet-18 trained on the real data, not Inception;
   numbers are therefore not comparable to Inception FIDs). Computed by torchmetrics'
@@ -35,14 +34,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from nfpi.classifiers import (
-    ClassifierConfig,
-    apply_batched,
-    check_images,
-    evaluate,
-    topk_accuracy,
-    train_classifier,
-)
+from .accuracy import topk_accuracy
+from .classifiers import ClassifierConfig, apply_batched, check_images, evaluate, train_classifier
 
 __all__ = [
     "cnn_accuracy",
@@ -51,7 +44,6 @@ __all__ = [
     "fid",
     "generated_metrics",
     "label_reliability",
-    "topk_accuracy",
 ]
 
 FeatureArray = Tensor | np.ndarray

@@ -1,7 +1,7 @@
 """NFA datasets generated offline (SPEC §6; paper Sec. 5, Tables 5-6): the training set enlarged
 with augmented copies by :func:`generate_dataset`, written resumably as a SPEC §9 npz, its input
 :func:`generation_fingerprint`, and :func:`load_generated`. The augmentation itself is
-:class:`nfpi.augment.NFAugmenter`; :mod:`nfpi.augment` re-exports these names.
+:class:`nfpi.augment.NFAugmenter` (:mod:`nfpi.augment.nfa`).
 """
 
 from __future__ import annotations
@@ -12,19 +12,15 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._progress import tqdm
-from ._util import atomic_write, derive_seed
-from .data import ImageArrays
-from .preprocess import bin_centres, to_uint8
-
-if TYPE_CHECKING:
-    from .augment import NFAugmenter
+from .._progress import tqdm
+from .._util import atomic_write, derive_seed
+from ..data import ImageArrays, bin_centres, to_uint8
+from .nfa import NFAugmenter
 
 __all__ = ["generate_dataset", "generation_fingerprint", "load_generated"]
 
@@ -197,7 +193,7 @@ def _write_chunks(
 
 
 def load_generated(path: str | os.PathLike[str], name: str = "") -> ImageArrays:
-    """The images of a :func:`generate_dataset` file as :class:`nfpi.ImageArrays`."""
+    """The images of a :func:`generate_dataset` file as :class:`nfpi.data.ImageArrays`."""
     with np.load(path, allow_pickle=False) as npz:
         x, y, classes = npz["x"], npz["y"], npz["classes"]
     return ImageArrays(

@@ -85,33 +85,30 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from . import repro
-from ._ddp import Layout, setup_distributed
-from ._progress import tqdm
-from ._util import derive_seed, threads
-from .config import OptimConfig, TrainConfig, parse_overrides
-from .fpi import FPIDivergenceError
-from .latents import NonFiniteLossError, class_stats, evaluate_flow
-from .preprocess import FlowDataset, bits_per_dim, dequantize, quantize, stratified_split
-from .priors import ClassGaussians
+from .. import repro
+from .._ddp import Layout, setup_distributed
+from .._progress import tqdm
+from .._util import derive_seed, threads
+from ..config import OptimConfig, TrainConfig, parse_overrides
+from ..data import FlowDataset, bits_per_dim, dequantize, quantize, split_arrays
+from ..evaluation import evaluate_flow
+from ..latents import NonFiniteLossError, class_stats
+from ..prior import ClassGaussians, ClassStats, FPIDivergenceError
+from .images import splits
 from .runs import (
     CHECKPOINT_FORMAT,
     COLUMNS,
     CheckpointError,
     RunDirError,
     build_flow,
-    load_checkpoint,
     resumable_checkpoint,
     take_run_dir,
     unlock_run_dir,
     write_run,
 )
 from .schedule import fit, initial_gaussians, solve_lam, solves_after
-from .splits import splits
-from .stats import ClassStats
 
-# TrainConfig and load_checkpoint are re-exported: the README imports them from here.
-__all__ = ["TrainConfig", "check_config", "get_lr", "load_checkpoint", "main", "train"]
+__all__ = ["check_config", "get_lr", "main", "train"]
 
 
 def get_lr(it: int, optim: OptimConfig) -> float:
@@ -175,8 +172,7 @@ class _Run:
         # D_NF trains the flow, D_G fits the Gaussians: the same set without a split.
         self.nf_set, self.g_set = self.train_set, self.train_set
         if cfg.schedule.dg_fraction is not None:
-            nf_idx, g_idx = stratified_split(self.train_set.y, 1.0 - cfg.schedule.dg_fraction, cfg.seed)
-            self.nf_set, self.g_set = self.train_set.subset(nf_idx), self.train_set.subset(g_idx)
+            self.nf_set, self.g_set = split_arrays(self.train_set, 1.0 - cfg.schedule.dg_fraction, cfg.seed)
         if len(self.nf_set) < cfg.batch_size:
             raise ValueError(
                 f"batch_size={cfg.batch_size} exceeds the {len(self.nf_set)} training images; "
@@ -497,7 +493,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics, indent=2))
     return metrics
-
-
-if __name__ == "__main__":
-    main()

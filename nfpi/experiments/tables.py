@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from ._util import atomic_write
+from .._util import atomic_write
 
 __all__ = ["KEY", "append_row", "find_row", "read_rows"]
 

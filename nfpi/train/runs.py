@@ -31,12 +31,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import data, repro
-from ._ddp import Layout
-from ._util import atomic_write
-from .config import NOT_KEYED, RESUME_FREE, ModelConfig, TrainConfig, upgrade
-from .flows import Glow
-from .priors import ClassGaussians
+from .. import repro
+from .._ddp import Layout
+from .._util import atomic_write
+from ..config import NOT_KEYED, RESUME_FREE, ModelConfig, TrainConfig, upgrade
+from ..data import DATASETS
+from ..flows import Glow
+from ..prior import ClassGaussians
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -351,7 +352,7 @@ def load_checkpoint(
     if "shape" in ckpt:  # the flow's input (C, H, W), as trained
         c, h, w = ckpt["shape"]
     else:  # checkpoints before datasets were read from the data: registered datasets only
-        c, h, w = data.DATASETS[cfg.dataset].shape
+        c, h, w = DATASETS[cfg.dataset].shape
         h, w = h + 2 * cfg.pad + cfg.codes.rows, w + 2 * cfg.pad
     model = build_flow(cfg.model, (c, h, w))
     if ema:

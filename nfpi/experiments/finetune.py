@@ -48,14 +48,13 @@ from timm.data.random_erasing import RandomErasing
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import data
-from ._progress import tqdm
-from ._util import pick_device, threads
-from .augment import AugmentConfig, NFAugmenter
-from .classifiers import apply_batched, topk_accuracy
-from .generated import generate_dataset, generation_fingerprint, load_generated
-from .preprocess import bin_centres
-from .priors import ClassGaussians
+from .. import data
+from .._progress import tqdm
+from .._util import pick_device, threads
+from ..augment import AugmentConfig, NFAugmenter, generate_dataset, generation_fingerprint, load_generated
+from ..data import bin_centres
+from ..evaluation import apply_batched, topk_accuracy
+from ..prior import ClassGaussians
 
 __all__ = [
     "PAPER_MODEL",

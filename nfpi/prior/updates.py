@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .objective import Learn, Pi, kernel, pairwise_kl
+from .criterion import Learn, Pi, kernel, pairwise_kl
 from .stats import ClassStats
 
 Rule = Literal["paper", "released"]

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,19 +32,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._progress import tqdm
-from ._util import atomic_write, check_labels, eval_mode, pick_device
+from .._progress import tqdm
+from .._util import atomic_write, check_labels, eval_mode, pick_device
+from .accuracy import topk_accuracy
 
 __all__ = [
     "ClassifierConfig",
     "ResNet18Small",
     "apply_batched",
     "check_images",
-    "check_labels",
     "evaluate",
     "load_or_train_oracle",
     "resnet18_small",
-    "topk_accuracy",
     "train_classifier",
 ]
 
@@ -297,32 +295,6 @@ def apply_batched(
             for s in tqdm(starts, desc=method, disable=not progress)
         ]
     return torch.cat(outs)
-
-
-def topk_accuracy(scores: Tensor, y: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracy in percent of class scores (N, K) against labels (N,).
-
-    Returns ``{"top{k}": value}``; k larger than K is clipped to K (so "top5" with 3
-    classes is 100). A sample counts as a top-k hit when fewer than k classes score at
-    least as high as its true class: ties count against the true class, so a collapsed
-    model with constant scores gets no credit.
-    """
-    if not isinstance(scores, Tensor) or scores.ndim != 2 or scores.shape[1] == 0:
-        shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-        raise ValueError(f"scores must be a tensor (N, K) with K >= 1, got {shape}")
-    n, num_classes = scores.shape
-    if n == 0:
-        raise ValueError("scores is empty: at least one sample is needed for an accuracy")
-    check_labels(y, n, num_classes)
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN; check the model outputs before computing accuracy")
-    for k in ks:
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"every k must be a positive int, got {k!r}")
-    y = y.to(scores.device)
-    true_score = scores.gather(1, y[:, None])
-    rank = (scores >= true_score).sum(dim=1) - 1
-    return {f"top{k}": 100.0 * (rank < min(k, num_classes)).double().mean().item() for k in ks}
 
 
 def evaluate(

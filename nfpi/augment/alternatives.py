@@ -21,12 +21,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import data
-from ._util import check_labels, eval_mode, finite_or_original, flow_device_dtype
-from .augment import AugmentConfig, NFAugmenter, SameClassBank, sample_beta
-from .latents import encode
-from .preprocess import bin_centres
-from .priors import ClassGaussians
+from .._util import check_labels, eval_mode, finite_or_original, flow_device_dtype
+from ..data import ImageArrays, bin_centres
+from ..latents import encode
+from ..prior import ClassGaussians
+from .nfa import AugmentConfig, NFAugmenter, SameClassBank, sample_beta
 
 __all__ = ["ClassSamples", "LatentNoise", "PixelMixup"]
 
@@ -50,7 +49,7 @@ class LatentNoise:
 
     @classmethod
     def matched(
-        cls, nfa: NFAugmenter, arrays: data.ImageArrays, bits: int, seed: int = 0, batch_size: int = 500
+        cls, nfa: NFAugmenter, arrays: ImageArrays, bits: int, seed: int = 0, batch_size: int = 500
     ) -> LatentNoise:
         """Noise whose mean squared latent displacement equals NFA's on ``arrays``:
         sigma^2 = E ||move(z) - z||^2 / D over the images' latents (one NFA draw each), so
@@ -80,7 +79,7 @@ class PixelMixup:
         >>> mixup = PixelMixup(train_set, bits, AugmentConfig(beta_max=0.5))
     """
 
-    def __init__(self, arrays: data.ImageArrays, bits: int, cfg: AugmentConfig | None = None) -> None:
+    def __init__(self, arrays: ImageArrays, bits: int, cfg: AugmentConfig | None = None) -> None:
         self.cfg = cfg or AugmentConfig()
         self.bank = SameClassBank(
             bin_centres(arrays.x, bits), arrays.y, arrays.num_classes, "training images"

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._util import check_labels
+from .._util import check_labels
 from .fpi import FPIResult
 from .stats import ClassStats
 

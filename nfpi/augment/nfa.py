@@ -21,7 +21,7 @@ N(mu_y, T^2 s_y) of the prior.
 
 Uses: :meth:`NFAugmenter.augment` on batches, :class:`NFADataset` on the fly (probability p),
 and :func:`generate_dataset` offline (the paper's protocol: the training set is enlarged with
-augmented copies), which writes a SPEC §9 npz resumably (:mod:`nfpi.generated`, re-exported here).
+augmented copies), which writes a SPEC §9 npz resumably (:mod:`nfpi.augment.generated`).
 """
 
 from __future__ import annotations
@@ -34,12 +34,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from . import data
-from ._util import check_labels, eval_mode, finite_or_original, flow_device_dtype
-from .generated import generate_dataset, generation_fingerprint, load_generated
-from .latents import encode
-from .layers import ActNorm
-from .priors import ClassGaussians
+from .._util import check_labels, eval_mode, finite_or_original, flow_device_dtype
+from ..data import ImageArrays
+from ..flows import ActNorm
+from ..latents import encode
+from ..prior import ClassGaussians
 
 __all__ = [
     "AugmentConfig",
@@ -47,9 +46,6 @@ __all__ = [
     "NFADataset",
     "NFAugmenter",
     "SameClassBank",
-    "generate_dataset",
-    "generation_fingerprint",
-    "load_generated",
     "mix",
     "sample_beta",
 ]
@@ -309,7 +305,7 @@ class NFAugmenter:
     def from_arrays(
         cls,
         flow: nn.Module,
-        arrays: data.ImageArrays,
+        arrays: ImageArrays,
         bits: int,
         cfg: AugmentConfig | None = None,
         prior: ClassGaussians | None = None,
