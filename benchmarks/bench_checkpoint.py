@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from nfpi.flows import Glow
-from nfpi.runs import CHECKPOINT_FORMAT, checksum, read_checkpoint
+from nfpi.train import CHECKPOINT_FORMAT, checksum, read_checkpoint
 
 
 def build(small: bool) -> dict:

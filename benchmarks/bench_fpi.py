@@ -22,8 +22,7 @@ import warnings
 
 import torch
 
-from nfpi import fpi, gd
-from nfpi.fpi import ClassStats
+from nfpi.prior import ClassStats, fpi, gd, gradient_residual
 
 
 def latent_stats(k: int, d: int, n: int = 20, sep: float = 0.3, seed: int = 0) -> ClassStats:
@@ -73,7 +72,7 @@ def bench_solve(k: int, d: int, lam: float) -> dict:
     for _ in range(reps):
         dense_update(m, v, m, v, c, 10.0)
     dense = (time.perf_counter() - t0) / reps
-    resid = fpi.gradient_residual(stats, res.means, res.variances, lam)
+    resid = gradient_residual(stats, res.means, res.variances, lam)
     print(
         f"[1] K={k} D={d} lambda={lam:g}: solve to convergence {total:.3f} s "
         f"({res.iterations} iterations, converged={res.converged}, residual {resid:.1e}); target <= 2 s"

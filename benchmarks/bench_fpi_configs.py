@@ -25,17 +25,16 @@ from pathlib import Path
 
 import torch
 
-from nfpi import data, fpi
+from nfpi import data
 from nfpi.config import TrainConfig
 from nfpi.latents import class_stats, encode
-from nfpi.runs import build_flow
-from nfpi.schedule import fit
-from nfpi.splits import load_data
+from nfpi.prior import ClassStats, fpi
+from nfpi.train import build_flow, fit, load_data
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def untrained_latent_stats(cfg: TrainConfig, per_class: int) -> fpi.ClassStats:
+def untrained_latent_stats(cfg: TrainConfig, per_class: int) -> ClassStats:
     """Statistics of the latents of ``cfg``'s untrained flow on its training images (for configs
     that train on a whole dataset: ``per_class`` images per class; digits: all 1,438)."""
     pseudo = cfg.dataset == "cifar100"
@@ -60,7 +59,7 @@ def untrained_latent_stats(cfg: TrainConfig, per_class: int) -> fpi.ClassStats:
         rows = (arrays.y == c).nonzero().flatten()
         proj = z[rows] @ torch.randn(z.shape[1], generator=gen, dtype=torch.float64)
         labels[rows[proj.argsort()]] = c * 10 + torch.arange(len(rows)) * 10 // len(rows)
-    return fpi.ClassStats.from_latents(z, labels, 10 * arrays.num_classes)
+    return ClassStats.from_latents(z, labels, 10 * arrays.num_classes)
 
 
 # Released ablation lambdas named in the configs' comments (SPEC §4): same statistics, other blocks.
@@ -70,7 +69,7 @@ ABLATIONS = {
 }
 
 
-def distance(stats: fpi.ClassStats, cfg: TrainConfig, lam: float, info: dict) -> float:
+def distance(stats: ClassStats, cfg: TrainConfig, lam: float, info: dict) -> float:
     """Max distance of a solve's result to the fixed point (a relative-tol 1e-13 solve): means
     in class-std units, variances relative."""
     tight = cfg.replace(
@@ -113,7 +112,7 @@ def main() -> None:
         cfg = TrainConfig.from_yaml(CONFIGS / f"{name}.yaml")
         cached = Path(args.cache) / f"{name}_{args.per_class}.pt" if args.cache else None
         if cached is not None and cached.exists():
-            stats = fpi.ClassStats(*torch.load(cached, weights_only=True))
+            stats = ClassStats(*torch.load(cached, weights_only=True))
         else:
             stats = untrained_latent_stats(cfg, args.per_class)
             if cached is not None:

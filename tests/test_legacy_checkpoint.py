@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from nfpi.config import TrainConfig, upgrade
-from nfpi.latents import encode, evaluate_flow
-from nfpi.runs import load_checkpoint, read_checkpoint
-from nfpi.splits import load_data
+from nfpi.evaluation import evaluate_flow
+from nfpi.latents import encode
+from nfpi.train import load_checkpoint, load_data, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 LEGACY = Path(__file__).parent / "data" / "legacy_d10b07e"

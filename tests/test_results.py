@@ -20,10 +20,10 @@ import pandas as pd
 import pytest
 
 from nfpi import repro
-from nfpi.classifiers import ClassifierConfig
+from nfpi.config import TrainConfig
+from nfpi.evaluation import ClassifierConfig
 from nfpi.experiments import EvalConfig, load_oracle, run_grid, train_settings
-from nfpi.splits import load_data
-from nfpi.train import TrainConfig
+from nfpi.train import load_data
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -153,8 +153,8 @@ def test_04_05_rows(notebook, setting, table, digits_oracle, tmp_path):
 
 
 def test_06_nfa_rows(tmp_path):
-    from nfpi import downstream
     from nfpi.augment import AugmentConfig
+    from nfpi.experiments import downstream
 
     p = parameters("06_nf_augmentation")
     flow_cfg = TrainConfig.from_yaml(NOTEBOOKS / p["flow_config"], **p["flow_overrides"])

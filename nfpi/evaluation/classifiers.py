@@ -6,7 +6,7 @@ Two uses of one architecture:
   images sampled from the flow and tested on the real test set.
 * **Oracle** (SPEC §7; GLEM supplementary): a ResNet-18 trained on the real training set.
   Its 512-d penultimate features feed FID and Coverage and its predictions on generated
-  images give Label Reliability (see :mod:`nfpi.metrics`). :func:`load_or_train_oracle`
+  images give Label Reliability (see :mod:`nfpi.evaluation.metrics`). :func:`load_or_train_oracle`
   caches it on disk together with the metadata that identifies it.
 
 Training follows the paper recipe (GLEM §5.1 "Implementation Details"): SGD, lr 1e-3,

@@ -104,7 +104,7 @@ def extract_features(model: nn.Module, x: Tensor, batch_size: int = 500, progres
     if not callable(getattr(model, "features", None)):
         raise ValueError(
             f"{type(model).__name__} has no features() method; use a network from "
-            "nfpi.classifiers.resnet18_small (e.g. the oracle)"
+            "nfpi.evaluation.classifiers.resnet18_small (e.g. the oracle)"
         )
     return apply_batched(model, x, batch_size, method="features", progress=progress).double()
 

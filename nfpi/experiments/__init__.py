@@ -29,6 +29,7 @@ __all__ = [
     "downstream",
     "evaluate_run",
     "find_row",
+    "finetune",
     "generate",
     "load_oracle",
     "paper_table",

@@ -18,7 +18,7 @@ per-seed difference to the baseline, reported with a Student-t 95 % interval
 (:func:`nfpi.repro.seed_summary`). An :class:`Arm` composes a *source* of extra images
 (:class:`NFA`, :class:`Noise`, :class:`Mixup`, :class:`Samples`, or None for the originals
 repeated), standard augmentation on or off, and a classifier (a small ResNet-18 by default, or
-the EVA02 protocol of :mod:`nfpi.finetune`). Equal budget: every arm trains for the same number
+the EVA02 protocol of :mod:`nfpi.experiments.finetune`). Equal budget: every arm trains for the same number
 of image presentations, ``epochs`` x (1 + ``copies``) x N, so arms with other set sizes get
 proportionally fewer (or more) epochs.
 
@@ -105,7 +105,7 @@ class NFA:
 
 @dataclass(frozen=True)
 class Noise:
-    """Gaussian noise in the latent space (:class:`nfpi.alternatives.LatentNoise`) moving latents as
+    """Gaussian noise in the latent space (:class:`nfpi.augment.alternatives.LatentNoise`) moving latents as
     far, in mean square, as NFA with ``like`` does: only the direction differs."""
 
     like: AugmentConfig = field(default_factory=AugmentConfig)
@@ -117,7 +117,7 @@ class Noise:
 
 @dataclass(frozen=True)
 class Mixup:
-    """Within-class mixup in pixel space (:class:`nfpi.alternatives.PixelMixup`) with ``cfg``'s law."""
+    """Within-class mixup in pixel space (:class:`nfpi.augment.alternatives.PixelMixup`) with ``cfg``'s law."""
 
     cfg: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -128,7 +128,7 @@ class Mixup:
 @dataclass(frozen=True)
 class Samples:
     """Images sampled from the class Gaussians at ``temperature``
-    (:class:`nfpi.alternatives.ClassSamples`)."""
+    (:class:`nfpi.augment.alternatives.ClassSamples`)."""
 
     temperature: float = 1.0
 
@@ -149,7 +149,7 @@ class Arm:
         RandomErasing for the EVA02 protocol).
     originals: train on the originals plus the extra images; False trains on the extra images
         alone (GLEM Table 4's CNN accuracy of generated data).
-    transformer: train this :class:`nfpi.finetune.FinetuneConfig` (the EVA02 protocol; its
+    transformer: train this :class:`nfpi.experiments.finetune.FinetuneConfig` (the EVA02 protocol; its
         ``copies`` is set to 1 + copies) instead of the study's ResNet-18.
     """
 

@@ -42,7 +42,7 @@ def run_grid(
     ``<name>_seed<s>``; without, once with the base config's seed, as the run ``<name>``.
     A (run, evaluation) whose row is in ``results_csv`` with the same ``config_hash`` is reused
     as is (the hash covers the config, the evaluation and the code). Otherwise the run is
-    trained or resumed in ``runs_dir / "flow-<key>"`` (:func:`nfpi.runs.keyed_run_dir`; a
+    trained or resumed in ``runs_dir / "flow-<key>"`` (:func:`nfpi.train.runs.keyed_run_dir`; a
     finished checkpoint costs nothing) and evaluated, and its row is appended to the CSV at
     once, so an interrupted grid continues where it stopped.
     """
@@ -94,7 +94,7 @@ def train_settings(
     :func:`nfpi.train.train` (validation metrics ``val_*`` when the config has a split, test
     metrics ``acc_top1``, ``acc_top5``, ``test_bpd``, ...).
 
-    Runs live in ``runs_dir / "<name>-<key>"`` (:func:`nfpi.runs.keyed_run_dir`): a finished
+    Runs live in ``runs_dir / "<name>-<key>"`` (:func:`nfpi.train.runs.keyed_run_dir`): a finished
     run of the same config and code is reused, any other is trained. Rows are not cached:
     the numbers always come from the checkpoints of this code.
     """

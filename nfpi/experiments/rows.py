@@ -236,7 +236,7 @@ def load_oracle(
 ) -> Oracle:
     """The oracle for the real data of ``cfg`` (dataset, bits, pad, class-balanced subsets),
     trained on its training images once and cached at ``path``
-    (:func:`nfpi.classifiers.load_or_train_oracle`; a cache made for other data is an error).
+    (:func:`nfpi.evaluation.classifiers.load_or_train_oracle`; a cache made for other data is an error).
     Class codes of ``cfg`` are ignored: the oracle sees real images only."""
     real = cfg.replace(**{"codes.rows": 0})
     train_set, test_set = load_data(real)

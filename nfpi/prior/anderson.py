@@ -5,7 +5,7 @@ residuals f_i = g(x_i) - x_i, with differences dX, dF (n, m),
 
     gamma = argmin |f - dF gamma|,    x_new = x + beta f - (dX + beta dF) gamma,
 
-where beta is the damping. Nothing here knows what x holds; :func:`nfpi.fpi.solve` uses it for
+where beta is the damping. Nothing here knows what x holds; :func:`nfpi.prior.fpi.solve` uses it for
 the class Gaussians.
 
 References:

@@ -5,7 +5,7 @@
 
 with pi held fixed (Eq. 9 ``pi="pairwise"``: pi_yy' = KL_yy'; Eq. 10 ``pi="mean"``: the mean
 off-diagonal KL). :func:`pairwise_kl` gives all KL_yy' from (K, D) matrix products,
-:func:`kernel` the K_yy' of Proposition 1 that the updates of :mod:`nfpi.fpi` use,
+:func:`kernel` the K_yy' of Proposition 1 that the updates of :mod:`nfpi.prior.fpi` use,
 :func:`objective` / :func:`potential` the value whose gradient is that of J,
 :func:`gradient_residual` the stationarity check of a solution and
 :func:`unbounded_threshold` the lambda above which J has no minimum.

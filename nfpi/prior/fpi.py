@@ -72,7 +72,7 @@ def check_solver_args(
     max_iter: int | None = None,
     tol_zero: bool = False,
 ) -> None:
-    """Argument checks shared by :func:`solve` and :func:`nfpi.gd.solve`: one-line ValueErrors
+    """Argument checks shared by :func:`solve` and :func:`nfpi.prior.gd.solve`: one-line ValueErrors
     naming the argument and its valid range, before any work (``tol_zero``: tol = 0 allowed)."""
     if not (lam >= 0 and math.isfinite(lam)):
         raise ValueError(f"lambda must be finite and >= 0, got {lam}")
@@ -93,13 +93,13 @@ def check_solver_args(
 
 @dataclass
 class FPIResult:
-    """Solution of :func:`solve` (or of :func:`nfpi.gd.solve`).
+    """Solution of :func:`solve` (or of :func:`nfpi.prior.gd.solve`).
 
     ``means`` (K, D), ``variances`` (K, D) or (K, D, D); ``history`` holds one entry per
     iteration: ``objective`` (the potential of :func:`objective`), ``change`` (what the stopping
     rule compares: max per-class RMS change of the normalised parameters, or with
     ``stop="released"`` the max per-class L2 change of mu and s), ``active_bounds`` (variance
-    entries on a bound), ``time`` (s); :func:`nfpi.gd.solve` adds ``lr``.
+    entries on a bound), ``time`` (s); :func:`nfpi.prior.gd.solve` adds ``lr``.
     """
 
     means: Tensor

@@ -93,7 +93,7 @@ class ClassGaussians(nn.Module):
 
     @classmethod
     def from_result(cls, result: FPIResult) -> ClassGaussians:
-        """Gaussians from a diagonal :func:`nfpi.fpi.solve` (or :func:`nfpi.gd.solve`) result."""
+        """Gaussians from a diagonal :func:`nfpi.prior.fpi.solve` (or :func:`nfpi.prior.gd.solve`) result."""
         if result.variances.ndim != 2:
             raise ValueError("ClassGaussians holds diagonal Gaussians; solve with covariance='diag'")
         return cls(result.means, result.variances)
@@ -183,8 +183,8 @@ class ClassGaussians(nn.Module):
 class FullGaussians(nn.Module):
     """K Gaussians N(mu_y, Sigma_y), Sigma_y = W_y W_y^T + diag(d_y), as (K, D), (K, D, r), (K, D).
 
-    Same interface as :class:`nfpi.priors.ClassGaussians` (``log_prob``, ``nll``, ``predict``,
-    ``sample``), so :func:`nfpi.latents.evaluate_flow` and the samplers accept either.
+    Same interface as :class:`nfpi.prior.ClassGaussians` (``log_prob``, ``nll``, ``predict``,
+    ``sample``), so :func:`nfpi.evaluation.evaluate_flow` and the samplers accept either.
     """
 
     def __init__(self, means: Tensor, factor: Tensor, diag: Tensor):

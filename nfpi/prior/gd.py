@@ -9,7 +9,7 @@ linear, superlinear) without formulas; here they are lr_t = lr0 * (1 - t/T)^p:
     superlinear_v1 p=1.5, superlinear_v2 p=2
 
 ("sub"/"super" refer to the exponent of the decay). It minimises the potential of
-:func:`nfpi.fpi.objective`, so its history compares directly with the FPI's.
+:func:`nfpi.prior.objective`, so its history compares directly with the FPI's.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def solve(
     """Minimise J by Adam with a learning-rate policy; diagonal Gaussians.
 
     Args:
-        stats, lam, alpha, pi, learn, init: as in :func:`nfpi.fpi.solve`.
+        stats, lam, alpha, pi, learn, init: as in :func:`nfpi.prior.fpi.solve`.
         policy: a key of :data:`POLICIES`; steps: T; lr: lr0 (means are optimised in units of
             the class data std, so lr is scale free).
         a, b, c: sigmoid reparametrisation s = c + a sigmoid(b theta). The released defaults

@@ -1,9 +1,9 @@
 """One FPI update: the closed-form class Gaussian updates of the NFPI paper (Eqs. 5-7; SPEC §3).
 
-From the stationarity conditions of J (:mod:`nfpi.objective`): Eq. 5 for the means, Eqs. 6-7
+From the stationarity conditions of J (:mod:`nfpi.prior.criterion`): Eq. 5 for the means, Eqs. 6-7
 for the variances (a matrix geometric mean Sigma = A^-1 # B for full covariances,
 :func:`geometric_mean_solve`; elementwise sqrt(B / A) for diagonal ones), and the released
-code's variance rule and isotropic mean step (SPEC §3). :func:`nfpi.fpi.solve` iterates them.
+code's variance rule and isotropic mean step (SPEC §3). :func:`nfpi.prior.fpi.solve` iterates them.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def update(
     rule: Rule = "paper",
     isotropic_mean_step: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """One undamped, unbounded update of :func:`nfpi.fpi.solve` from (means (K, D), variances (K, D)):
-    Eqs. 5-7, or the released rules. A returned fixed point of :func:`nfpi.fpi.solve` maps to itself."""
+    """One undamped, unbounded update of :func:`nfpi.prior.fpi.solve` from (means (K, D), variances (K, D)):
+    Eqs. 5-7, or the released rules. A returned fixed point of :func:`nfpi.prior.fpi.solve` maps to itself."""
     k = stats.num_classes
     kl = pairwise_kl(means, variances)
     return diag_update(

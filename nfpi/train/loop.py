@@ -7,7 +7,7 @@ negative log-likelihood of paper Eq. 2,
     NLL(x, y) = -log N(f(x); mu_y, s_y) - log|det J_f(x)|          (nats per image),
 
 reported as bits/dim by :func:`nfpi.data.bits_per_dim`. The class Gaussians (mu_y, s_y) are
-buffers of :class:`nfpi.priors.ClassGaussians`, never trained by the optimiser. Their
+buffers of :class:`nfpi.prior.ClassGaussians`, never trained by the optimiser. Their
 schedule is the released training protocol of SPEC §4:
 
 1. data-dependent ActNorm init on ``init_images`` training images;
@@ -17,10 +17,10 @@ schedule is the released training protocol of SPEC §4:
    class statistics of the full training set (eval mode, non-EMA weights, float64, all-reduced
    over processes; seeded uniform dequantisation noise, see ``ScheduleConfig.stats_noise``)
    are computed and the Gaussians are set to the solution of ``gaussians.prior``
-   (:mod:`nfpi.schedule`):
+   (:mod:`nfpi.train.schedule`):
 
-   - ``"fpi"``: :func:`nfpi.fpi.solve` (paper Eqs. 5-7) with lambda = ``lam`` and ``solver``;
-   - ``"gd"``: :func:`nfpi.gd.solve`, gradient descent on the same objective (Baseline 2), ``gd``;
+   - ``"fpi"``: :func:`nfpi.prior.fpi.solve` (paper Eqs. 5-7) with lambda = ``lam`` and ``solver``;
+   - ``"gd"``: :func:`nfpi.prior.gd.solve`, gradient descent on the same objective (Baseline 2), ``gd``;
    - ``"data"``: the lambda = 0 fixed point, i.e. the class statistics (Baseline 1 refitted
      at the same epoch, so that the only difference from ``"fpi"`` is lambda);
    - ``"random"``: random Gaussians (GLEM supplementary), never refitted;
@@ -28,7 +28,7 @@ schedule is the released training protocol of SPEC §4:
      baseline, with the class codes of ``codes``);
 
 4. the Gaussians stay frozen afterwards, unless ``schedule.resolve_every`` asks for repeated
-   solves. GLEM's EM schedule (:func:`nfpi.schedule.em_overrides`) solves after every epoch, each solve
+   solves. GLEM's EM schedule (:func:`nfpi.train.schedule.em_overrides`) solves after every epoch, each solve
    starting from the current Gaussians (``warm_start``), with lambda annealed geometrically
    (the n-th solve uses max(``lam_min``, ``lam`` * ``lam_decay``^n)).
    Optionally (paper Sec. 5.2 / GLEM supplementary) the training set is split into D_NF /
@@ -36,7 +36,7 @@ schedule is the released training protocol of SPEC §4:
    fitted on D_G, and D_G joins the training set after epoch ``merge_epoch`` (no solve after
    that).
 
-Conditional encoding (GLEM's CE / CEGLEM, :mod:`nfpi.codes`): with ``codes.rows`` > 0 every
+Conditional encoding (GLEM's CE / CEGLEM, :mod:`nfpi.data.codes`): with ``codes.rows`` > 0 every
 training image gets its class's code image appended below (noisy by ``codes.noise``) and every
 test image random code rows; the flow then models (C, H + 2 pad + rows, W).
 
@@ -47,12 +47,12 @@ initial weights; the EMA restarts from the current weights whenever the Gaussian
 because an average of weights fitted to different priors fits neither. Evaluation (every
 epoch, EMA weights, deterministic): test bits/dim under the true class Gaussian as the standard
 uniform-dequantisation bound (``test_bpd``, noise from the fixed seed
-:data:`nfpi.latents.EVAL_NOISE_SEED`;
+:data:`nfpi.evaluation.EVAL_NOISE_SEED`;
 what published bits/dim report), the density at the bin centres (``test_bpd_centres``, not
 a bound), and NF accuracy top-1/top-5 at the bin centres (argmax_y log N(f(x); mu_y, s_y),
 SPEC §6).
 
-Runs write (:mod:`nfpi.runs`) ``metrics.csv`` (one row per epoch), ``metrics.json`` (final row,
+Runs write (:mod:`nfpi.train.runs`) ``metrics.csv`` (one row per epoch), ``metrics.json`` (final row,
 solves, config) and an atomically replaced ``checkpoint.pt`` every epoch, carrying a SHA-256 of its contents
 that every load verifies; a run resumed from its checkpoint ends bit-identical to an
 uninterrupted one (data order and noise are seeded per epoch). A run directory is locked by

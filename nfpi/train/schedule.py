@@ -8,8 +8,8 @@ Sec. 4.2 "a single fixed point iteration at early training stages"; GLEM §4.3, 
    Gaussians are set by :func:`fit`, then stay frozen unless ``schedule.resolve_every`` asks
    for repeated solves, and never after ``schedule.merge_epoch``;
 3. :func:`fit`: the solution of ``gaussians.prior`` for the latent statistics:
-   ``"fpi"``: :func:`nfpi.fpi.solve` (paper Eqs. 5-7) with the ``solver`` options;
-   ``"gd"``: :func:`nfpi.gd.solve` (Baseline 2) with the ``gd`` options; ``"data"``: the
+   ``"fpi"``: :func:`nfpi.prior.fpi.solve` (paper Eqs. 5-7) with the ``solver`` options;
+   ``"gd"``: :func:`nfpi.prior.gd.solve` (Baseline 2) with the ``gd`` options; ``"data"``: the
    lambda = 0 fixed point, i.e. the class statistics;
 4. :func:`solve_lam`: the n-th solve uses lambda = max(lam_min, lam * lam_decay^n).
 
@@ -18,7 +18,7 @@ learned by gradient descent on the statistics of D_G (10 % of each class) after 
 alternating with flow training on D_NF, each M-step starting from the current Gaussians, with
 lambda annealed geometrically; D_G joins the training set after ``merge_epoch`` and the
 Gaussians are then frozen. Deviations, stated: the repulsion is NFPI's exp(-KL/(pi alpha)) term
-of SPEC §2, minimised by :func:`nfpi.gd.solve`, not GLEM's plain -KL (GLEM Eq. 4), which is
+of SPEC §2, minimised by :func:`nfpi.prior.gd.solve`, not GLEM's plain -KL (GLEM Eq. 4), which is
 unbounded below and needs the sigmoid bounds to stay finite; the Gaussians start from data init
 (SPEC §4 step 2), not from GLEM's overlapping standard Gaussians.
 
