@@ -178,7 +178,8 @@ class SolverConfig:
 
 @dataclass
 class GDConfig:
-    """Keyword arguments of :func:`nfpi.prior.gd.solve` (Baseline 2): lr ``policy``, Adam ``steps``, ``lr``."""
+    """Keyword arguments of :func:`nfpi.prior.gd.solve` (Baseline 2): lr ``policy``, Adam ``steps``,
+    ``lr``."""
 
     policy: str = "linear"
     steps: int = 1000

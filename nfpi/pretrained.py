@@ -10,8 +10,8 @@ differs from the manifest's.
 Example:
     >>> from nfpi import pretrained
     >>> model, prior, cfg = pretrained.load("digits")
-    >>> sorted(pretrained.names())[:1]
-    ['digits']
+    >>> "digits" in pretrained.names(), cfg.dataset, prior.num_classes
+    (True, 'digits', 10)
 
 Make one from a finished run (``python -m nfpi.pretrained export RUN NAME --command "..."``)
 and re-check every shipped flow on its test set (``python -m nfpi.pretrained check``).

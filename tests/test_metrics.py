@@ -1,5 +1,5 @@
-"""Tests of nfpi.evaluation.classifiers and nfpi.evaluation.metrics (SPEC §7: CNN-Acc, oracle, FID, Coverage, Label
-Reliability)."""
+"""Tests of nfpi.evaluation.classifiers and nfpi.evaluation.metrics (SPEC §7: CNN-Acc, oracle, FID,
+Coverage, Label Reliability)."""
 
 from __future__ import annotations
 

@@ -9,8 +9,10 @@
 - :class:`ClassSamples`: images decoded from the class Gaussians, f^-1(z), z ~ N(mu_y, T^2 s_y).
 
 Example:
-    >>> noise = LatentNoise.matched(NFAugmenter.from_arrays(flow, train_set, bits), train_set, bits)
-    >>> variants = noise.augment(x, y, torch.Generator().manual_seed(0))
+    >>> nfa = NFAugmenter.from_arrays(flow, train_set, cfg.bits, AugmentConfig(k=4))
+    >>> noise = LatentNoise.matched(nfa, train_set, cfg.bits)
+    >>> tuple(noise.augment(x, y, torch.Generator().manual_seed(0)).shape)
+    (6, 1, 8, 8)
 
 References:
     Paper (NFPI) Sec. 5; GLEM Table 4.
@@ -37,8 +39,11 @@ class LatentNoise:
     as :class:`NFAugmenter`.
 
     Example:
-        >>> noise = LatentNoise.matched(nfa, train_set, bits)   # as far from z as NFA moves it
+        >>> nfa = NFAugmenter.from_arrays(flow, train_set, cfg.bits, AugmentConfig(k=4))
+        >>> noise = LatentNoise.matched(nfa, train_set, cfg.bits)   # as far from z as NFA moves it
         >>> variants = noise.augment(x, y, torch.Generator().manual_seed(0))
+        >>> bool(variants.abs().max() <= 1)
+        True
     """
 
     def __init__(self, flow: nn.Module, sigma: float) -> None:
@@ -76,7 +81,9 @@ class PixelMixup:
     The label stays y, so no soft labels are needed. Same interface as :class:`NFAugmenter`.
 
     Example:
-        >>> mixup = PixelMixup(train_set, bits, AugmentConfig(beta_max=0.5))
+        >>> mixup = PixelMixup(train_set, cfg.bits, AugmentConfig(beta_max=0.5))
+        >>> tuple(mixup.augment(x, y, torch.Generator().manual_seed(0)).shape)
+        (6, 1, 8, 8)
     """
 
     def __init__(self, arrays: ImageArrays, bits: int, cfg: AugmentConfig | None = None) -> None:

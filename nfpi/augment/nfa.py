@@ -217,8 +217,11 @@ class SameClassBank:
     images. ``what`` names the rows in errors.
 
     Example:
-        >>> bank = SameClassBank(z, y, num_classes=10)
-        >>> partners = bank.draw(labels, torch.Generator().manual_seed(0))   # (B, D)
+        >>> z = torch.arange(8.0)[:, None].repeat(1, 3)                      # (N, D) rows
+        >>> bank = SameClassBank(z, torch.tensor([0, 1] * 4), num_classes=2)
+        >>> partners = bank.draw(torch.tensor([1, 1, 0]), torch.Generator().manual_seed(0))
+        >>> [int(p[0]) % 2 for p in partners]                                # (B, D), same class
+        [1, 1, 0]
     """
 
     def __init__(self, rows: Tensor, y: Tensor, num_classes: int, what: str = "rows") -> None:

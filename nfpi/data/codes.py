@@ -14,7 +14,10 @@ with class Gaussians (conditioning by the Gaussian, the code gives a second labe
 Example:
     >>> codes = ClassCodes.learn(num_classes=10, shape=(1, 4, 8))
     >>> x_with_codes = codes.append(x, y)          # (N, 1, H + 4, 8)
-    >>> codes.decode(x_with_codes)                 # (N,) labels
+    >>> tuple(x_with_codes.shape)
+    (6, 1, 12, 8)
+    >>> bool((codes.decode(x_with_codes) == y).all())   # (N,) labels
+    True
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@
 
 Example:
     >>> import torch
-    >>> topk_accuracy(torch.eye(3), torch.tensor([0, 1, 1]), ks=(1,))
-    {'top1': 66.66666666666667}
+    >>> topk_accuracy(torch.eye(4), torch.tensor([0, 1, 1, 3]), ks=(1, 4))
+    {'top1': 75.0, 'top4': 100.0}
 """
 
 from .accuracy import topk_accuracy

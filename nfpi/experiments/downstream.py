@@ -22,9 +22,10 @@ the EVA02 protocol of :mod:`nfpi.experiments.finetune`). Equal budget: every arm
 of image presentations, ``epochs`` x (1 + ``copies``) x N, so arms with other set sizes get
 proportionally fewer (or more) epochs.
 
-Example:
-    >>> table = study(TrainConfig.from_yaml("configs/digits_cpu.yaml"), default_arms(), StudyConfig(), [0, 1])
-    >>> repro.seed_summary(table, ["top1"], baseline="baseline")
+Example (notebook 06 runs the study: ``study(flow_cfg, arms, StudyConfig(), seeds, runs_dir)``,
+summarised by ``repro.seed_summary(table, ["top1"], baseline="baseline")``):
+    >>> list(default_arms())[:4]
+    ['baseline', 'sa', 'nfa', 'nfa+sa']
 
 References:
     Paper (NFPI) Sec. 5 and Table 5; GLEM Table 4 and supplementary §1 (EVA02 protocol).
@@ -117,7 +118,7 @@ class Noise:
 
 @dataclass(frozen=True)
 class Mixup:
-    """Within-class mixup in pixel space (:class:`nfpi.augment.alternatives.PixelMixup`) with ``cfg``'s law."""
+    """Within-class mixup in pixel space (:class:`nfpi.augment.PixelMixup`) with ``cfg``'s law."""
 
     cfg: AugmentConfig = field(default_factory=AugmentConfig)
 

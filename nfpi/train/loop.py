@@ -441,7 +441,14 @@ def train(
     NonFiniteLossError when the loss diverges.
 
     Example:
-        >>> train(TrainConfig.from_yaml("configs/digits_cpu.yaml"), "runs/digits")["acc_top1"]
+        >>> import tempfile
+        >>> tiny = {"per_class": 20, "test_per_class": 5, "epochs": 1, "batch_size": 50, "init_images": 100}
+        >>> model = {"levels": 2, "steps": 1, "hidden": 8}
+        >>> cfg = TrainConfig.from_dict({"dataset": "digits", **tiny, "model": model})
+        >>> with tempfile.TemporaryDirectory() as run_dir:
+        ...     row = train(cfg, run_dir, progress=False)
+        >>> row["epoch"], row["solved"], 0 <= row["acc_top1"] <= 100
+        (0, 'fpi', True)
     """
     check_config(cfg)
     run_dir = Path(run_dir)

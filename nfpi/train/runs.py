@@ -7,8 +7,11 @@ lock (``fcntl.flock`` on :data:`LOCK_FILE`). :func:`keyed_run_dir` names one fol
 and code (:func:`nfpi.repro.run_dir`).
 
 Example:
-    >>> flow, gaussians, cfg = load_checkpoint("runs/digits_cpu")
+    >>> from nfpi.data import REPO_ROOT
+    >>> flow, gaussians, cfg = load_checkpoint(REPO_ROOT / "tests" / "data" / "legacy_d10b07e")
     >>> z, logdet = flow(x)
+    >>> tuple(z.shape), cfg.dataset
+    ((6, 64), 'digits')
 """
 
 from __future__ import annotations
