@@ -88,7 +88,7 @@ PEAK_SNIPPET = """
 import sys, torch, warnings
 sys.path.insert(0, {root!r})
 from benchmarks.bench_fpi import latent_stats, dense_update
-from nfpi import fpi
+from nfpi.prior import fpi
 
 def status(key):
     for line in open("/proc/self/status"):
