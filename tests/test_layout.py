@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "nfpi"
-# The limits the README states: measured (the largest today: 501 and 60 lines).
+# The limits the README states, measured (the largest today: 502 and 60 lines).
 MAX_MODULE_LINES = 510
 MAX_FUNCTION_LINES = 60  # lines of code: without the docstring, blank and comment-only lines
 SOURCES = sorted(PACKAGE.rglob("*.py"))
