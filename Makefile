@@ -64,11 +64,11 @@ lint: venv
 	$(BIN)/ruff format --check nfpi tests notebooks benchmarks scripts
 
 unit: venv
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests nfpi --doctest-modules -q
 
 # The quick loop while editing: everything but the tests marked slow (under 2 minutes).
 quick: venv
-	$(BIN)/python -m pytest tests -q -m "not slow"
+	$(BIN)/python -m pytest tests nfpi --doctest-modules -q -m "not slow"
 
 # nbval re-executes the committed notebooks and compares the cells marked NBVAL_CHECK_OUTPUT.
 # Progress as one line per epoch, as `make reproduce` ran them (widget bars would flood nbval's

@@ -1,7 +1,7 @@
 """Cost of the training checkpoint's SHA-256 (issue 13) against plain ``torch.save`` / ``torch.load``.
 
 The checkpoint of :mod:`nfpi.train` holds the flow, its EMA copy, the Adamax state and the
-class Gaussians; its checksum hashes every tensor's bytes (:func:`nfpi.runs.checksum`). This
+class Gaussians; its checksum hashes every tensor's bytes (:func:`nfpi.train.checksum`). This
 script builds that checkpoint for a Glow (default: the paper's CIFAR-10 size, 3 levels x 8
 steps, 128 hidden channels) and times, alternating, in the same run:
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from nfpi.flows import Glow
-from nfpi.runs import CHECKPOINT_FORMAT, checksum, read_checkpoint
+from nfpi.train import CHECKPOINT_FORMAT, checksum, read_checkpoint
 
 SMOKE = {"small": True, "repeats": 1}  # --smoke: these defaults (explicit arguments still win)
 

@@ -25,8 +25,7 @@ import warnings
 
 import torch
 
-from nfpi import fpi, gd
-from nfpi.fpi import ClassStats
+from nfpi.prior import ClassStats, fpi, gd, gradient_residual
 
 # Problem sizes: K, D of sections 1, 3, 4 and of the dense peer in 2; K of the large solve in 2,
 # its iterations; GD steps in 4; iteration cap of the plain solves in 3; default thread count
@@ -91,7 +90,7 @@ def bench_solve(k: int, d: int, lam: float) -> dict:
     for _ in range(reps):
         dense_update(m, v, m, v, c, 10.0)
     dense = (time.perf_counter() - t0) / reps
-    resid = fpi.gradient_residual(stats, res.means, res.variances, lam)
+    resid = gradient_residual(stats, res.means, res.variances, lam)
     print(
         f"[1] K={k} D={d} lambda={lam:g}: solve to convergence {total:.3f} s "
         f"({res.iterations} iterations, converged={res.converged}, residual {resid:.1e}); target <= 2 s"
@@ -107,7 +106,7 @@ PEAK_SNIPPET = """
 import sys, torch, warnings
 sys.path.insert(0, {root!r})
 from benchmarks.bench_fpi import latent_stats, dense_update
-from nfpi import fpi
+from nfpi.prior import fpi
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -8,7 +8,7 @@ classes are built from CIFAR-10 latents by splitting every class into 10 deciles
 projection on a random direction (same latent scale and spread, distinct class means), and
 for time the flow is the small one of cifar10_cpu.yaml (an untrained flow's couplings are the
 identity, so it differs from the paper-size one only by its random 1x1 convolutions).
-The solve is :func:`nfpi.schedule.fit`, i.e. exactly what training calls with the config's
+The solve is :func:`nfpi.train.fit`, i.e. exactly what training calls with the config's
 ``gaussians:`` and ``solver:`` sections; one row per config:
 
     config, lambda, rule, learn, stop, accel, iterations, final change, converged, seconds
@@ -26,12 +26,11 @@ from pathlib import Path
 
 import torch
 
-from nfpi import data, fpi
+from nfpi import data
 from nfpi.config import TrainConfig
 from nfpi.latents import class_stats, encode
-from nfpi.runs import build_flow
-from nfpi.schedule import fit
-from nfpi.splits import load_data
+from nfpi.prior import ClassStats, fpi
+from nfpi.train import build_flow, fit, load_data
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # --smoke: these defaults (explicit arguments still win): the embedded digits, a few images per class
@@ -40,7 +39,7 @@ SMOKE = {"configs": ["digits_cpu"], "digits_per_class": 10, "distance": True}
 
 def untrained_latent_stats(
     cfg: TrainConfig, per_class: int, digits_per_class: int | None = None
-) -> fpi.ClassStats:
+) -> ClassStats:
     """Statistics of the latents of ``cfg``'s untrained flow on its training images (for configs
     that train on a whole dataset: ``per_class`` images per class; digits: ``digits_per_class``,
     None = all 1,438)."""
@@ -68,7 +67,7 @@ def untrained_latent_stats(
         rows = (arrays.y == c).nonzero().flatten()
         proj = z[rows] @ torch.randn(z.shape[1], generator=gen, dtype=torch.float64)
         labels[rows[proj.argsort()]] = c * 10 + torch.arange(len(rows)) * 10 // len(rows)
-    return fpi.ClassStats.from_latents(z, labels, 10 * arrays.num_classes)
+    return ClassStats.from_latents(z, labels, 10 * arrays.num_classes)
 
 
 # Released ablation lambdas named in the configs' comments (SPEC §4): same statistics, other blocks.
@@ -78,7 +77,7 @@ ABLATIONS = {
 }
 
 
-def distance(stats: fpi.ClassStats, cfg: TrainConfig, lam: float, info: dict) -> float:
+def distance(stats: ClassStats, cfg: TrainConfig, lam: float, info: dict) -> float:
     """Max distance of a solve's result to the fixed point (a relative-tol 1e-13 solve): means
     in class-std units, variances relative."""
     tight = cfg.replace(
@@ -128,7 +127,7 @@ def main() -> None:
         digits = "" if args.digits_per_class is None else f"_{args.digits_per_class}"
         cached = Path(args.cache) / f"{name}_{args.per_class}{digits}.pt" if args.cache else None
         if cached is not None and cached.exists():
-            stats = fpi.ClassStats(*torch.load(cached, weights_only=True))
+            stats = ClassStats(*torch.load(cached, weights_only=True))
         else:
             stats = untrained_latent_stats(cfg, args.per_class, args.digits_per_class)
             if cached is not None:

@@ -21,11 +21,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from . import augment, data, generated, plots, train
+from . import augment, data, plots, train
 from .config import TrainConfig
-from .latents import NonFiniteLossError, encode, evaluate_flow
-from .runs import CheckpointError, load_checkpoint
-from .splits import load_data
+from .evaluation import evaluate_flow
+from .latents import NonFiniteLossError, encode
+from .train import CheckpointError, load_checkpoint, load_data
 
 __all__ = ["main"]
 
@@ -124,7 +124,7 @@ def cmd_augment(args: argparse.Namespace) -> Path:
     augmenter = augment.NFAugmenter.from_arrays(
         model, train_set, cfg.bits, aug_cfg, gaussians, args.batch_size
     )
-    out = generated.generate_dataset(
+    out = augment.generate_dataset(
         augmenter,
         train_set,
         args.copies,

@@ -6,10 +6,10 @@ A :class:`TrainConfig` holds plain data in groups that match the code they feed:
 - ``optim`` (:class:`OptimConfig`): Adamax, warm-up, clipping, EMA;
 - ``gaussians`` (:class:`GaussianConfig`): the objective J of paper Eqs. 3-4 (lambda, alpha, pi)
   and which fit sets the class Gaussians (``prior``);
-- ``solver`` (:class:`SolverConfig`): passed as is to :func:`nfpi.fpi.solve` (paper Eqs. 5-7);
-- ``gd`` (:class:`GDConfig`): passed as is to :func:`nfpi.gd.solve` (Baseline 2);
+- ``solver`` (:class:`SolverConfig`): passed as is to :func:`nfpi.prior.fpi.solve` (paper Eqs. 5-7);
+- ``gd`` (:class:`GDConfig`): passed as is to :func:`nfpi.prior.gd.solve` (Baseline 2);
 - ``schedule`` (:class:`ScheduleConfig`): when the Gaussians are refitted (SPEC §4 steps 3-4);
-- ``codes`` (:class:`nfpi.codes.CodeConfig`): GLEM's conditional encoding.
+- ``codes`` (:class:`nfpi.data.codes.CodeConfig`): GLEM's conditional encoding.
 
 Before this layout every Gaussian option sat in ``gaussians``; such a key (YAML, ``from_dict`` or
 a ``key=value`` override) raises a ValueError naming its new place, and :func:`upgrade` turns a
@@ -32,10 +32,11 @@ from typing import Any
 
 import yaml
 
-from . import data, fpi, gd
+from . import data
 from ._util import check_choice
-from .codes import CodeConfig
+from .data import CodeConfig
 from .flows import MEMORY_MODES
+from .prior import fpi, gd
 
 __all__ = [
     "NOT_KEYED",
@@ -131,7 +132,7 @@ class OptimConfig:
 class GaussianConfig:
     """The objective the class Gaussians minimise and which fit sets them (SPEC §2, §4-§5).
 
-    ``prior``: ``"fpi"`` (:func:`nfpi.fpi.solve`), ``"gd"`` (:func:`nfpi.gd.solve`), ``"data"``
+    ``prior``: ``"fpi"`` (:func:`nfpi.prior.fpi.solve`), ``"gd"`` (:func:`nfpi.prior.gd.solve`), ``"data"``
     (the lambda = 0 fixed point: the class statistics), ``"random"`` or ``"standard"`` (never
     refitted). ``lam`` is the un-normalised lambda (divided by K(K-1) inside the solver);
     ``alpha``, ``pi``, ``learn`` go to both solvers. ``means_only_identity``: with
@@ -156,7 +157,7 @@ class GaussianConfig:
 
 @dataclass
 class SolverConfig:
-    """Keyword arguments of :func:`nfpi.fpi.solve` (paper Eqs. 5-7), passed as they are.
+    """Keyword arguments of :func:`nfpi.prior.fpi.solve` (paper Eqs. 5-7), passed as they are.
 
     ``stop: released`` with ``accel: none`` is the authors' plain iteration and stopping rule.
     """
@@ -177,7 +178,8 @@ class SolverConfig:
 
 @dataclass
 class GDConfig:
-    """Keyword arguments of :func:`nfpi.gd.solve` (Baseline 2): lr ``policy``, Adam ``steps``, ``lr``."""
+    """Keyword arguments of :func:`nfpi.prior.gd.solve` (Baseline 2): lr ``policy``, Adam ``steps``,
+    ``lr``."""
 
     policy: str = "linear"
     steps: int = 1000
@@ -193,7 +195,7 @@ class GDConfig:
 
 @dataclass
 class ScheduleConfig:
-    """When the class Gaussians are fitted (SPEC §4 steps 3-4; :mod:`nfpi.schedule`).
+    """When the class Gaussians are fitted (SPEC §4 steps 3-4; :mod:`nfpi.train.schedule`).
 
     ``solve_epoch``: the first solve, after that epoch (0: after the first, -1: before
     training); ``resolve_every``: solve again every that many epochs (null: frozen after the
@@ -258,7 +260,7 @@ class TrainConfig:
     weights and training batches in channels-last memory format (faster cuDNN convolutions
     under bf16). ``threads``: CPU threads while training (torch.set_num_threads,
     restored afterwards; null keeps torch's default; 1 is fastest on a busy shared CPU);
-    ``codes``: GLEM's conditional encoding (:class:`nfpi.codes.CodeConfig`; rows 0 = off);
+    ``codes``: GLEM's conditional encoding (:class:`nfpi.data.codes.CodeConfig`; rows 0 = off);
     ``val_fraction``: a stratified, seeded validation split carved from the training set
     (never trained on): it is evaluated every epoch and is what hyper-parameters are chosen
     on, while the test set is evaluated once, after the last epoch (0: no split, and the

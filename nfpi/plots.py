@@ -24,9 +24,8 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from . import data
-from .fpi import FPIResult
-from .preprocess import bin_centres, to_uint8
-from .priors import ClassGaussians, interpolate
+from .data import bin_centres, to_uint8
+from .prior import ClassGaussians, FPIResult, interpolate
 
 __all__ = [
     "augmentation_grid",
@@ -397,6 +396,54 @@ def paired_differences(
     return _finish(fig, path)
 
 
+def _facet_grid(sns: Any, kind: str, common: dict[str, Any], categories: int, palette: Any) -> Any:
+    """The seaborn grid of :func:`metric_grid`: lines, or horizontal bars for ``categories`` settings."""
+    if kind == "line":
+        return sns.relplot(
+            kind="line",
+            marker="o",
+            aspect=1.1,
+            palette=palette,
+            errorbar="sd",
+            facet_kws={"sharey": False, "sharex": False},
+            **common,
+        )
+    if kind == "bar":
+        # Horizontal bars: long setting names stay readable; one category axis for all panels.
+        common.update(x="value", y=common["x"], height=0.25 * categories + 1.0)
+        return sns.catplot(
+            kind="bar",
+            errorbar="sd",
+            sharex=False,
+            sharey=True,
+            aspect=3.0 / (0.25 * categories + 1.0),
+            palette=palette,
+            **common,
+        )
+    raise ValueError(f"kind must be 'line' or 'bar', got {kind!r}")
+
+
+def _mark_axes(
+    grid: Any, at_zero: pd.DataFrame, row: str | None, hue: str | None, logx: bool, palette: Any, label: str
+) -> None:
+    """Log x axes, the dashed lines of the results at x = 0 (``label``) and a light grid."""
+    for key, ax in grid.axes_dict.items():
+        row_name, col_name = key if row else (None, key)
+        if logx:
+            ax.set_xscale("log")
+        here = at_zero[(at_zero["metric"] == col_name) & ((at_zero[row] == row_name) if row else True)]
+        # One dashed line per hue at the mean over repeated results (seeds), like the lines' means.
+        for colour_key, values in here.groupby(hue)["value"] if hue else [(None, here["value"])]:
+            ax.axhline(
+                values.mean(),
+                ls="--",
+                lw=1,
+                color=palette[colour_key] if hue else "C0",
+                label=label,
+            )
+        ax.grid(alpha=0.3)
+
+
 def metric_grid(
     table: pd.DataFrame,
     x: str,
@@ -444,45 +491,8 @@ def metric_grid(
         height=2.6,
         col_wrap=None if row or kind == "bar" else min(3, len(order)),
     )
-    if kind == "line":
-        grid = sns.relplot(
-            kind="line",
-            marker="o",
-            aspect=1.1,
-            palette=palette,
-            errorbar="sd",
-            facet_kws={"sharey": False, "sharex": False},
-            **common,
-        )
-    elif kind == "bar":
-        # Horizontal bars: long setting names stay readable; one category axis for all panels.
-        common.update(x="value", y=x, height=0.25 * long[x].nunique() + 1.0)
-        grid = sns.catplot(
-            kind="bar",
-            errorbar="sd",
-            sharex=False,
-            sharey=True,
-            aspect=3.0 / (0.25 * long[x].nunique() + 1.0),
-            palette=palette,
-            **common,
-        )
-    else:
-        raise ValueError(f"kind must be 'line' or 'bar', got {kind!r}")
-    for key, ax in grid.axes_dict.items():
-        row_name, col_name = key if row else (None, key)
-        if logx:
-            ax.set_xscale("log")
-        here = at_zero[(at_zero["metric"] == col_name) & ((at_zero[row] == row_name) if row else True)]
-        # One dashed line per hue at the mean over repeated results (seeds), like the lines' means.
-        for colour_key, values in here.groupby(hue)["value"] if hue else [(None, here["value"])]:
-            ax.axhline(
-                values.mean(),
-                ls="--",
-                lw=1,
-                color=palette[colour_key] if hue else "C0",
-                label=f"{names.get(x, x)} = 0",
-            )
-        ax.grid(alpha=0.3)
+    grid = _facet_grid(sns, kind, common, long[x].nunique(), palette)
+    _mark_axes(grid, at_zero, row, hue, logx, palette, f"{names.get(x, x)} = 0")
     grid.set_titles(row_template="{row_name}", col_template="{col_name}")
     grid.set_ylabels("")
     grid.set_xlabels("" if kind == "bar" else names.get(x, x))

@@ -10,8 +10,8 @@ differs from the manifest's.
 Example:
     >>> from nfpi import pretrained
     >>> model, prior, cfg = pretrained.load("digits")
-    >>> sorted(pretrained.names())[:1]
-    ['digits']
+    >>> "digits" in pretrained.names(), cfg.dataset, prior.num_classes
+    (True, 'digits', 10)
 
 Make one from a finished run (``python -m nfpi.pretrained export RUN NAME --command "..."``)
 and re-check every shipped flow on its test set (``python -m nfpi.pretrained check``).
@@ -32,11 +32,10 @@ import yaml
 from . import repro
 from ._util import atomic_write
 from .config import TrainConfig, upgrade
+from .evaluation import evaluate_flow
 from .flows import Glow
-from .latents import evaluate_flow
-from .priors import ClassGaussians
-from .runs import build_flow, load_checkpoint
-from .splits import load_data
+from .prior import ClassGaussians
+from .train import build_flow, load_checkpoint, load_data
 
 __all__ = [
     "PretrainedError",

@@ -1,6 +1,7 @@
 """Results tied to the code that made them, and checks that hold on any machine.
 
-* :func:`code_fingerprint`: a digest of the ``nfpi`` sources. It is stored in every
+* :func:`code_fingerprint`: a digest of the ``nfpi`` sources (their syntax: docstring and
+  comment edits keep it). It is stored in every
   checkpoint, run summary and results row, and it is part of every cache key
   (:func:`run_key`, :func:`nfpi.experiments.config_hash`), so a cached run or row is reused
   only when the same code and the same configuration made it; any change to the library
@@ -30,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -72,16 +74,40 @@ class ResultMismatch(AssertionError):
 
 
 @functools.cache
-def code_fingerprint() -> str:
-    """16 hex digits of SHA-256 over the ``nfpi`` package's ``*.py`` files (names and bytes).
+def code_fingerprint(root: str | os.PathLike[str] | None = None) -> str:
+    """16 hex digits of SHA-256 over the syntax of the ``nfpi`` package's ``*.py`` files, in
+    every subpackage (``root``: another package tree, default :data:`PACKAGE`).
 
-    Computed once per process: the sources of a running interpreter do not change under it
-    in any way that matters for the results it produces.
+    Each file contributes its path relative to the package (posix, sorted) and its syntax tree
+    without docstrings and comments (:func:`_syntax`): editing documentation keeps the
+    fingerprint, and so the results made by the code; any change to a statement or a constant
+    changes it. Computed once per process and root: the sources of a running interpreter do
+    not change under it in any way that matters for the results it produces.
+
+    Example:
+        >>> len(code_fingerprint())
+        16
     """
+    package = Path(root) if root is not None else PACKAGE
     digest = hashlib.sha256()
-    for path in sorted(PACKAGE.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(package.rglob("*.py"), key=lambda p: p.relative_to(package).as_posix()):
+        rel = path.relative_to(package).as_posix()
+        digest.update(rel.encode() + b"\0" + _syntax(path.read_text(encoding="utf-8")).encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def _syntax(source: str) -> str:
+    """The syntax tree of ``source`` without docstrings (the first string statement of a module,
+    class or function), as :func:`ast.dump` writes it: without comments, line numbers or
+    formatting."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                if isinstance(body[0].value.value, str):
+                    node.body = body[1:]
+    return ast.dump(tree, annotate_fields=True, include_attributes=False)
 
 
 def run_key(config: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:

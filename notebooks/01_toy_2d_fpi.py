@@ -41,7 +41,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from nfpi import data, fpi, gd, plots
+from nfpi import data, plots
+from nfpi.prior import ClassStats, fpi, gd, gradient_residual, pairwise_kl, unbounded_threshold
 
 torch.manual_seed(seed)
 arrays = data.load(dataset, "train")
@@ -49,14 +50,14 @@ z, y = data.tsne_embedding(arrays, per_class=per_class, seed=seed)
 k = arrays.num_classes
 print(
     f"{dataset}: {len(z)} points, {k} classes; lambda bound for learned variances: "
-    f"{fpi.unbounded_threshold(k, alpha):.1f}"
+    f"{unbounded_threshold(k, alpha):.1f}"
 )
 
 # %% [markdown]
 # ## Fig. 1: data, data-init Gaussians, FPI with small and large lambda
 
 # %%
-stats = fpi.ClassStats.from_latents(z, y, k, full=True)
+stats = ClassStats.from_latents(z, y, k, full=True)
 fits = {
     f"lambda = {lam:g}": fpi.solve(stats, lam, alpha=alpha, covariance="full")
     for lam in (0.0, lam_small, lam_large)
@@ -79,13 +80,13 @@ plt.show()
 # NBVAL_CHECK_OUTPUT
 rows = []
 for name, res in fits.items():
-    kl = fpi.pairwise_kl(res.means, res.variances)
+    kl = pairwise_kl(res.means, res.variances)
     rows.append(
         {
             "fit": name,
             "lambda/K(K-1)": round(res.lam_normalised, 4),
             "converged": res.converged,
-            "residual<1e-6": fpi.gradient_residual(stats, res.means, res.variances, res.lam, alpha) < 1e-6,
+            "residual<1e-6": gradient_residual(stats, res.means, res.variances, res.lam, alpha) < 1e-6,
             "min KL": round(float(kl[kl > 0].min()), 2),
             "mean det(Sigma)": round(float(torch.linalg.det(res.variances).mean()), 3),
         }
@@ -146,7 +147,7 @@ for lam in (lam_small, lam_large):
 # them would change on every run).
 
 # %%
-dstats = fpi.ClassStats.from_latents(z, y, k)
+dstats = ClassStats.from_latents(z, y, k)
 ours = fpi.solve(dstats, lam_large, alpha=alpha)
 baselines = {
     f"GD {p}": gd.solve(dstats, lam_large, alpha=alpha, policy=p, steps=gd_steps, lr=0.05)

@@ -57,9 +57,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from nfpi import plots, repro
+from nfpi.config import TrainConfig
 from nfpi.experiments import train_settings
-from nfpi.splits import load_data, load_validation
-from nfpi.train import TrainConfig
+from nfpi.train import load_data, load_validation
 
 name = Path(config).stem
 base = TrainConfig.from_yaml(config, **overrides)

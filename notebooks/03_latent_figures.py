@@ -55,11 +55,12 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from nfpi import fpi, plots, pretrained
+from nfpi import plots, pretrained
+from nfpi.config import TrainConfig
 from nfpi.experiments import train_settings
 from nfpi.latents import encode
-from nfpi.splits import load_data
-from nfpi.train import TrainConfig, load_checkpoint
+from nfpi.prior import pairwise_kl
+from nfpi.train import load_checkpoint, load_data
 
 if retrain is None:
     flows = {p: pretrained.load(name) for p, name in shipped.items()}
@@ -86,7 +87,7 @@ latents = {p: (encode(m, test_set, cfg.bits)[0], test_set.y) for p, (m, _, _) in
 
 # %%
 for p, (_, gaussians, _) in flows.items():
-    kl = fpi.pairwise_kl(gaussians.means.double(), gaussians.variances.double())
+    kl = pairwise_kl(gaussians.means.double(), gaussians.variances.double())
     off = kl[kl > 0]
     hits = (gaussians.predict(latents[p][0]) == test_set.y).double().mean()
     print(f"{p:>4}: min KL {off.min():.1f}, median KL {off.median():.1f}, NF accuracy {100 * hits:.2f} %")

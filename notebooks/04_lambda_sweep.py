@@ -65,11 +65,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from nfpi import plots, repro
-from nfpi.classifiers import ClassifierConfig
-from nfpi.experiments import EvalConfig, load_oracle, run_grid
-from nfpi.references import paper_table
-from nfpi.splits import load_data
-from nfpi.train import TrainConfig
+from nfpi.config import TrainConfig
+from nfpi.evaluation import ClassifierConfig
+from nfpi.experiments import EvalConfig, load_oracle, paper_table, run_grid
+from nfpi.train import load_data
 
 base = TrainConfig.from_yaml(config, **overrides)
 run_dir = Path(runs) / Path(config).stem

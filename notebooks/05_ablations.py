@@ -24,7 +24,7 @@
 # 1. **NFPI Table 3**: the KL term learns nothing (data init, lambda = 0), the means only
 #    (identity variances, as in the released configs), the variances only, or both;
 # 2. **NFPI Table 1**: the objective J solved by gradient descent (Baseline 2) with the five
-#    learning-rate policies of `nfpi.gd` (lr_t = lr0 (1 - t/T)^p, our definitions of the
+#    learning-rate policies of `nfpi.prior.gd` (lr_t = lr0 (1 - t/T)^p, our definitions of the
 #    paper's names), against the fixed point of the paper's Eqs. 5-7; NF accuracy only, as in
 #    the paper;
 # 3. **solver options**: random Gaussians (GLEM supplementary), pi pairwise vs mean (Eqs. 9-10),
@@ -76,12 +76,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from nfpi import plots, repro
-from nfpi.classifiers import ClassifierConfig
-from nfpi.experiments import EvalConfig, load_oracle, run_grid
-from nfpi.references import paper_table
-from nfpi.schedule import em_overrides
-from nfpi.splits import load_data
-from nfpi.train import TrainConfig
+from nfpi.config import TrainConfig
+from nfpi.evaluation import ClassifierConfig
+from nfpi.experiments import EvalConfig, load_oracle, paper_table, run_grid
+from nfpi.train import em_overrides, load_data
 
 base = TrainConfig.from_yaml(config, **overrides)
 run_dir = Path(runs) / Path(config).stem
@@ -145,7 +143,7 @@ print(paper_table("nfpi_table3").to_string(index=False))
 # Both address the paper's J (pi pairwise, means and variances) at the same lambda: the fixed
 # point of Eqs. 5-7 (`rule="paper"`) and `gd_steps` Adam steps (lr0 = 0.05) with the
 # policy's decaying learning rate, variances bounded by the sigmoid reparametrisation to
-# [v/10, 10 v]. At this lambda (above `fpi.unbounded_threshold(K=10)` = 55.3) J is unbounded
+# [v/10, 10 v]. At this lambda (above `unbounded_threshold(K=10)` = 55.3) J is unbounded
 # below with learned variances (SPEC §3), so both solutions end on their variance bounds
 # (FPI: [v/1000, 1000 v]; `solve bounds` counts the entries on a bound). Below the threshold
 # (e.g. lambda = 50) the two solvers reach the same point on these latents, and the Gaussians
@@ -248,7 +246,7 @@ print(paper_table("glem_table5").rename(columns=names).to_string(index=False))
 # %% [markdown]
 # ## 5. GLEM: EM training, CE, CEGLEM (GLEM Tables 1-2)
 #
-# `nfpi.schedule.em_overrides`: after every epoch up to `merge_epoch`, 100 Adam steps on J for the
+# `nfpi.train.schedule.em_overrides`: after every epoch up to `merge_epoch`, 100 Adam steps on J for the
 # statistics of D_G (10 % of each class), starting from the current Gaussians, with lambda
 # halved at each M-step; then D_G joins the training set. CE: every class is N(0, I) (a
 # monomodal flow) and `code_rows` rows of a learned class code are appended below each

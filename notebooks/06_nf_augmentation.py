@@ -28,7 +28,7 @@
 # space". GLEM Table 4 shows a ResNet-18's accuracy growing with the number of generated
 # training images per class.
 #
-# **Design (`nfpi.downstream`).** A seed is one paired replicate: `per_class` training images
+# **Design (`nfpi.experiments.downstream`).** A seed is one paired replicate: `per_class` training images
 # per class drawn with that seed, a flow trained on exactly those images (so NFA brings in no
 # image the classifier could not have seen, as in the paper, where flow and classifier share
 # the training set), validation images from the rest of the training split, and the same
@@ -73,10 +73,10 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from nfpi import downstream, finetune, plots, repro
-from nfpi.alternatives import LatentNoise, PixelMixup
-from nfpi.augment import AugmentConfig, NFAugmenter
-from nfpi.train import TrainConfig
+from nfpi import plots, repro
+from nfpi.augment import AugmentConfig, LatentNoise, NFAugmenter, PixelMixup
+from nfpi.config import TrainConfig
+from nfpi.experiments import downstream, finetune
 
 torch.manual_seed(0)
 table_path = f"{results}/06_nf_augmentation.csv"
@@ -176,7 +176,7 @@ print(summary.loc[generated, columns].round(2).to_string())
 # %% [markdown]
 # ## The EVA02 protocol
 #
-# The same data and NFA copies through `nfpi.finetune` (the protocol of notebook 06's earlier
+# The same data and NFA copies through `nfpi.experiments.finetune` (the protocol of notebook 06's earlier
 # version: AdamW, SGDR, clipping at 1), baseline and NFA; the difference is to the EVA02
 # baseline. No validation column: this protocol has no choice to make.
 

@@ -28,9 +28,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from nfpi.config import TrainConfig
 from nfpi.experiments import train_settings
-from nfpi.runs import keyed_run_dir
-from nfpi.train import TrainConfig, train
+from nfpi.train import keyed_run_dir, train
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "full"

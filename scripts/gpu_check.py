@@ -46,13 +46,15 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from nfpi import data, fpi
+from nfpi import data
 
 # nfpi.train's internal run object: the timed steps are those of the real training loop.
 from nfpi._ddp import setup_distributed
+from nfpi.config import TrainConfig
 from nfpi.flows import Glow
-from nfpi.runs import build_flow
-from nfpi.train import TrainConfig, _Run
+from nfpi.prior import ClassStats, fpi, gradient_residual
+from nfpi.train import build_flow
+from nfpi.train.loop import _Run
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {  # name -> TrainConfig settings
@@ -107,11 +109,11 @@ def check_fpi(device: torch.device) -> dict[str, Any]:
         torch.randn(len(y), d, generator=g, dtype=torch.float64)
         + 0.7 * torch.randn(k, d, generator=g, dtype=torch.float64)[y]
     )
-    on_device = fpi.solve(fpi.ClassStats.from_latents(z.to(device), y.to(device), k), lam)
-    on_cpu = fpi.solve(fpi.ClassStats.from_latents(z, y, k), lam)
+    on_device = fpi.solve(ClassStats.from_latents(z.to(device), y.to(device), k), lam)
+    on_cpu = fpi.solve(ClassStats.from_latents(z, y, k), lam)
     residual = float(
-        fpi.gradient_residual(
-            fpi.ClassStats.from_latents(z, y, k), on_device.means.cpu(), on_device.variances.cpu(), lam
+        gradient_residual(
+            ClassStats.from_latents(z, y, k), on_device.means.cpu(), on_device.variances.cpu(), lam
         )
     )
     gap = float((on_device.means.cpu() - on_cpu.means).abs().max())

@@ -45,12 +45,12 @@ import pandas as pd
 import torch
 
 from nfpi import pretrained, repro
-from nfpi.classifiers import ClassifierConfig
-from nfpi.experiments import EvalConfig, load_oracle, run_grid, train_settings
-from nfpi.latents import encode, evaluate_flow
-from nfpi.runs import load_checkpoint
-from nfpi.splits import load_data
-from nfpi.train import TrainConfig
+from nfpi.augment import AugmentConfig
+from nfpi.config import TrainConfig
+from nfpi.evaluation import ClassifierConfig, evaluate_flow
+from nfpi.experiments import EvalConfig, downstream, load_oracle, run_grid, train_settings
+from nfpi.latents import encode
+from nfpi.train import load_checkpoint, load_data
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -208,9 +208,6 @@ def recompute(row: str, tmp: Path, oracle=None) -> dict[str, float]:
 
 def _study_row(p: dict, setting: str, tmp: Path) -> pd.Series:
     """Seed 0's row of one arm of notebook 06's study (its own flow, trained under ``tmp``)."""
-    from nfpi import downstream
-    from nfpi.augment import AugmentConfig
-
     flow_cfg = TrainConfig.from_yaml(NOTEBOOKS / p["flow_config"], **p["flow_overrides"])
     study_cfg = downstream.StudyConfig.resnet(
         p["width"],

@@ -1,4 +1,4 @@
-"""The generic safeguarded Anderson iteration (nfpi.anderson), on maps that are not Gaussians."""
+"""The generic safeguarded Anderson iteration (nfpi.prior.anderson), on maps that are not Gaussians."""
 
 import math
 
@@ -7,8 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nfpi import anderson, fpi
-from nfpi.anderson import fixed_point
+from nfpi.prior import anderson, fixed_point
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -31,8 +30,8 @@ def residual_below(tol):
     return lambda x, gx, aux: float((gx - x).norm()) <= tol
 
 
-def test_fixed_point_is_reexported_by_fpi():
-    assert fpi.fixed_point is anderson.fixed_point
+def test_fixed_point_is_exported_by_nfpi_prior():
+    assert fixed_point is anderson.fixed_point
 
 
 @pytest.mark.parametrize("accel", ["anderson", "none"])

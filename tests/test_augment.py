@@ -10,12 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nfpi import data
-from nfpi.alternatives import ClassSamples, LatentNoise, PixelMixup
 from nfpi.augment import (
     AugmentConfig,
     ClassPCA,
+    ClassSamples,
+    LatentNoise,
     NFADataset,
     NFAugmenter,
+    PixelMixup,
     SameClassBank,
     generate_dataset,
     load_generated,
@@ -23,8 +25,7 @@ from nfpi.augment import (
     sample_beta,
 )
 from nfpi.flows import CouplingNet, Glow
-from nfpi.priors import ClassGaussians
-from nfpi.stats import ClassStats
+from nfpi.prior import ClassGaussians, ClassStats
 
 K, SHAPE = 3, (1, 8, 8)
 D = 64

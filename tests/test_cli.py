@@ -88,7 +88,7 @@ def test_eval_reports_accuracy_bpd_and_confusion(run: Path, tmp_path: Path, caps
     result = cli.main(["eval", str(run), "--json", str(tmp_path / "eval.json")])
     confusion = np.array(result["confusion"])
     assert confusion.shape == (3, 3) and confusion.sum() == 30 and (confusion.sum(1) == 10).all()
-    # top-1 accuracy is the confusion matrix's diagonal share, as computed by nfpi.latents.evaluate_flow
+    # top-1 accuracy is the confusion matrix's diagonal share, as computed by nfpi.evaluation.evaluate_flow
     assert result["metrics"]["acc_top1"] == pytest.approx(100 * np.trace(confusion) / 30)
     assert result["metrics"]["acc_top5"] == 100.0  # 3 classes
     assert json.loads((tmp_path / "eval.json").read_text())["classes"] == list(CLASSES)

@@ -1,4 +1,4 @@
-"""Tests of nfpi.codes: GLEM's CE / CEGLEM class codes (GLEM §5.2), and training with them."""
+"""Tests of nfpi.data.codes: GLEM's CE / CEGLEM class codes (GLEM §5.2), and training with them."""
 
 from __future__ import annotations
 
@@ -9,10 +9,8 @@ import torch
 from conftest import tiny_config
 
 from nfpi import data
-from nfpi.codes import ClassCodes, CodeConfig
-from nfpi.runs import load_checkpoint
-from nfpi.splits import load_data
-from nfpi.train import train
+from nfpi.data import ClassCodes, CodeConfig
+from nfpi.train import load_checkpoint, load_data, train
 
 
 def test_codes_are_deterministic_separated_and_in_range():

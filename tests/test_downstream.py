@@ -1,4 +1,4 @@
-"""Tests of nfpi.downstream (the NF augmentation study, issue 14): the replicate's data split,
+"""Tests of nfpi.experiments.downstream (the NF augmentation study, issue 14): the replicate's data split,
 the enlarged training sets, the arms' options, equal budgets and the paired, repeatable study."""
 
 from __future__ import annotations
@@ -7,10 +7,12 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from nfpi import data, downstream
+from nfpi import data
 from nfpi.augment import AugmentConfig
-from nfpi.classifiers import ClassifierConfig
-from nfpi.splits import class_subset, load_data
+from nfpi.data import class_subset
+from nfpi.evaluation import ClassifierConfig
+from nfpi.experiments import downstream
+from nfpi.train import load_data
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

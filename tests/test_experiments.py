@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from nfpi import experiments, repro
-from nfpi.classifiers import ClassifierConfig
+from nfpi import repro
+from nfpi.config import TrainConfig
+from nfpi.evaluation import ClassifierConfig
 from nfpi.experiments import (
     EvalConfig,
     Oracle,
@@ -23,8 +24,8 @@ from nfpi.experiments import (
     read_rows,
     run_grid,
 )
-from nfpi.runs import keyed_run_dir
-from nfpi.train import TrainConfig, load_checkpoint, train
+from nfpi.experiments import grid as experiments
+from nfpi.train import keyed_run_dir, load_checkpoint, train
 
 CNN = ClassifierConfig(epochs=1, width=4, batch_size=20, flip=False, device="cpu")
 EVAL = EvalConfig(samples_per_class=4, k=3, classifier=CNN)

@@ -1,4 +1,4 @@
-"""Tests of nfpi.finetune (paper Tables 5-6 protocol at small scale): offline model building, the
+"""Tests of nfpi.experiments.finetune (paper Tables 5-6 protocol at small scale): offline model building, the
 EVA02 cache check, the training sets of the four settings, the SGDR schedule, one training
 step, repeatability and the tidy comparison table."""
 
@@ -10,7 +10,7 @@ import torch
 
 from nfpi import data
 from nfpi.augment import AugmentConfig
-from nfpi.finetune import (
+from nfpi.experiments.finetune import (
     PAPER_MODEL,
     SETTINGS,
     FinetuneConfig,

@@ -9,8 +9,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
-from nfpi import fpi, gd
-from nfpi.fpi import ClassStats, FPIWarning
+from nfpi.prior import (
+    ClassStats,
+    FPIWarning,
+    fpi,
+    gd,
+    geometric_mean_solve,
+    gradient_residual,
+    objective,
+    pairwise_kl,
+    unbounded_threshold,
+    update,
+)
 
 pytestmark = pytest.mark.usefixtures("float64")
 
@@ -110,7 +120,7 @@ def test_pairwise_kl_matches_torch_distributions(k, d, seed, shift):
     g = torch.Generator().manual_seed(seed)
     mu = torch.randn(k, d, generator=g) + shift  # an offset stresses the expanded square
     s = torch.rand(k, d, generator=g) * 2 + 0.05
-    kl = fpi.pairwise_kl(mu, s)
+    kl = pairwise_kl(mu, s)
     dists = [Independent(Normal(mu[i], s[i].sqrt()), 1) for i in range(k)]
     ref = torch.stack([torch.stack([kl_divergence(p, q) for q in dists]) for p in dists])
     assert torch.allclose(kl, ref, rtol=1e-9, atol=1e-9)
@@ -123,14 +133,14 @@ def test_full_kl_matches_torch_distributions():
     mu = torch.randn(4, 3, generator=g)
     dists = [MultivariateNormal(mu[i], cov[i]) for i in range(4)]
     ref = torch.stack([torch.stack([kl_divergence(p, q) for q in dists]) for p in dists])
-    assert torch.allclose(fpi.pairwise_kl(mu, cov), ref, atol=1e-10)
+    assert torch.allclose(pairwise_kl(mu, cov), ref, atol=1e-10)
 
 
 def test_geometric_mean_solves_riccati():
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(2, 3, 4, 4, generator=g)
     a, b = a @ a.mT + torch.eye(4), b @ b.mT + torch.eye(4)
-    x = fpi.geometric_mean_solve(a, b)
+    x = geometric_mean_solve(a, b)
     assert torch.allclose(x @ a @ x, b, atol=1e-9)
     assert (torch.linalg.eigvalsh(x) > 0).all()
 
@@ -141,7 +151,7 @@ def test_objective_gradient_is_that_of_j_with_pi_fixed():
     mu = (stats.mean() + 0.3 * torch.randn(6, 5, generator=g)).requires_grad_(True)
     s = (stats.var() * (0.5 + torch.rand(6, 5, generator=g))).requires_grad_(True)
     for pi in ("pairwise", "mean"):
-        ours = torch.autograd.grad(fpi.objective(stats, mu, s, 7.0, 10.0, pi), (mu, s))
+        ours = torch.autograd.grad(objective(stats, mu, s, 7.0, 10.0, pi), (mu, s))
         ref = torch.autograd.grad(sum(naive_j(stats, mu, s, 7.0, 10.0, pi)), (mu, s))
         for a, b in zip(ours, ref):
             assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
@@ -153,11 +163,11 @@ def test_objective_gradient_is_that_of_j_with_pi_fixed():
 @pytest.mark.parametrize("lam", [0.5, 3.0, 10.0])
 def test_fixed_point_is_stationary(learn, pi, lam):
     stats = make_stats(k=6, d=5, sep=0.4)
-    assert lam < fpi.unbounded_threshold(6)  # the bounded regime
+    assert lam < unbounded_threshold(6)  # the bounded regime
     res = fpi.solve(stats, lam, pi=pi, learn=learn)
     assert res.converged and res.bounds_active == 0
     assert stationarity(stats, res, lam, 10.0, pi, learn) <= 1e-6
-    assert fpi.gradient_residual(stats, res.means, res.variances, lam, pi=pi, learn=learn) <= 1e-6
+    assert gradient_residual(stats, res.means, res.variances, lam, pi=pi, learn=learn) <= 1e-6
     assert res.lam_normalised == pytest.approx(lam / 30)
     if learn == "means":  # the untouched block stays at its data value
         assert torch.equal(res.variances, stats.var())
@@ -194,7 +204,7 @@ def test_full_covariance_fixed_point_is_stationary(lam):
 @settings(max_examples=40, deadline=None)
 def test_random_statistics_converge_to_positive_stationary_points(k, d, seed, frac, sep, learn, pi):
     stats = make_stats(k=k, d=d, n=12, sep=sep, seed=seed)
-    lam = frac * fpi.unbounded_threshold(k)
+    lam = frac * unbounded_threshold(k)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         res = fpi.solve(stats, lam, pi=pi, learn=learn, max_iter=3000)
@@ -225,7 +235,7 @@ def test_released_rule_and_isotropic_step_run_at_released_lambda():
     res = fpi.solve(stats, 3e5, rule="released", isotropic_mean_step=True, pi="pairwise")
     assert torch.isfinite(res.means).all() and (res.variances > 0).all()
     # the repulsion moved the means apart
-    assert fpi.pairwise_kl(res.means, res.variances).sum() > fpi.pairwise_kl(stats.mean(), stats.var()).sum()
+    assert pairwise_kl(res.means, res.variances).sum() > pairwise_kl(stats.mean(), stats.var()).sum()
 
 
 # -------------------------------------------------------------------------------- robustness
@@ -375,7 +385,7 @@ def test_isotropic_mean_step_is_the_released_formula(pi):
                 iso[y] += c * s[y].mean() * prec * d
                 eq5[y] += c * s[y] * (kmat[y, j] / s[j] + kmat[j, y] / s[y]) * d
     for isotropic, ref in ((True, iso), (False, eq5)):
-        ours, s_new = fpi.update(stats, mu, s, lam, alpha, pi, learn="means", isotropic_mean_step=isotropic)
+        ours, s_new = update(stats, mu, s, lam, alpha, pi, learn="means", isotropic_mean_step=isotropic)
         assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-12)
         assert torch.equal(s_new, s)
     # the two steps differ by much more than the tolerance on such variances
@@ -401,7 +411,7 @@ def test_released_variance_rule_is_the_released_formula():
                 a = a + c * kmat[j, y] * (q + s[j])
                 b = b + c * s[y] ** 2 * kmat[y, j] / s[j]
         ref[y] = (b / a).sqrt()
-    mu_new, ours = fpi.update(stats, mu, s, lam, alpha, learn="variances", rule="released")
+    mu_new, ours = update(stats, mu, s, lam, alpha, learn="variances", rule="released")
     assert torch.allclose(ours, ref, rtol=1e-10) and torch.equal(mu_new, mu)
 
 
@@ -414,7 +424,7 @@ def test_solution_is_a_fixed_point_of_its_own_update(rule, learn, isotropic):
     lam = 1e3 if rule == "released" else 30.0
     res = fpi.solve(stats, lam, learn=learn, rule=rule, isotropic_mean_step=isotropic, tol=1e-12)
     assert res.converged and res.bounds_active == 0
-    mu, s = fpi.update(
+    mu, s = update(
         stats, res.means, res.variances, lam, learn=learn, rule=rule, isotropic_mean_step=isotropic
     )
     std = stats.var().sqrt()
@@ -426,14 +436,14 @@ def test_solution_is_a_fixed_point_of_its_own_update(rule, learn, isotropic):
 @pytest.mark.parametrize("learn", ["both", "variances"])
 def test_released_stop_is_the_released_rule(learn):
     """stop='released' with plain iteration stops at the first step whose per-class L2 change of
-    mu and of s are both <= 0.1, exactly as a direct loop over fpi.update does."""
+    mu and of s are both <= 0.1, exactly as a direct loop over update does."""
     stats = make_stats(k=10, d=8, sep=0.3)
     stats = ClassStats(stats.count, stats.total * 3, stats.total_sq * 9)  # absolute units matter
     lam = 1e3
     res = fpi.solve(stats, lam, learn=learn, rule="released", stop="released", accel="none", rho=1e6)
     mu, s = stats.mean(), stats.var()
     for it in range(1, 1001):  # noqa: B007 (the count is checked after the loop)
-        mu_n, s_n = fpi.update(stats, mu, s, lam, learn=learn, rule="released")
+        mu_n, s_n = update(stats, mu, s, lam, learn=learn, rule="released")
         change = max(float((mu_n - mu).norm(dim=1).max()), float((s_n - s).norm(dim=1).max()))
         mu, s = mu_n, s_n
         if change <= fpi.RELEASED_TOL:
@@ -456,7 +466,7 @@ def test_mean_pi_threshold_separates_bounded_and_runaway_variances():
     stats = ClassStats(n, mean * 100, (1 + mean**2) * 100)  # unit variances in every class
     s0 = torch.ones(k, d)
     s0[0, 0] = 1e3
-    threshold = fpi.unbounded_threshold(k, 10.0, pi="mean")
+    threshold = unbounded_threshold(k, 10.0, pi="mean")
     assert threshold == pytest.approx(5 * math.e)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FPIWarning)

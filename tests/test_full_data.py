@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from conftest import script
 
-from nfpi.train import TrainConfig, check_config
+from nfpi.config import TrainConfig
+from nfpi.train import check_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "full"

@@ -10,9 +10,9 @@ import torch
 from conftest import script
 
 from nfpi.config import TrainConfig, upgrade
-from nfpi.latents import encode, evaluate_flow
-from nfpi.runs import load_checkpoint, read_checkpoint
-from nfpi.splits import load_data
+from nfpi.evaluation import evaluate_flow
+from nfpi.latents import encode
+from nfpi.train import load_checkpoint, load_data, read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 portability = script("portability")

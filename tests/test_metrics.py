@@ -1,5 +1,5 @@
-"""Tests of nfpi.classifiers and nfpi.metrics (SPEC §7: CNN-Acc, oracle, FID, Coverage, Label
-Reliability)."""
+"""Tests of nfpi.evaluation.classifiers and nfpi.evaluation.metrics (SPEC §7: CNN-Acc, oracle, FID,
+Coverage, Label Reliability)."""
 
 from __future__ import annotations
 
@@ -13,22 +13,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from nfpi import classifiers
-from nfpi.classifiers import (
+from nfpi.evaluation import (
     ClassifierConfig,
-    evaluate,
-    load_or_train_oracle,
-    resnet18_small,
-    train_classifier,
-)
-from nfpi.metrics import (
+    classifiers,
     cnn_accuracy,
     coverage,
+    evaluate,
     extract_features,
     fid,
     generated_metrics,
     label_reliability,
+    load_or_train_oracle,
+    resnet18_small,
     topk_accuracy,
+    train_classifier,
 )
 
 TINY = dict(width=4, batch_size=25, device="cpu", flip=False)
@@ -381,7 +379,7 @@ def test_oracle_cache_round_trip(tmp_path, monkeypatch, caplog) -> None:
         raise AssertionError("a matching cached oracle must be loaded, not retrained")
 
     monkeypatch.setattr(classifiers, "train_classifier", no_training)
-    with caplog.at_level(logging.INFO, logger="nfpi.classifiers"):
+    with caplog.at_level(logging.INFO, logger="nfpi.evaluation.classifiers"):
         loaded = load_or_train_oracle(x, y, 3, ORACLE_CFG, path, meta, progress=False)
     assert "loaded cached oracle" in caplog.text
     assert not loaded.training

@@ -10,9 +10,8 @@ import torch
 
 from nfpi import pretrained
 from nfpi.config import TrainConfig, upgrade
-from nfpi.latents import evaluate_flow
-from nfpi.splits import load_data
-from nfpi.train import train
+from nfpi.evaluation import evaluate_flow
+from nfpi.train import load_data, train
 
 TINY = {
     "dataset": "digits",

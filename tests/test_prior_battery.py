@@ -1,5 +1,5 @@
 """One battery for the interface both class priors share: the diagonal
-:class:`nfpi.priors.ClassGaussians` and the full-covariance ``FullGaussians`` (RFCM).
+:class:`nfpi.prior.ClassGaussians` and the full-covariance ``FullGaussians`` (RFCM).
 
 ``log_prob``, ``nll``, ``predict``, ``sample``, ``dim``/``num_classes``, buffers and bad
 input are checked against float64 torch.distributions references; bad labels and NaN
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from nfpi.priors import ClassGaussians, FullGaussians
+from nfpi.prior import ClassGaussians, FullGaussians
 
 
 def diagonal(k, d, seed):

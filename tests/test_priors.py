@@ -8,8 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributions import Independent, Normal
 
-from nfpi import fpi
-from nfpi.priors import ClassGaussians, interpolate
+from nfpi.prior import ClassGaussians, ClassStats, fpi, interpolate
 
 
 def random_prior(k=4, d=6, seed=0, dtype=torch.float64):
@@ -68,7 +67,7 @@ def test_interpolation_endpoints_and_rescaling():
 def test_constructors_and_buffers_round_trip():
     z = torch.randn(60, 3, dtype=torch.float64)
     y = torch.arange(60) % 3
-    stats = fpi.ClassStats.from_latents(z, y, 3)
+    stats = ClassStats.from_latents(z, y, 3)
     data = ClassGaussians.from_stats(stats)
     assert torch.allclose(data.means.double(), stats.mean(), atol=1e-6)
     assert torch.equal(ClassGaussians.from_stats(stats, identity_variances=True).variances, torch.ones(3, 3))

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from nfpi import _progress
-from nfpi.train import TrainConfig, train
+from nfpi.config import TrainConfig
+from nfpi.train import train
 
 
 def test_mode_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

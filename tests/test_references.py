@@ -1,10 +1,10 @@
-"""Tests of nfpi.references: the papers' published numbers."""
+"""Tests of nfpi.experiments.references: the papers' published numbers."""
 
 from __future__ import annotations
 
 import pytest
 
-from nfpi.references import paper_table
+from nfpi.experiments import paper_table
 
 
 def test_paper_tables():

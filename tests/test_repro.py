@@ -34,10 +34,10 @@ def package_copy(tmp_path, monkeypatch):
 def test_fingerprint_follows_every_source_file(package_copy):
     before = repro.code_fingerprint()
     assert len(before) == 16 and int(before, 16) >= 0
-    for name in ("fpi.py", "flows.py", "repro.py"):
+    for name in ("prior/fpi.py", "flows/glow.py", "data/splits.py", "repro.py", "__init__.py"):
         path = package_copy / name
         text = path.read_text()
-        path.write_text(text + "\n# a change\n")
+        path.write_text(text + "\n_A_CHANGE = 1\n")
         repro.code_fingerprint.cache_clear()
         assert repro.code_fingerprint() != before, f"a change to {name} must change the fingerprint"
         path.write_text(text)
@@ -46,6 +46,55 @@ def test_fingerprint_follows_every_source_file(package_copy):
     (package_copy / "new_module.py").write_text("x = 1\n")
     repro.code_fingerprint.cache_clear()
     assert repro.code_fingerprint() != before
+    (package_copy / "new_module.py").unlink()
+    (package_copy / "prior" / "new_rule.py").write_text("x = 1\n")
+    repro.code_fingerprint.cache_clear()
+    assert repro.code_fingerprint() != before, "a new module in a subpackage must change the fingerprint"
+
+
+def test_fingerprint_keeps_docstring_and_comment_edits(package_copy):
+    before = repro.code_fingerprint()
+    path = package_copy / "prior" / "fpi.py"
+    text = path.read_text()
+    edited = text.replace('"""Class Gaussians by fixed-point', '"""Edited: class Gaussians by fixed-point', 1)
+    edited = edited.replace("def solve(", "# a new comment\ndef solve(", 1)
+    edited = edited.replace("    rho: float = 1e3,", "    rho: float = 1e3,  # comment", 1)
+    assert edited.count("Edited") == 1 and "# a new comment" in edited and "# comment" in edited
+    path.write_text(edited)
+    (package_copy / "flows" / "glow.py").write_text(
+        (package_copy / "flows" / "glow.py")
+        .read_text()
+        .replace('class Glow(nn.Module):\n    """', 'class Glow(nn.Module):\n    """More. ', 1)
+    )
+    repro.code_fingerprint.cache_clear()
+    assert repro.code_fingerprint() == before, "docstring and comment edits must keep the fingerprint"
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("RELEASED_TOL = 0.1  #", "RELEASED_TOL = 0.2  #"),  # a constant
+        ("    rho: float = 1e3,", "    rho: float = 1e4,"),  # a default
+        ('Stop = Literal["relative", "released"]', 'Stop = Literal["released", "relative"]'),  # an order
+    ],
+)
+def test_fingerprint_follows_constants_and_statements(package_copy, old, new):
+    before = repro.code_fingerprint()
+    path = package_copy / "prior" / "fpi.py"
+    text = path.read_text()
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, new))
+    repro.code_fingerprint.cache_clear()
+    assert repro.code_fingerprint() != before
+
+
+def test_fingerprint_of_another_root_is_cached_per_root(tmp_path):
+    copy = tmp_path / "nfpi"
+    shutil.copytree(repro.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert repro.code_fingerprint(copy) == repro.code_fingerprint()
+    (copy / "train" / "loop.py").write_text((copy / "train" / "loop.py").read_text() + "\nX = 1\n")
+    assert repro.code_fingerprint(copy) == repro.code_fingerprint(copy)  # cached for that root
+    assert repro.code_fingerprint(str(copy)) != repro.code_fingerprint()  # another key: read again
 
 
 def test_run_key_covers_config_and_code_but_not_ignored_keys(monkeypatch):

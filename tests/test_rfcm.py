@@ -1,4 +1,4 @@
-"""Tests of nfpi.priors.FullGaussians: GLEM's RFCM full covariances (GLEM Tables 5-6)."""
+"""Tests of nfpi.prior.FullGaussians: GLEM's RFCM full covariances (GLEM Tables 5-6)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import correlated
 
-from nfpi.priors import FullGaussians
+from nfpi.prior import FullGaussians
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

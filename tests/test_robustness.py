@@ -1,7 +1,7 @@
 """Issue 13 / 15: every bad input and fault gets a clear, early answer, and nothing is lost.
 
-A table-driven battery over the public API (:mod:`nfpi.fpi`, :mod:`nfpi.gd`,
-:mod:`nfpi.priors`, :mod:`nfpi.data`, :mod:`nfpi.train`) and the command line
+A table-driven battery over the public API (:mod:`nfpi.prior.fpi`, :mod:`nfpi.prior.gd`,
+:mod:`nfpi.prior`, :mod:`nfpi.data`, :mod:`nfpi.train`) and the command line
 (``python -m nfpi.train``). Each case asserts the message (it names the key and the fix) and,
 where files are involved, that no file was written, lost or overwritten. Runs use a tiny Glow
 on scikit-learn digits (about a second each).
@@ -28,10 +28,19 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nfpi import data, fpi, gd
-from nfpi.priors import ClassGaussians, FullGaussians
-from nfpi.runs import LOCK_FILE, CheckpointError, RunDirError, lock_run_dir, unlock_run_dir
-from nfpi.train import TrainConfig, load_checkpoint, main, train
+from nfpi import data
+from nfpi.config import TrainConfig
+from nfpi.prior import ClassGaussians, ClassStats, FullGaussians, fpi, gd
+from nfpi.train import (
+    LOCK_FILE,
+    CheckpointError,
+    RunDirError,
+    load_checkpoint,
+    lock_run_dir,
+    main,
+    train,
+    unlock_run_dir,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
@@ -71,11 +80,11 @@ def finished(tmp_path_factory) -> tuple[Path, dict]:
 
 
 @pytest.fixture(scope="module")
-def stats() -> fpi.ClassStats:
+def stats() -> ClassStats:
     gen = torch.Generator().manual_seed(0)
     y = torch.arange(3).repeat_interleave(20)
     z = torch.randn(60, 4, generator=gen, dtype=torch.float64) + y[:, None]
-    return fpi.ClassStats.from_latents(z, y, 3)
+    return ClassStats.from_latents(z, y, 3)
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -199,7 +208,7 @@ def test_non_integer_labels_are_refused_not_truncated(labels):
     with pytest.raises(ValueError, match="labels must be an integer tensor"):
         prior.sample(labels)
     with pytest.raises(ValueError, match="labels must be an integer tensor"):
-        fpi.ClassStats.from_latents(torch.zeros(2, 2), labels, 2)
+        ClassStats.from_latents(torch.zeros(2, 2), labels, 2)
 
 
 # ------------------------------------------------------------------ config (built before training)
@@ -271,7 +280,7 @@ def test_unwritable_run_directory_fails_before_data_or_training(tmp_path, monkey
     """As root chmod does not block writes, so the run directory lies under a regular file."""
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    monkeypatch.setattr("nfpi.train.splits", lambda cfg: pytest.fail("data loaded before the check"))
+    monkeypatch.setattr("nfpi.train.loop.splits", lambda cfg: pytest.fail("data loaded before the check"))
     with pytest.raises(RunDirError, match=r"directory .*a_file/run is not writable \(.*Error.*choose"):
         train(tiny(), blocker / "run", progress=False)
 
@@ -302,7 +311,7 @@ def test_a_stale_lock_of_a_killed_process_is_taken_over_and_a_live_one_named(fin
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; import nfpi.runs as t; "
+            "import sys, time; from pathlib import Path; import nfpi.train.runs as t; "
             "lock = t.lock_run_dir(Path(sys.argv[1])); print('locked', flush=True); time.sleep(600)",
             str(run_dir),
         ],

@@ -1,4 +1,4 @@
-"""Tests of nfpi.schedule: GLEM's EM schedule (GLEM §4.3 Algorithm 1), warm starts and lambda
+"""Tests of nfpi.train.schedule: GLEM's EM schedule (GLEM §4.3 Algorithm 1), warm starts and lambda
 annealing. Tiny flows on scikit-learn digits."""
 
 from __future__ import annotations
@@ -10,11 +10,8 @@ import pytest
 import torch
 from conftest import correlated, tiny_config
 
-from nfpi import fpi
-from nfpi.priors import ClassGaussians
-from nfpi.runs import load_checkpoint
-from nfpi.schedule import em_overrides, fit
-from nfpi.train import train
+from nfpi.prior import ClassGaussians, ClassStats
+from nfpi.train import em_overrides, fit, load_checkpoint, train
 
 
 def test_em_alternation_changes_the_gaussians_and_anneals_lambda(tmp_path):
@@ -35,7 +32,7 @@ def test_em_alternation_changes_the_gaussians_and_anneals_lambda(tmp_path):
 
 def test_warm_start_iterates_from_the_current_gaussians():
     z, y = correlated(300, 4, 3, seed=5)
-    stats = fpi.ClassStats.from_latents(z, y, 3)
+    stats = ClassStats.from_latents(z, y, 3)
     start = ClassGaussians(stats.mean() + 2.0, stats.var())
     cfg = tiny_config(**em_overrides(lam=1.0, merge_epoch=0, gd_steps=1, gd_lr=1e-4))
     warm, _ = fit(cfg, stats, 1.0, start)

@@ -27,14 +27,24 @@ import yaml
 from conftest import tiny_config
 from torch.optim.swa_utils import AveragedModel
 
-from nfpi import data, fpi, repro
+from nfpi import data, repro
+from nfpi.config import TrainConfig
+from nfpi.evaluation import evaluate_flow
 from nfpi.flows import Glow
-from nfpi.latents import NonFiniteLossError, class_stats, evaluate_flow
-from nfpi.priors import ClassGaussians
-from nfpi.runs import CheckpointError, keyed_run_dir
-from nfpi.schedule import fit, solves_after
-from nfpi.splits import load_data, load_validation
-from nfpi.train import TrainConfig, _Run, load_checkpoint, main, train
+from nfpi.latents import NonFiniteLossError, class_stats
+from nfpi.prior import ClassGaussians, ClassStats, fpi
+from nfpi.train import (
+    CheckpointError,
+    fit,
+    keyed_run_dir,
+    load_checkpoint,
+    load_data,
+    load_validation,
+    main,
+    solves_after,
+    train,
+)
+from nfpi.train.loop import _Run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +130,7 @@ def test_released_solve_keys_reach_the_solver():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(4).repeat_interleave(30)
     z = torch.randn(120, 6, generator=g, dtype=torch.float64) + 0.3 * torch.randn(4, 6, generator=g)[y]
-    stats = fpi.ClassStats.from_latents(z, y, 4)
+    stats = ClassStats.from_latents(z, y, 4)
     released = TrainConfig.from_dict(
         {"gaussians": {"lam": 100.0}, "solver": {"rule": "released", "stop": "released", "accel": "none"}}
     )
@@ -236,8 +246,9 @@ def test_resume_gives_the_uninterrupted_result(two_epochs, tmp_path, monkeypatch
 _STALL_IN_EPOCH_1 = """
 import sys, time
 from pathlib import Path
-from nfpi import train as T
-cfg, run_dir = T.TrainConfig.from_yaml(sys.argv[1]), Path(sys.argv[2])
+from nfpi.config import TrainConfig
+from nfpi.train import loop as T
+cfg, run_dir = TrainConfig.from_yaml(sys.argv[1]), Path(sys.argv[2])
 check = T._Run._check_finite
 def stall(self, value, what, epoch, step):  # after two of epoch 1's optimizer steps
     check(self, value, what, epoch, step)

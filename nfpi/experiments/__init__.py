@@ -1,0 +1,40 @@
+"""Experiments: the result rows of the papers' tables, grids with reuse, the published numbers,
+and the NF-augmentation studies (SPEC §6-§8).
+
+- :mod:`nfpi.experiments.rows`: one tidy result row per checkpoint (:func:`evaluate_run`);
+- :mod:`nfpi.experiments.grid`: grids of runs trained and evaluated into results CSVs;
+- :mod:`nfpi.experiments.tables`: the results CSVs (read, atomic append by (run, eval) key);
+- :mod:`nfpi.experiments.references`: the papers' published tables;
+- :mod:`nfpi.experiments.downstream`: the paired NF-augmentation study (``downstream.study``);
+- :mod:`nfpi.experiments.finetune`: transformer fine-tuning for paper Tables 5-6.
+
+Example:
+    >>> paper_table("nfpi_table1").setting.iloc[-1]
+    'FPI'
+"""
+
+from . import downstream, finetune
+from .grid import run_grid, train_settings
+from .references import paper_table
+from .rows import EvalConfig, Oracle, check_compatible, config_hash, evaluate_run, generate, load_oracle, rfcm
+from .tables import KEY, append_row, find_row, read_rows
+
+__all__ = [
+    "KEY",
+    "EvalConfig",
+    "Oracle",
+    "append_row",
+    "check_compatible",
+    "config_hash",
+    "downstream",
+    "evaluate_run",
+    "find_row",
+    "finetune",
+    "generate",
+    "load_oracle",
+    "paper_table",
+    "read_rows",
+    "rfcm",
+    "run_grid",
+    "train_settings",
+]

@@ -1,0 +1,117 @@
+"""Grids of runs into results CSVs (SPEC §8; notebooks 04-05): :func:`run_grid` trains
+(through :func:`nfpi.train.train`, which resumes and reuses finished runs) and evaluates
+(:func:`nfpi.experiments.rows.evaluate_run`) only the (run, evaluation) pairs whose row is
+missing from the CSV (:mod:`nfpi.experiments.tables`) or was computed from another
+configuration (``config_hash``); :func:`train_settings` trains settings over seeds and
+returns their final metrics rows.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pandas as pd
+
+from .. import repro
+from ..config import TrainConfig
+from ..train import keyed_run_dir, train
+from .rows import EvalConfig, Oracle, config_hash, evaluate_run, solve_info
+from .tables import append_row, find_row, read_rows
+
+__all__ = ["run_grid", "train_settings"]
+
+
+def run_grid(
+    grid: Mapping[str, Mapping[str, Any]],
+    base_cfg: TrainConfig,
+    runs_dir: str | os.PathLike[str],
+    results_csv: str | os.PathLike[str],
+    oracle: Oracle | None = None,
+    evals: EvalConfig | Sequence[EvalConfig] | None = None,
+    progress: bool = False,
+    seeds: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Train and evaluate every run of ``grid`` (setting name -> config overrides of
+    ``base_cfg``, dotted keys) under every evaluation of ``evals`` (default: one
+    ``EvalConfig()``); return their rows in grid
+    order, each with a ``setting`` column holding its grid name.
+
+    With ``seeds`` every setting is trained once per seed (``seed`` overridden), as the run
+    ``<name>_seed<s>``; without, once with the base config's seed, as the run ``<name>``.
+    A (run, evaluation) whose row is in ``results_csv`` with the same ``config_hash`` is reused
+    as is (the hash covers the config, the evaluation and the code). Otherwise the run is
+    trained or resumed in ``runs_dir / "flow-<key>"`` (:func:`nfpi.train.runs.keyed_run_dir`; a
+    finished checkpoint costs nothing) and evaluated, and its row is appended to the CSV at
+    once, so an interrupted grid continues where it stopped.
+    """
+    evals = [EvalConfig()] if evals is None else [evals] if isinstance(evals, EvalConfig) else list(evals)
+    if not evals:
+        raise ValueError("evals is empty: give at least one EvalConfig")
+    runs = (
+        [(name, name, base_cfg.replace(**overrides)) for name, overrides in grid.items()]
+        if seeds is None
+        else [
+            (name, f"{name}_seed{s}", base_cfg.replace(**overrides, seed=s))
+            for name, overrides in grid.items()
+            for s in seeds
+        ]
+    )
+    table = read_rows(results_csv)
+    keys = []
+    for setting, run, cfg in runs:
+        todo = []
+        for ev in evals:
+            keys.append((setting, run, ev.tag()))
+            done = find_row(table, run, ev.tag())
+            if done is None or done.get("config_hash") != config_hash(cfg, ev):
+                todo.append(ev)
+        # The folder is named by the config alone: settings of several grids that train the
+        # same config share one run.
+        folder = keyed_run_dir(runs_dir, "flow", cfg)
+        if todo:
+            train(cfg, folder, progress=progress)
+        for ev in todo:
+            table = append_row(
+                results_csv, {"setting": setting, **evaluate_run(folder, ev, oracle, run, progress)}
+            )
+    table = read_rows(results_csv)  # as stored, so that fresh and reused rows have the same types
+    return pd.DataFrame([find_row(table, run, tag) for _, run, tag in keys]).reset_index(drop=True)
+
+
+def train_settings(
+    base_cfg: TrainConfig,
+    settings: Mapping[str, Mapping[str, Any]],
+    seeds: Sequence[int],
+    runs_dir: str | os.PathLike[str],
+    name: str,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Train every setting (label -> config overrides of ``base_cfg``, dotted keys) with every
+    seed and return one tidy row per (setting, seed): ``setting``, ``seed``, ``run_dir``,
+    ``code``, ``lam`` / ``lam_normalised`` of the last solve, and the final metrics row of
+    :func:`nfpi.train.train` (validation metrics ``val_*`` when the config has a split, test
+    metrics ``acc_top1``, ``acc_top5``, ``test_bpd``, ...).
+
+    Runs live in ``runs_dir / "<name>-<key>"`` (:func:`nfpi.train.runs.keyed_run_dir`): a finished
+    run of the same config and code is reused, any other is trained. Rows are not cached:
+    the numbers always come from the checkpoints of this code.
+    """
+    rows = []
+    for label, overrides in settings.items():
+        for seed in seeds:
+            cfg = base_cfg.replace(**overrides, seed=seed)
+            folder = keyed_run_dir(runs_dir, name, cfg)
+            final = train(cfg, folder, progress=progress)
+            rows.append(
+                {
+                    "setting": label,
+                    "seed": seed,
+                    "run_dir": str(folder),
+                    "code": repro.code_fingerprint(),
+                    **{k: v for k, v in solve_info(folder).items() if k.startswith("lam")},
+                    **final,
+                }
+            )
+    return pd.DataFrame(rows)

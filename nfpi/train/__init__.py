@@ -1,0 +1,61 @@
+"""Training a flow under class Gaussians (SPEC §4-§5; paper Sec. 4.2, Sec. 5.2).
+
+- :mod:`nfpi.train.loop`: :func:`train` (the training loop, ActNorm and data init, EMA,
+  evaluation every epoch) and ``python -m nfpi.train`` (:func:`main`);
+- :mod:`nfpi.train.schedule`: when and how the class Gaussians are fitted (data init, FPI /
+  GD / data solves, lambda decay, GLEM's EM preset);
+- :mod:`nfpi.train.images`: the train / validation / test images of a config;
+- :mod:`nfpi.train.runs`: run directories, their lock, checkpoints with checksum, metric files.
+
+Command line::
+
+    python -m nfpi.train --config configs/digits_cpu.yaml [--run-dir DIR] [key=value ...]
+
+Example:
+    >>> from nfpi.config import TrainConfig
+    >>> cfg = TrainConfig(dataset="digits", per_class=20, test_per_class=5)
+    >>> check_config(cfg)
+    >>> get_lr(0, cfg.optim) < cfg.optim.lr
+    True
+"""
+
+from .images import load_data, load_validation
+from .loop import check_config, get_lr, main, train
+from .runs import (
+    CHECKPOINT_FORMAT,
+    LOCK_FILE,
+    CheckpointError,
+    RunDirError,
+    build_flow,
+    checksum,
+    keyed_run_dir,
+    load_checkpoint,
+    lock_run_dir,
+    read_checkpoint,
+    unlock_run_dir,
+)
+from .schedule import em_overrides, fit, initial_gaussians, solves_after
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LOCK_FILE",
+    "CheckpointError",
+    "RunDirError",
+    "build_flow",
+    "check_config",
+    "checksum",
+    "em_overrides",
+    "fit",
+    "get_lr",
+    "initial_gaussians",
+    "keyed_run_dir",
+    "load_checkpoint",
+    "load_data",
+    "load_validation",
+    "lock_run_dir",
+    "main",
+    "read_checkpoint",
+    "solves_after",
+    "train",
+    "unlock_run_dir",
+]
