@@ -1,16 +1,17 @@
-# Two entry points on a fresh machine (see README):
+# Two entry points on a fresh machine (see README.md):
 #   make reproduce   set up .venv and execute every notebook on its CPU defaults (figures -> figures/)
 #   make test        set up .venv, run the unit tests, then re-execute the notebooks with nbval
 #                    (two notebook lanes side by side)
 #   make test-portable  the numeric tests and the notebooks that check numbers, under two other
-#                    processors' kernels (emulated; README "What a green test means")
-# and, for working interactively (README "Working in JupyterLab"):
+#                    processors' kernels (emulated; docs/testing.md)
+# and, for working interactively (docs/notebooks.md):
 #   make lab         JupyterLab from .venv (kernel "Python 3 (ipykernel)" = .venv's Python)
 #   make nb-02 P="-p epochs 3"   one notebook, papermill parameters passed through
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Real datasets: ../shared/data on the project machines and CI, else ./data (see data/README.md).
+# Real datasets: $NFPI_DATA when set (CI sets it), else a fallback directory when it holds files,
+# else ./data (see docs/data.md).
 export NFPI_DATA ?= $(if $(wildcard ../shared/data/*.npz),$(abspath ../shared/data),$(abspath data))
 export HF_HUB_OFFLINE := 1
 export PYTHONHASHSEED := 0
@@ -23,7 +24,7 @@ NB_IDS := $(foreach nb,$(NOTEBOOKS),$(firstword $(subst _, ,$(notdir $(nb)))))
 P ?=
 LAB_ARGS ?=
 
-.PHONY: venv test test-portable lint quick unit nbval nbval-long nbval-rest reproduce lab bench clean $(addprefix nb-,$(NB_IDS))
+.PHONY: venv test test-portable lint quick unit tables nbval nbval-long nbval-rest reproduce lab bench clean $(addprefix nb-,$(NB_IDS))
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -69,6 +70,11 @@ unit: venv
 # The quick loop while editing: everything but the tests marked slow (under 2 minutes).
 quick: venv
 	$(BIN)/python -m pytest tests nfpi --doctest-modules -q -m "not slow"
+
+# The generated results tables (<!-- results: ... --> blocks) of the README and docs/ from the
+# committed CSVs; tests/test_readme.py checks that they agree.
+tables: venv
+	@for f in README.md $$(grep -l -- "<!-- results: " docs/*.md); do $(BIN)/python -m nfpi.repro $$f || exit 1; done
 
 # nbval re-executes the committed notebooks and compares the cells marked NBVAL_CHECK_OUTPUT.
 # Progress as one line per epoch, as `make reproduce` ran them (widget bars would flood nbval's

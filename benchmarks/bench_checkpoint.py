@@ -1,4 +1,4 @@
-"""Cost of the training checkpoint's SHA-256 (issue 13) against plain ``torch.save`` / ``torch.load``.
+"""Cost of the training checkpoint's SHA-256 against plain ``torch.save`` / ``torch.load``.
 
 The checkpoint of :mod:`nfpi.train` holds the flow, its EMA copy, the Adamax state and the
 class Gaussians; its checksum hashes every tensor's bytes (:func:`nfpi.train.checksum`). This

@@ -1,4 +1,4 @@
-"""Training throughput of nfpi's Glow (SPEC §4) against normflows' Glow blocks.
+"""Training throughput of nfpi's Glow (docs/method.md §4.5) against normflows' Glow blocks.
 
 One training step = forward x -> z, mean NLL under N(0, I) (paper Eq. 1 with a
 single standard Gaussian; the class Gaussians do not change the cost), backward,

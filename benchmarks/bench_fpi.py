@@ -1,4 +1,4 @@
-"""Speed and memory of the fixed-point solver (issue targets), each against a peer run here.
+"""Speed and memory of the fixed-point solver (the targets of docs/solver.md), each against a peer run here.
 
 1. K=100, D=3072 diagonal solve to convergence (target <= 2 s), against a dense update that
    materialises K x K x D tensors as the released code does (time and memory per iteration).

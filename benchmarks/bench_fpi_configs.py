@@ -1,9 +1,9 @@
 """Convergence of the fixed-point solver in the regimes of the shipped configs (configs/*.yaml).
 
-Each config's class statistics are those its training run solves for at SPEC §4 step 3, taken
+Each config's class statistics are those its training run solves for at docs/method.md §4.3, taken
 before training: the latents of the config's own untrained flow (ActNorm data init on
 ``init_images`` images, zero-initialised couplings) on real images, with the seeded
-dequantisation noise of the statistics. CIFAR-100 is not on this machine: its K = 100
+dequantisation noise of the statistics. CIFAR-100 is not assumed to be present: its K = 100
 classes are built from CIFAR-10 latents by splitting every class into 10 deciles of its
 projection on a random direction (same latent scale and spread, distinct class means), and
 for time the flow is the small one of cifar10_cpu.yaml (an untrained flow's couplings are the
@@ -56,7 +56,7 @@ def untrained_latent_stats(
     model = build_flow(cfg.model, arrays.shape)
     gen = torch.Generator().manual_seed(cfg.seed)
     idx = torch.randperm(len(arrays), generator=gen)[: cfg.init_images]
-    with torch.no_grad():  # data-dependent ActNorm init (SPEC §4 step 1)
+    with torch.no_grad():  # data-dependent ActNorm init (docs/method.md §4.1)
         model(data.dequantize(data.quantize(arrays.x[idx], cfg.bits), cfg.bits, noise=True, generator=gen))
     if not pseudo:
         return class_stats(model, arrays, cfg.bits, 250, noise=cfg.seed)
@@ -70,7 +70,8 @@ def untrained_latent_stats(
     return ClassStats.from_latents(z, labels, 10 * arrays.num_classes)
 
 
-# Released ablation lambdas named in the configs' comments (SPEC §4): same statistics, other blocks.
+# Released ablation lambdas named in the configs' comments (docs/method.md §4.8): same statistics,
+# other blocks.
 ABLATIONS = {
     "cifar10": [("means", 5e5), ("variances", 1e5)],
     "cifar100": [("means", 7.5e6), ("variances", 2e6)],

@@ -1,5 +1,5 @@
 """nfpi: class-conditional normalizing flows with class Gaussians learned by fixed-point
-iteration (NFPI, BMVC 2024) and its earlier version GLEM. See README.md and SPEC §1.
+iteration (NFPI, BMVC 2024) and its earlier version GLEM. See README.md and docs/method.md §1.
 
 The parts, one subpackage each (its ``__init__`` is its public face): :mod:`nfpi.flows` (the
 flow), :mod:`nfpi.prior` (the class Gaussians and their solvers), :mod:`nfpi.data` (images,

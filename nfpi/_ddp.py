@@ -1,4 +1,4 @@
-"""Process layout of a training run under ``torchrun`` (SPEC §4: DistributedDataParallel, NCCL on
+"""Process layout of a training run under ``torchrun`` (docs/method.md §4.9: DistributedDataParallel, NCCL on
 GPU, gloo on CPU; ``batch_size`` is the global batch and only rank 0 writes files).
 """
 

@@ -1,5 +1,5 @@
 """Executed notebooks without volatile metadata, written only when they change (no paper
-equations here; used by ``make reproduce`` / ``make nb-NN``, see README "Working in JupyterLab").
+equations here; used by ``make reproduce`` / ``make nb-NN``, see docs/notebooks.md "Working in JupyterLab").
 
 papermill and nbclient record start/end times and durations per cell and per notebook, and
 JupyterLab drops some of them on its next save: either way a re-run with unchanged results

@@ -1,9 +1,9 @@
 """The ``nfpi`` command line: train a flow, evaluate a run, sample from it, write NFA data.
 
     nfpi train --config configs/digits_cpu.yaml [--run-dir DIR] [key=value ...]
-    nfpi eval RUN                                   NF accuracy top-1/5 (SPEC §6), bits/dim, confusion
+    nfpi eval RUN                                   NF accuracy top-1/5 (method §6.1), bits/dim, confusion
     nfpi sample RUN --class C --temperature T --out grid.png
-    nfpi augment RUN --out file.npz                 NF augmentation (paper Sec. 5, SPEC §6)
+    nfpi augment RUN --out file.npz                 NF augmentation (paper Sec. 5, method §6.4)
 
 ``RUN`` is a run directory (or its ``checkpoint.pt``) written by ``nfpi train``. Each command
 has ``--help``. ``python -m nfpi.cli`` is the same program.

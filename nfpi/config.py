@@ -1,4 +1,4 @@
-"""Settings of a training run (SPEC §4-§5, paper Sec. 5.2) and their YAML / dotted-override loader.
+"""Settings of a training run (docs/method.md §4-§5, paper Sec. 5.2) and their YAML / dotted-override loader.
 
 A :class:`TrainConfig` holds plain data in groups that match the code they feed:
 
@@ -8,7 +8,7 @@ A :class:`TrainConfig` holds plain data in groups that match the code they feed:
   and which fit sets the class Gaussians (``prior``);
 - ``solver`` (:class:`SolverConfig`): passed as is to :func:`nfpi.prior.fpi.solve` (paper Eqs. 5-7);
 - ``gd`` (:class:`GDConfig`): passed as is to :func:`nfpi.prior.gd.solve` (Baseline 2);
-- ``schedule`` (:class:`ScheduleConfig`): when the Gaussians are refitted (SPEC §4 steps 3-4);
+- ``schedule`` (:class:`ScheduleConfig`): when the Gaussians are refitted (docs/method.md §4.3, §4.4);
 - ``codes`` (:class:`nfpi.data.codes.CodeConfig`): GLEM's conditional encoding.
 
 Before this layout every Gaussian option sat in ``gaussians``; such a key (YAML, ``from_dict`` or
@@ -130,7 +130,7 @@ class OptimConfig:
 
 @dataclass
 class GaussianConfig:
-    """The objective the class Gaussians minimise and which fit sets them (SPEC §2, §4-§5).
+    """The objective the class Gaussians minimise and which fit sets them (docs/method.md §2, §4-§5).
 
     ``prior``: ``"fpi"`` (:func:`nfpi.prior.fpi.solve`), ``"gd"`` (:func:`nfpi.prior.gd.solve`), ``"data"``
     (the lambda = 0 fixed point: the class statistics), ``"random"`` or ``"standard"`` (never
@@ -195,7 +195,7 @@ class GDConfig:
 
 @dataclass
 class ScheduleConfig:
-    """When the class Gaussians are fitted (SPEC §4 steps 3-4; :mod:`nfpi.train.schedule`).
+    """When the class Gaussians are fitted (docs/method.md §4.3, §4.4; :mod:`nfpi.train.schedule`).
 
     ``solve_epoch``: the first solve, after that epoch (0: after the first, -1: before
     training); ``resolve_every``: solve again every that many epochs (null: frozen after the

@@ -1,5 +1,5 @@
 """The flow's latents of a dataset: dequantised batches, encoding and class statistics
-(SPEC §4 step 3; the held-out metrics built on them are in :mod:`nfpi.evaluation.flow`).
+(docs/method.md §4.3; the held-out metrics built on them are in :mod:`nfpi.evaluation.flow`).
 
 Images are dequantised either at their bin centres (+0.5) or with uniform noise that depends
 only on (seed, image index) (:func:`image_noise`), never on the batch size or the number of

@@ -1,5 +1,5 @@
-"""Figures of NFPI: the 2-D toy of paper Fig. 1 and solver convergence (SPEC §3, §5), and
-figures of a trained class-conditional flow (SPEC §6; paper Figs. 1-3, GLEM supplementary
+"""Figures of NFPI: the 2-D toy of paper Fig. 1 and solver convergence (docs/method.md §3, §5), and
+figures of a trained class-conditional flow (docs/method.md §6; paper Figs. 1-3, GLEM supplementary
 Fig. 32): training curves, t-SNE of latents, class-conditional samples
 z = m_s mu_y + T sqrt(s_y) eps, temperature sweeps and rescaled interpolations; NF
 augmentation (paper Fig. 2) and the augmentation comparison (paper Tables 5-6).
@@ -305,7 +305,7 @@ def interpolations(
     centred: bool = True,
     path: PathLike = None,
 ) -> Figure:
-    """Rescaled interpolations (SPEC §6) between the latents of two test images per row.
+    """Rescaled interpolations (docs/method.md §6.3) between the latents of two test images per row.
 
     ``pairs``: (class a, class b); a == b interpolates between the first two images of the
     class, a != b between the first image of each. ``centred``: the rescaled formula

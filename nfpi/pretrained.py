@@ -1,9 +1,9 @@
 """Pretrained flows shipped with the repository: export, verify, load.
 
 A shipped flow is one file under ``checkpoints/`` holding the EMA weights of a trained Glow,
-its class Gaussians (the prior of SPEC §3, as learned by FPI or set from the data) and its
+its class Gaussians (the prior of docs/method.md §3, as learned by FPI or set from the data) and its
 config; ``checkpoints/manifest.yaml`` records, for each name, the file's SHA-256, the data set,
-the test NF accuracy (top-1 / top-5, SPEC §6) and bits/dim (the dequantisation bound) measured
+the test NF accuracy (top-1 / top-5, docs/method.md §6.1) and bits/dim (the dequantisation bound) measured
 when it was exported, and the commands that made it. :func:`load` refuses a file whose hash
 differs from the manifest's.
 

@@ -18,9 +18,9 @@
 * :func:`expect_recorded`: :func:`expect` for every setting and metric of a fresh results
   table against the committed one, with tolerances derived from the recorded seed spread
   (:func:`pooled_spread`, :func:`draw_tolerance`: another machine is another draw).
-* :func:`render_readme`: the README's result tables are generated from the committed results
-  CSVs (blocks between ``<!-- results: ... -->`` and ``<!-- /results -->``), so every number
-  there has an artefact; ``python -m nfpi.repro README.md`` rewrites them and
+* :func:`render_readme`: the result tables of the README and docs/results.md are generated from
+  the committed results CSVs (blocks between ``<!-- results: ... -->`` and ``<!-- /results -->``),
+  so every number there has an artefact; ``python -m nfpi.repro FILE`` (``make tables``) rewrites them and
   ``tests/test_readme.py`` checks that they agree.
 
 Example:

@@ -20,7 +20,8 @@
 # Reproduces Fig. 1 of the NFPI paper on a 2-D t-SNE embedding of scikit-learn's digits
 # (or of a CIFAR-10 subset): **(a)** the embedded classes, **(b)** the class-wise data
 # Gaussians (Baseline 1, lambda = 0), **(c)** FPI with a small lambda, **(d)** FPI with a large
-# lambda. Full covariances are learned with the matrix-geometric-mean update (SPEC §3).
+# lambda. Full covariances are learned with the matrix-geometric-mean update ([method
+# §3.2](../docs/method.md#32-full-covariances)).
 # Then: how fast the solver converges (Anderson mixing vs plain damped iteration), and FPI
 # against gradient descent with several learning-rate policies on the same objective.
 
@@ -141,7 +142,8 @@ for lam in (lam_small, lam_large):
 # ## FPI against gradient descent on the same objective
 #
 # Diagonal covariances (the setting of the image experiments). Gradient descent (Adam, sigmoid
-# variance reparametrisation, SPEC §5) runs with each learning-rate policy; the curves show the
+# variance reparametrisation, [method §5](../docs/method.md#5-baselines)) runs with each learning-rate policy;
+# the curves show the
 # objective's gap above the FPI optimum against iterations (one FPI iteration and one Adam step
 # both cost O(K^2 D); wall times are measured by `benchmarks/bench_fpi.py`, and a figure of
 # them would change on every run).

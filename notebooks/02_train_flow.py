@@ -17,7 +17,8 @@
 # %% [markdown]
 # # 02 — Training the class-conditional flow: data init, gradient descent and FPI
 #
-# Trains the Glow of SPEC §4 with one diagonal Gaussian per class, following the released
+# Trains the Glow of [method §4](../docs/method.md#4-when-the-gaussians-are-learned-training-protocol) with
+# one diagonal Gaussian per class, following the released
 # protocol: ActNorm init, data-init Gaussians, one solve of the class Gaussians after the
 # first epoch, then frozen Gaussians for the rest of training. Each entry of `priors` is one
 # setting with the same budget, trained with every seed of `seeds`:

@@ -24,7 +24,8 @@
 #
 # 1. t-SNE of the test latents f(x) of the data-init and the FPI flows (as in Fig. 32 of the
 #    GLEM supplementary): FPI separates the classes;
-# 2. class-conditional samples x = f^-1(m_s mu_y + T sqrt(s_y) eps) (SPEC §6);
+# 2. class-conditional samples x = f^-1(m_s mu_y + T sqrt(s_y) eps) ([method
+# §6.2](../docs/method.md#62-sampling));
 # 3. a temperature sweep T = 1.0 .. 0.1 with the same eps along each row;
 # 4. rescaled interpolations between two test images of one class and of two classes.
 

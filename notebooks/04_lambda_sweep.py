@@ -18,7 +18,8 @@
 # # 04 — The lambda sweep: discrimination against generation
 #
 # NFPI Table 2 and GLEM Table 3 train one flow per value of lambda, the weight of the KL
-# repulsion between the class Gaussians (SPEC §2), and measure both sides of the trade-off:
+# repulsion between the class Gaussians ([method §2](../docs/method.md#2-the-objective)), and measure both
+# sides of the trade-off:
 #
 # * **discrimination**: NF accuracy, argmax_y log N(f(x); mu_y, s_y) on the test set;
 # * **generation**: CNN-Acc (a ResNet-18 trained only on images sampled from the flow, tested
@@ -27,7 +28,8 @@
 #   Reliability (percent of samples the oracle assigns to their conditioning class);
 # * bits/dim of the test set.
 #
-# Every run follows the SPEC §4 protocol (data-init Gaussians, one solve after the first epoch,
+# Every run follows the [method §4](../docs/method.md#4-when-the-gaussians-are-learned-training-protocol)
+# protocol (data-init Gaussians, one solve after the first epoch,
 # then frozen). lambda = 0 is Baseline 1 (the class statistics; `gaussians.prior = "data"`).
 # Every setting is trained with every seed of `seeds` (flow initialisation, data order and
 # noise); the tables give mean ± std over seeds and, against data init, the paired difference
@@ -40,7 +42,8 @@
 # for 4 epochs, the released variance rule of `configs/digits_cpu.yaml`; 50 samples per class
 # at T = 1; small ResNet-18s (width 8). **Paper grid** (GPUs): `config =
 # "../configs/cifar100.yaml"`, `overrides = {}`, the lambdas of the released configs around
-# 3e6 (SPEC §4; the paper's own 10..500 do not map onto them), 500 samples per class, the
+# 3e6 ([method §4.8](../docs/method.md#48-released-hyper-parameters-and-lambda-units); the paper's own 10..500
+# do not map onto them), 500 samples per class, the
 # width-64 ResNet-18s of GLEM §5.1 (see the comments in the parameters cell).
 
 # %% tags=["parameters"]
@@ -222,7 +225,8 @@ plt.show()
 #   call.
 # * **Small lambda is worse than lambda = 0 for generation.** With the released variance rule
 #   of this config, lambda -> 0 does not give data init: its fixed point has variances v^(1/3),
-#   not v (SPEC §3). lambda = 10 and 100 have worse FID, Coverage and Label Reliability than
+#   not v ([method §3.3](../docs/method.md#33-released-code-options)). lambda = 10 and 100 have worse FID,
+#   Coverage and Label Reliability than
 #   Baseline 1.
 # * The papers' lambdas do not map onto ours: the solver's lambda / K(K-1) and the rule differ
 #   between NFPI Table 2, GLEM (annealed lambda_0, another objective) and the released configs.

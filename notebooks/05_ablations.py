@@ -17,9 +17,11 @@
 # %% [markdown]
 # # 05 — Ablations: what the Gaussians learn, how they are learned, how they are sampled
 #
-# One flow per setting, all with the same data, flow and budget (SPEC §4 protocol), evaluated
+# One flow per setting, all with the same data, flow and budget ([method
+# §4](../docs/method.md#4-when-the-gaussians-are-learned-training-protocol) protocol), evaluated
 # by `nfpi.experiments` (NF accuracy, bits/dim, CNN-Acc, and the oracle's FID, Coverage and
-# Label Reliability; SPEC §6-§7). The blocks follow the papers' tables:
+# Label Reliability; [method §6-§7](../docs/method.md#6-generation-classification-augmentation)).
+# The blocks follow the papers' tables:
 #
 # 1. **NFPI Table 3**: the KL term learns nothing (data init, lambda = 0), the means only
 #    (identity variances, as in the released configs), the variances only, or both;
@@ -28,7 +30,8 @@
 #    paper's names), against the fixed point of the paper's Eqs. 5-7; NF accuracy only, as in
 #    the paper;
 # 3. **solver options**: random Gaussians (GLEM supplementary), pi pairwise vs mean (Eqs. 9-10),
-#    the paper's stationary variance rule vs the released code's rule (SPEC §3) at the same
+#    the paper's stationary variance rule vs the released code's rule ([method
+#    §3](../docs/method.md#3-fixed-point-updates)) at the same
 #    lambda;
 # 4. **GLEM Table 5**: sampling temperature, and RFCM (re-estimated full covariances);
 # 5. **GLEM Tables 1-2**: GLEM's EM training (gradient-descent Gaussians on D_G alternating with
@@ -144,7 +147,8 @@ print(paper_table("nfpi_table3").to_string(index=False))
 # point of Eqs. 5-7 (`rule="paper"`) and `gd_steps` Adam steps (lr0 = 0.05) with the
 # policy's decaying learning rate, variances bounded by the sigmoid reparametrisation to
 # [v/10, 10 v]. At this lambda (above `unbounded_threshold(K=10)` = 55.3) J is unbounded
-# below with learned variances (SPEC §3), so both solutions end on their variance bounds
+# below with learned variances ([method §3.4](../docs/method.md#34-bounds-and-the-unbounded-regime)), so both
+# solutions end on their variance bounds
 # (FPI: [v/1000, 1000 v]; `solve bounds` counts the entries on a bound). Below the threshold
 # (e.g. lambda = 50) the two solvers reach the same point on these latents, and the Gaussians
 # barely move from the data init.
@@ -357,7 +361,8 @@ plt.show()
 #   the variances alone is worse than data init (FID 15.9, Label Reliability 68.8): as the
 #   paper argues, the variances alone do not help generation.
 # * **NFPI Table 1 does not hold at this scale.** With the paper's variance rule at lambda = 1e3
-#   (past the point where J is unbounded, SPEC §3) FPI ends with ~22 variances on their bound
+#   (past the point where J is unbounded, [method §3.4](../docs/method.md#34-bounds-and-the-unbounded-regime))
+#   FPI ends with ~22 variances on their bound
 #   and reaches 91.1 ± 2.0; the five gradient-descent policies reach 90.6-90.8 and cannot be
 #   told apart; none beats data init (92.1).
 # * **The variance rule matters more than the solver.** At the same lambda the paper's

@@ -21,7 +21,8 @@
 # Fig. 2; GLEM supplementary §1) enlarges a training set with **NF augmentations** (NFA): a
 # training image x of class y is encoded, z = f(x), moved a random fraction beta of the way to
 # a random same-class latent z' *only inside the span of the top-k principal axes P_y of class
-# y's latents*, z_new = z + P_y P_y^T beta (z' - z), and decoded (SPEC §6, `nfpi.augment`).
+# y's latents*, z_new = z + P_y P_y^T beta (z' - z), and decoded ([method
+# §6.4](../docs/method.md#64-nf-augmentation-nfa), `nfpi.augment`).
 # The paper reports +1.0 point for a 7M-parameter Swin trained from scratch on CIFAR-10 with
 # NFA and no other augmentation (Table 5), +0.1 to +0.2 on ImageNet with a pretrained EVA02,
 # and claims that mixing in the principal subspace beats "simply adding noise in the latent

@@ -1,4 +1,4 @@
-"""Full-data runs (issue 11): hours on a CPU, so run in the background and committed as files.
+"""Full-data runs: hours on a CPU, so run in the background and committed as files.
 
     python scripts/full_data.py candidates                    # candidates for configs/mnist_full.yaml
     python scripts/full_data.py tables                        # Tables 1 and 3 on full MNIST, 3 seeds

@@ -145,7 +145,7 @@ def flops_per_image(cfg: TrainConfig, shape: tuple[int, int, int]) -> dict[str, 
 
 
 def _synthetic_cifar10(root: Path, per_class: int) -> None:
-    """Uniform random CIFAR-10-shaped npz files in the SPEC §9 layout (10 test images a class)."""
+    """Uniform random CIFAR-10-shaped npz files as in docs/method.md §9 (10 test images a class)."""
     g = np.random.default_rng(0)
     classes = np.array([str(c) for c in range(10)])
     for split, n in (("train", per_class), ("test", 10)):
@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available on this machine; use --device cpu --smoke")
+        parser.error("--device cuda: CUDA is not available; use --device cpu --smoke")
     device = torch.device(args.device)
     steps = args.steps or (2 if args.smoke else 97)
     batch = args.batch or (8 if args.smoke else 512)

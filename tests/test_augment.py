@@ -1,4 +1,4 @@
-"""Tests of nfpi.augment (NF augmentation, SPEC §6): class-wise PCA, the in-subspace mix, the
+"""Tests of nfpi.augment (NF augmentation, docs/method.md §6.4): class-wise PCA, the in-subspace mix, the
 augmenter on a tiny float64 Glow, the on-the-fly dataset, resumable offline generation, errors."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The benchmarks still run: each script in benchmarks/ with ``--smoke`` (every section, its
 subprocess memory probes and its peer comparison, at toy sizes) in a fresh process.
 
-Guards against a benchmark breaking silently when the library under it changes (issue 21: the
+Guards against a benchmark breaking silently when the library under it changes (as it once did: the
 K=1000 memory probe of bench_fpi.py crashed once ``fpi.solve`` refused ``tol=0``). The numbers
 printed at smoke sizes mean nothing; only that every code path completes and reports is checked.
 """

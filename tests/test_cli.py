@@ -33,7 +33,7 @@ CLASSES = ("ring", "bar", "dot")
 
 
 def own_folder(root: Path) -> Path:
-    """train.npz / test.npz of 3 classes of 12x12 grey images (SPEC §9), as a user would write."""
+    """train.npz / test.npz of 3 classes of 12x12 grey images (docs/method.md §9), as a user would write."""
     rng = np.random.default_rng(0)
     folder = root / "own"
     folder.mkdir()

@@ -1,5 +1,5 @@
-"""Tests of nfpi.data: loading and validation (SPEC §9), (de)quantisation and bits/dim (SPEC §4),
-subsets and stratified splits, the flow dataset and loaders."""
+"""Tests of nfpi.data: loading and validation (docs/method.md §9), (de)quantisation and bits/dim
+(§4.7), subsets and stratified splits, the flow dataset and loaders."""
 
 from __future__ import annotations
 
@@ -310,8 +310,8 @@ def test_data_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.chdir(tmp_path)  # e.g. a kernel running in notebooks/
     monkeypatch.delenv("NFPI_DATA", raising=False)
     assert D.data_dir() == repo / "data"
-    monkeypatch.setenv("NFPI_DATA", "../shared/data")  # relative: against the repository root
-    assert D.data_dir() == repo / "../shared/data"
+    monkeypatch.setenv("NFPI_DATA", "../elsewhere/data")  # relative: against the repository root
+    assert D.data_dir() == repo / "../elsewhere/data"
     monkeypatch.setenv("NFPI_DATA", str(tmp_path))
     assert D.data_dir() == tmp_path
     assert D.data_dir("elsewhere") == Path("elsewhere")  # an explicit path is the caller's

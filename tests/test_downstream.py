@@ -1,4 +1,4 @@
-"""Tests of nfpi.experiments.downstream (the NF augmentation study, issue 14): the replicate's data split,
+"""Tests of nfpi.experiments.downstream (the NF augmentation study): the replicate's data split,
 the enlarged training sets, the arms' options, equal budgets and the paired, repeatable study."""
 
 from __future__ import annotations

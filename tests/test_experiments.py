@@ -1,4 +1,4 @@
-"""Tests of nfpi.experiments: one tidy row per run (SPEC §6-§8 metrics), the idempotent CSV,
+"""Tests of nfpi.experiments: one tidy row per run (docs/method.md §6-§8 metrics), the idempotent CSV,
 the reuse of finished runs and rows, and clear errors. Tiny flows and ResNets on digits."""
 
 from __future__ import annotations

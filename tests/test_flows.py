@@ -1,4 +1,4 @@
-"""Tests of nfpi.flows: the Glow layers and model of SPEC §4.
+"""Tests of nfpi.flows: the Glow layers and model of docs/method.md §4.5.
 
 One generic battery (inverse round trip, log-determinant against the autograd
 Jacobian of paper Eq. 1, output shapes and batch independence, gradients to every
@@ -641,8 +641,9 @@ def test_reversible_training_run_matches_standard(tmp_path) -> None:
         assert abs(reversible[key] - standard[key]) <= 100 / 359 + 1e-9, key
 
 
-# ------------------------------------------------------------------ paper configs (SPEC §4)
-# The released model settings, as recorded in SPEC §4 (README "Paper settings" gives sources).
+# ------------------------------------------------------------------ paper configs (docs/method.md §4.8)
+# The released model settings, as recorded in docs/method.md §4.8 (docs/flows.md "Paper settings"
+# gives sources).
 RELEASED_MODEL = dict(
     levels=3,
     steps=8,

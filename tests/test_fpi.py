@@ -1,4 +1,5 @@
-"""The fixed-point solver: statistics, KL, stationarity of the fixed point, robustness (SPEC §2-§3, §5)."""
+"""The fixed-point solver: statistics, KL, stationarity of the fixed point, robustness
+(docs/method.md §2-§3, §5)."""
 
 import math
 import warnings
@@ -34,7 +35,7 @@ def make_stats(k=6, d=5, n=60, sep=0.5, seed=0, full=False):
 
 
 def naive_j(stats, mu, s, lam, alpha, pi):
-    """J of SPEC §2 written pair by pair, pi detached: independent of the library's matrix forms."""
+    """J of docs/method.md §2 written pair by pair, pi detached: independent of the library's matrix forms."""
     k = stats.num_classes
     m = stats.total / stats.count[:, None]
     full = s.ndim == 3
@@ -344,7 +345,7 @@ def test_released_rule_does_not_warn_about_the_paper_rules_bound():
 
 # ------------------------------------------------- released options: defining properties
 def direct_kernel(mu, s, alpha, pi):
-    """K_yy' pair by pair from torch.distributions' KL (SPEC §2), independent of the library."""
+    """K_yy' pair by pair from torch.distributions' KL (docs/method.md §2), independent of the library."""
     k = mu.shape[0]
     dists = [Independent(Normal(mu[i], s[i].sqrt()), 1) for i in range(k)]
     kl = torch.stack([torch.stack([kl_divergence(p, q) for q in dists]) for p in dists])
@@ -394,7 +395,7 @@ def test_isotropic_mean_step_is_the_released_formula(pi):
 
 def test_released_variance_rule_is_the_released_formula():
     """s_y <- sqrt(b / a), a = (1 + tau_y) s_y + c sum_y' K_y'y (q_y' + s_y'),
-    b = v_y + c s_y^2 sum_y' K_yy' / s_y', q_y' = sum_l (mu_y' - mu_l)^2 (SPEC §3), pair by pair."""
+    b = v_y + c s_y^2 sum_y' K_yy' / s_y', q_y' = sum_l (mu_y' - mu_l)^2 (docs/method.md §3), pair by pair."""
     stats, mu, s = spread_stats(seed=5)
     k, lam, alpha = 5, 40.0, 10.0
     c = lam / (k * (k - 1))
@@ -481,7 +482,7 @@ def test_mean_pi_threshold_separates_bounded_and_runaway_variances():
 
 @pytest.mark.parametrize("policy", sorted(gd.POLICIES))
 def test_gradient_descent_lr_policy_schedule(policy):
-    """lr_t = lr0 (1 - t/T)^p with the README's exponent for each policy, t = 0 .. T-1."""
+    """lr_t = lr0 (1 - t/T)^p with the exponent docs/solver.md gives for each policy, t = 0 .. T-1."""
     p = {
         "constant": 0.0,
         "sublinear_v1": 0.5,

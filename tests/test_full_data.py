@@ -1,4 +1,4 @@
-"""scripts/full_data.py and its committed results (issue 11): every full-data run the script
+"""scripts/full_data.py and its committed results: every full-data run the script
 names is a valid config, and the committed CSVs are what its code writes: the commands, the
 finished candidates and each table group's choice on seed-0 validation NF accuracy. The runs
 themselves take hours on a CPU and are not retrained here; the shipped flows they produced are

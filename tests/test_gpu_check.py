@@ -1,5 +1,5 @@
 """``scripts/gpu_check.sh --device cpu --smoke``: the GPU check script runs end to end on a CPU
-(issue 15: the script a later session with a GPU runs; see README "Reproducing the paper on GPUs")."""
+(the script to run first on a GPU; see docs/gpu.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The package's layout holds by construction: module and function sizes (the limits the README
+"""The package's layout holds by construction: module and function sizes (the limits docs/testing.md
 states), no import cycle, each subpackage's ``__init__`` as the only re-exporter and so one
 import path per name, and a wheel that carries every subpackage."""
 
@@ -17,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "nfpi"
-# The limits the README states, measured (the largest today: 502 and 60 lines).
+# The limits docs/testing.md states, measured (the largest today: 502 and 60 lines).
 MAX_MODULE_LINES = 510
 MAX_FUNCTION_LINES = 60  # lines of code: without the docstring, blank and comment-only lines
 SOURCES = sorted(PACKAGE.rglob("*.py"))

@@ -1,4 +1,4 @@
-"""Tests of nfpi.evaluation.classifiers and nfpi.evaluation.metrics (SPEC §7: CNN-Acc, oracle, FID,
+"""Tests of nfpi.evaluation.classifiers and nfpi.evaluation.metrics (docs/method.md §7: CNN-Acc, oracle, FID,
 Coverage, Label Reliability)."""
 
 from __future__ import annotations

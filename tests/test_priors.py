@@ -1,4 +1,4 @@
-"""The class-Gaussian prior: densities, classification, sampling, constructors (SPEC §5-§6)."""
+"""The class-Gaussian prior: densities, classification, sampling, constructors (docs/method.md §5-§6)."""
 
 import io
 

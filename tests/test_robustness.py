@@ -105,7 +105,7 @@ def write_config(path: Path, **overrides) -> Path:
     return path
 
 
-# ------------------------------------------------------------------ solver arguments (issue 15)
+# ------------------------------------------------------------------ solver arguments
 SOLVE_CASES = [  # (keyword arguments, message) for both fpi.solve and gd.solve
     ({"alpha": 0.0}, r"alpha \(kernel temperature\) must be finite and > 0"),
     ({"alpha": -1.0}, r"alpha \(kernel temperature\) must be finite and > 0"),

@@ -1,4 +1,4 @@
-"""Tests of nfpi.train (SPEC §4 training protocol): config, outputs, resume, errors, solve, DDP.
+"""Tests of nfpi.train (docs/method.md §4 training protocol): config, outputs, resume, errors, solve, DDP.
 
 All runs use scikit-learn digits and a tiny Glow (a few seconds each).
 """

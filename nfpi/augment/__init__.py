@@ -1,11 +1,11 @@
-"""Data augmentation with a trained flow (SPEC §6; paper Sec. 5, Tables 5-6, Fig. 2; GLEM Table 4).
+"""Data augmentation with a trained flow (docs/method.md §6; paper Sec. 5, Tables 5-6, Fig. 2; GLEM Table 4).
 
 - :mod:`nfpi.augment.nfa`: NF augmentation (NFA), same-class latent mixup inside the class's
   principal subspace: :class:`NFAugmenter`, on the fly :class:`NFADataset`;
 - :mod:`nfpi.augment.alternatives`: what NFA is compared with at equal budget (latent noise,
   pixel mixup, class samples). A new augmentation goes here, with the
   ``augment(x, y, generator)`` interface;
-- :mod:`nfpi.augment.generated`: NFA datasets generated offline, resumably, as SPEC §9 npz.
+- :mod:`nfpi.augment.generated`: NFA datasets generated offline, resumably, as npz files (docs/method.md §9).
 
 Example:
     >>> import torch

@@ -1,4 +1,4 @@
-"""The alternatives NF augmentation is compared with (issue 14; paper Sec. 5 "Extra Comparison
+"""The alternatives NF augmentation is compared with (paper Sec. 5 "Extra Comparison
 (Image Augmentation)"; GLEM Table 4), with the ``augment(x, y, generator)`` interface of
 :class:`nfpi.augment.NFAugmenter`:
 

@@ -1,5 +1,6 @@
-"""NFA datasets generated offline (SPEC §6; paper Sec. 5, Tables 5-6): the training set enlarged
-with augmented copies by :func:`generate_dataset`, written resumably as a SPEC §9 npz, its input
+"""NFA datasets generated offline (docs/method.md §6; paper Sec. 5, Tables 5-6): the training set
+enlarged with augmented copies by :func:`generate_dataset`, written resumably as an npz file
+(docs/method.md §9), its input
 :func:`generation_fingerprint`, and :func:`load_generated`. The augmentation itself is
 :class:`nfpi.augment.NFAugmenter` (:mod:`nfpi.augment.nfa`).
 """
@@ -81,7 +82,7 @@ def generate_dataset(
     progress: bool = True,
     seed: int = 0,
 ) -> Path:
-    """Write ``copies`` NFA variants of every image of ``arrays`` to ``out_path`` (SPEC §9 npz).
+    """Write ``copies`` NFA variants of every image of ``arrays`` to ``out_path`` (npz, docs/method.md §9).
 
     The file holds ``x`` uint8 (copies * N, H, W, C) (variants quantised to ``bits``, stored
     as 8-bit pixels like the source files), ``y`` (copies * N,), ``classes``, ``source`` (index

@@ -1,4 +1,4 @@
-"""NF augmentation (NFA): same-class mixup inside the principal subspace of a class (SPEC §6;
+"""NF augmentation (NFA): same-class mixup inside the principal subspace of a class (docs/method.md §6.4;
 paper Sec. 5 "Extra Comparison (Image Augmentation)", Tables 5-6, Fig. 2; GLEM supplementary
 §1.1).
 
@@ -13,15 +13,15 @@ the modes with the largest within-class variance ("more visually diverse and rea
 than simply adding noise in the latent space", paper Sec. 5). beta is drawn per image from a
 mixing law (:class:`AugmentConfig`).
 
-The paper leaves k, the mixing law and the partner source open (SPEC §6: "design choices:
-document and expose them"). Defaults and their reasons are on :class:`AugmentConfig`; the
+The paper leaves k, the mixing law and the partner source open; we expose them
+(docs/method.md §6.4). Defaults and their reasons are on :class:`AugmentConfig`; the
 partner is a random latent of the same class from a bank of training latents, or, without a
 bank (e.g. when the training latents are too large to keep), a sample of the class Gaussian
 N(mu_y, T^2 s_y) of the prior.
 
 Uses: :meth:`NFAugmenter.augment` on batches, :class:`NFADataset` on the fly (probability p),
 and :func:`generate_dataset` offline (the paper's protocol: the training set is enlarged with
-augmented copies), which writes a SPEC §9 npz resumably (:mod:`nfpi.augment.generated`).
+augmented copies), which writes an npz file (docs/method.md §9) resumably (:mod:`nfpi.augment.generated`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ LAWS = ("uniform", "beta")
 
 @dataclass
 class AugmentConfig:
-    """Design choices of NFA (SPEC §6), with the defaults used in this project.
+    """Design choices of NFA (docs/method.md §6.4), with the defaults used in this project.
 
     k: principal axes per class spanning the mixing subspace. Default 8: the paper mixes
         "along the principal variation modes", i.e. a few leading axes; k must stay well below

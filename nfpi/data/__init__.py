@@ -1,4 +1,4 @@
-"""The images (SPEC §4, §9): the in-memory container, the dataset registry and storage, subset
+"""The images (docs/method.md §4, §9): the in-memory container, the dataset registry and storage, subset
 and split rules, preprocessing into flow inputs, and GLEM's class codes.
 
 - :mod:`nfpi.data.arrays`: :class:`ImageArrays` (uint8 images, labels, class names);

@@ -1,4 +1,4 @@
-"""The in-memory image set of every dataset (SPEC §9): :class:`ImageArrays`, x uint8
+"""The in-memory image set of every dataset (docs/method.md §9): :class:`ImageArrays`, x uint8
 (N, C, H, W) with labels y int64 (N,) and class names, and the :class:`DatasetFormatError` of
 an invalid stored set."""
 
@@ -15,7 +15,7 @@ __all__ = ["DatasetFormatError", "ImageArrays"]
 
 
 class DatasetFormatError(ValueError):
-    """A dataset file exists but is not a valid SPEC §9 npz for the requested dataset."""
+    """A dataset file exists but is not a valid npz file (docs/method.md §9) for the requested dataset."""
 
 
 @dataclass(frozen=True)

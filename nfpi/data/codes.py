@@ -1,5 +1,5 @@
 """Conditional encoding: GLEM's CE and CEGLEM class codes (GLEM §5.2 Baselines 1 and 3, Fig. 3
-bottom, supplementary Fig. 39; SPEC §5-§6).
+bottom, supplementary Fig. 39; docs/method.md §5-§6).
 
 A learned class-code image of ``rows`` rows is appended below every training image, so the flow
 sees (C, H + rows, W). :class:`ClassCodes` learns K prototype codes (GLEM: "placements obtained

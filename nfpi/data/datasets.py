@@ -1,6 +1,6 @@
-"""Datasets: the registry :data:`DATASETS`, storage and loading (SPEC §9). A new dataset goes here.
+"""Datasets: the registry :data:`DATASETS`, storage and loading (docs/method.md §9). A new dataset goes here.
 
-Storage (SPEC §9): one compressed ``{name}_{split}.npz`` per dataset split with ``x`` uint8
+Storage (docs/method.md §9): one compressed ``{name}_{split}.npz`` per dataset split with ``x`` uint8
 (N, H, W, C), ``y`` int64 (N,) and ``classes`` (K,) strings, in the directory given by
 :func:`data_dir` (env var ``NFPI_DATA``; a relative value, and the default ``data/``, are
 taken relative to the repository root, so notebooks running in ``notebooks/`` find the same
@@ -18,12 +18,12 @@ Datasets (:data:`DATASETS`, or a folder):
   ``download=True`` a missing file is fetched through ``torchvision.datasets`` (raw archives
   kept in ``<data_dir>/raw``) and converted to the npz format (written atomically).
 - any other name is a folder (as given, else under :func:`data_dir`) holding ``train.npz`` and
-  ``test.npz`` in the SPEC §9 format, or ``train/`` and ``test/`` each with one subfolder of
+  ``test.npz`` in the format of docs/method.md §9, or ``train/`` and ``test/`` each with one subfolder of
   images per class (torchvision's ImageFolder layout; class names are the sorted subfolder
   names). Shape, channels and classes are read from the data.
 
 The container :class:`~nfpi.data.arrays.ImageArrays` is in :mod:`nfpi.data.arrays`, subsets and
-splits in :mod:`nfpi.data.splits`, preprocessing (SPEC §4: quantisation, dequantisation,
+splits in :mod:`nfpi.data.splits`, preprocessing (docs/method.md §4.7: quantisation, dequantisation,
 bits/dim, the training loader) in :mod:`nfpi.data.preprocess`.
 """
 
@@ -197,7 +197,7 @@ def _load_digits(split: str) -> ImageArrays:
 
 
 def _read_npz(path: Path, name: str, info: DatasetInfo | None) -> ImageArrays:
-    """A SPEC §9 file; ``info`` None (a user's folder): any shape and class count."""
+    """A dataset file (docs/method.md §9); ``info`` None (a user's folder): any shape and class count."""
     remedy = (
         f"load({name!r}, ..., download=True) on an online machine"
         if info is not None
@@ -250,7 +250,7 @@ def _read_npz(path: Path, name: str, info: DatasetInfo | None) -> ImageArrays:
 
 
 def _load_folder(folder: Path, split: str, name: str) -> ImageArrays:
-    """``folder/{split}.npz`` (SPEC §9) or ``folder/{split}/<class>/<image>`` (ImageFolder)."""
+    """``folder/{split}.npz`` (docs/method.md §9) or ``folder/{split}/<class>/<image>`` (ImageFolder)."""
     if (folder / f"{split}.npz").is_file():
         return _read_npz(folder / f"{split}.npz", name, None)
     if (folder / split).is_dir():
@@ -329,7 +329,7 @@ def _download(name: str, split: str, root: Path) -> None:
         x = x[..., None]
     y = np.asarray(source.targets if hasattr(source, "targets") else source.labels)
     y = y.astype(np.int64).reshape(len(x), -1)[:, 0]  # QMNIST targets carry extra columns
-    # torchvision names MNIST classes "0 - zero"; the SPEC §9 files use "0". SVHN and USPS
+    # torchvision names MNIST classes "0 - zero"; the dataset files (docs/method.md §9) use "0". SVHN and USPS
     # have no class names: their labels are the digits.
     names = getattr(source, "classes", None) or [str(k) for k in range(info.num_classes)]
     classes = np.array([c.split(" - ")[0] for c in names])

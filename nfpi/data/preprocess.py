@@ -1,9 +1,9 @@
-"""From stored uint8 images to flow inputs (SPEC §4 "Dequantisation", §4 step 4 split, §6):
+"""From stored uint8 images to flow inputs (docs/method.md §4.7, §4.4, §6):
 quantisation and dequantisation, bits/dim, the seeded training :class:`FlowDataset` /
 :func:`make_loader`, and the t-SNE embedding of the toy demo (subsets and splits:
 :mod:`nfpi.data.splits`).
 
-Preprocessing (SPEC §4): ``b``-bit data ``x_q in {0 .. 2^b - 1}`` maps to ``[-1, 1]`` by
+Preprocessing (docs/method.md §4.7): ``b``-bit data ``x_q in {0 .. 2^b - 1}`` maps to ``[-1, 1]`` by
 ``2 (x_q + u) / 2^b - 1``; ``u ~ U[0, 1)`` while training (uniform dequantisation) and
 ``u = 0.5`` for evaluation, so that likelihoods and NF accuracy are deterministic.
 :func:`bits_per_dim` uses the exact constant of this map.

@@ -1,4 +1,4 @@
-"""Every subset and split rule of the images (SPEC §4 step 4, §9): class-balanced subsets,
+"""Every subset and split rule of the images (docs/method.md §4.4, §9): class-balanced subsets,
 stratified splits (train / validation, D_NF / D_G, the digits train / test split) and the
 subset of a dataset a config trains on. A new subset or split rule goes here.
 

@@ -1,4 +1,4 @@
-"""How good a flow and its samples are (SPEC §6-§7; GLEM paper §5.1): every metric lives here.
+"""How good a flow and its samples are (docs/method.md §6-§7; GLEM paper §5.1): every metric lives here.
 
 - :mod:`nfpi.evaluation.accuracy`: top-k accuracy of class scores (NF-Acc, CNN-Acc);
 - :mod:`nfpi.evaluation.flow`: the held-out metrics of a flow from its per-image results

@@ -1,4 +1,4 @@
-"""Top-k accuracy in percent of class scores (SPEC §6-§7): NF accuracy (the flow's class
+"""Top-k accuracy in percent of class scores (docs/method.md §6-§7): NF accuracy (the flow's class
 log-densities), CNN-Acc and Label Reliability (a classifier's logits).
 
 Example:

@@ -1,10 +1,10 @@
-"""ResNet-18 classifiers for the generated-data metrics (SPEC §7; GLEM paper §5.1).
+"""ResNet-18 classifiers for the generated-data metrics (docs/method.md §7; GLEM paper §5.1).
 
 Two uses of one architecture:
 
-* **CNN-Acc** (SPEC §7): a ResNet-18 adapted to small images is trained *only* on
+* **CNN-Acc** (docs/method.md §7): a ResNet-18 adapted to small images is trained *only* on
   images sampled from the flow and tested on the real test set.
-* **Oracle** (SPEC §7; GLEM supplementary): a ResNet-18 trained on the real training set.
+* **Oracle** (docs/method.md §7; GLEM supplementary): a ResNet-18 trained on the real training set.
   Its 512-d penultimate features feed FID and Coverage and its predictions on generated
   images give Label Reliability (see :mod:`nfpi.evaluation.metrics`). :func:`load_or_train_oracle`
   caches it on disk together with the metadata that identifies it.

@@ -1,4 +1,4 @@
-"""Held-out metrics of a flow, from its per-image results (SPEC §4, §6; paper Eq. 2 and NF
+"""Held-out metrics of a flow, from its per-image results (docs/method.md §4, §6; paper Eq. 2 and NF
 accuracy argmax_y log N(f(x); mu_y, s_y)): the test NLL and bits/dim (the uniform-dequantisation
 bound and the density at the bin centres) and NF accuracy top-1 / top-5. A new per-image metric
 of a flow goes here.
@@ -92,7 +92,7 @@ def evaluate_flow(
       published bits/dim use (Glow: 3.35 on CIFAR-10), -log p(x + u) with one u ~ U[0, 1)^D
       per image drawn from generators seeded by ``noise`` (the same noise every call);
     - ``test_bpd_centres``: the density at the bin centres (u = 0.5), not a bound;
-    - ``acc_top1`` / ``acc_top5``: NF accuracy (%) at the bin centres (SPEC §6).
+    - ``acc_top1`` / ``acc_top5``: NF accuracy (%) at the bin centres (docs/method.md §6.1).
 
     Under torch.distributed the per-image results of all shards are gathered so every
     process returns the full-set metrics (the noise of an image does not depend on the

@@ -1,4 +1,4 @@
-"""Metrics for generated data (SPEC §7; GLEM paper §5.1, Tables 2-5); top-k accuracy is in
+"""Metrics for generated data (docs/method.md §7; GLEM paper §5.1, Tables 2-5); top-k accuracy is in
 :mod:`nfpi.evaluation.accuracy`.
 
 * :func:`fid` - Frechet distance between Gaussians fitted to *oracle* features (GLEM: FID

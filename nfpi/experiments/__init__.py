@@ -1,5 +1,5 @@
 """Experiments: the result rows of the papers' tables, grids with reuse, the published numbers,
-and the NF-augmentation studies (SPEC §6-§8).
+and the NF-augmentation studies (docs/method.md §6-§8).
 
 - :mod:`nfpi.experiments.rows`: one tidy result row per checkpoint (:func:`evaluate_run`);
 - :mod:`nfpi.experiments.grid`: grids of runs trained and evaluated into results CSVs;

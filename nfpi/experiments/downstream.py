@@ -1,8 +1,8 @@
-"""Does NF augmentation help a data-starved classifier? A paired study (issue 14) of paper Sec. 5
+"""Does NF augmentation help a data-starved classifier? A paired study of paper Sec. 5
 "Extra Comparison (Image Augmentation)" (Table 5: a 7M-parameter Swin trained from scratch
 gains +1.0 point on CIFAR-10 with NFA alone), of its claim that mixing inside the principal
 subspace of a class beats adding noise in the latent space, and of GLEM Table 4 (CNN accuracy
-against the number of generated images per class); SPEC §6.
+against the number of generated images per class); docs/method.md §6.
 
 One *seed* s fixes one paired replicate:
 

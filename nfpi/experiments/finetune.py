@@ -1,5 +1,5 @@
 """Training a timm transformer with NF augmentation (NFA) and/or standard augmentation (SA):
-the comparison of paper Sec. 5 "Extra Comparison (Image Augmentation)", Tables 5-6 (SPEC §6,
+the comparison of paper Sec. 5 "Extra Comparison (Image Augmentation)", Tables 5-6 (docs/method.md §6,
 §8), with the EVA02 protocol of the GLEM supplementary §1.
 
 Paper protocol (:meth:`FinetuneConfig.paper`): the pretrained EVA02

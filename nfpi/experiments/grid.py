@@ -1,4 +1,4 @@
-"""Grids of runs into results CSVs (SPEC §8; notebooks 04-05): :func:`run_grid` trains
+"""Grids of runs into results CSVs (docs/method.md §8; notebooks 04-05): :func:`run_grid` trains
 (through :func:`nfpi.train.train`, which resumes and reuses finished runs) and evaluates
 (:func:`nfpi.experiments.rows.evaluate_run`) only the (run, evaluation) pairs whose row is
 missing from the CSV (:mod:`nfpi.experiments.tables`) or was computed from another

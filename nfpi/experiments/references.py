@@ -1,4 +1,4 @@
-"""Published numbers of the two papers, for side-by-side tables: NFPI Tables 1-3 (SPEC §8) and
+"""Published numbers of the two papers, for side-by-side tables: NFPI Tables 1-3 (docs/method.md §8) and
 GLEM Tables 1-3 and 5-7 (CIFAR-10 / CIFAR-100 at GPU scale; FID on the oracle's features,
 Coverage and Label Reliability in %).
 
@@ -125,7 +125,7 @@ _PAPER: dict[str, tuple[list[str], list[list[Any]]]] = {
 
 def paper_table(name: str) -> pd.DataFrame:
     """A table of published numbers (CIFAR, GPU scale): one of ``nfpi_table1..3`` (NFPI Tables
-    1-3, SPEC §8) and ``glem_table1``, ``glem_table2``, ``glem_table3``, ``glem_table5``,
+    1-3, docs/method.md §8) and ``glem_table1``, ``glem_table2``, ``glem_table3``, ``glem_table5``,
     ``glem_table6``, ``glem_table7`` (GLEM; FID on oracle features, Coverage and Label
     Reliability in %)."""
     if name not in _PAPER:

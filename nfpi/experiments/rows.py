@@ -1,5 +1,5 @@
 """Result rows of trained flows: the numbers of NFPI Tables 1-3 and GLEM Tables 1-7
-(SPEC §6-§8; GLEM §5, supplementary §3.3).
+(docs/method.md §6-§8; GLEM §5, supplementary §3.3).
 
 :func:`evaluate_run` turns one checkpoint of :func:`nfpi.train.train` into ONE tidy row
 (a flat dict) holding the run's config (dotted keys: ``gaussians.lam``,
@@ -7,17 +7,17 @@
 
 * ``nf_top1`` / ``nf_top5``, ``bpd``, ``bpd_centres``: NF accuracy at the bin centres, test
   bits/dim as the uniform-dequantisation bound (seeded noise, deterministic; the number
-  published bits/dim report) and at the bin centres (SPEC §6; EMA weights), through
+  published bits/dim report) and at the bin centres (docs/method.md §6; EMA weights), through
   :func:`nfpi.evaluation.evaluate_flow`;
 * ``lam`` / ``lam_normalised``: the un-normalised lambda of the last solve and
-  lambda / (K (K - 1)) (SPEC §2: the paper quotes the first, the solver uses the second);
+  lambda / (K (K - 1)) (docs/method.md §2: the paper quotes the first, the solver uses the second);
   ``solves``, ``solve_iterations``, ``solve_converged``, ``solve_bounds_active``: how many
-  times the Gaussians were fitted, and the last solver's report (SPEC §3);
-* ``cnn_top1`` / ``cnn_top5``: CNN-Acc (SPEC §7), a ResNet-18 trained only on
+  times the Gaussians were fitted, and the last solver's report (docs/method.md §3);
+* ``cnn_top1`` / ``cnn_top5``: CNN-Acc (docs/method.md §7), a ResNet-18 trained only on
   ``samples_per_class`` images per class sampled at ``temperature`` and ``mean_scale``
   (z = m_s mu_y + T sqrt(s_y) eps), tested on the real test set;
 * ``fid``, ``precision``, ``recall``, ``density``, ``coverage``, ``label_reliability``: the
-  GLEM proxy metrics on the oracle's 512-d (8 x width) features (SPEC §7, GLEM supplementary
+  GLEM proxy metrics on the oracle's 512-d (8 x width) features (docs/method.md §7, GLEM supplementary
   §3.3; not comparable with Inception FIDs), generated images against the real test set;
   precision, recall, coverage and label reliability in percent, as GLEM reports them;
 * GLEM options (:class:`nfpi.prior.FullGaussians`, :mod:`nfpi.data.codes`): ``covariance="rfcm"``
@@ -203,7 +203,7 @@ def config_hash(cfg: TrainConfig, ev: EvalConfig) -> str:
 # ----------------------------------------------------------------------------------- oracle
 @dataclass
 class Oracle:
-    """The oracle ResNet-18 of SPEC §7 with the real test images it judges against.
+    """The oracle ResNet-18 of docs/method.md §7 with the real test images it judges against.
 
     ``test_x`` (N, C, H, W) are the real test images at ``bits`` bits (bin centres, padded
     like the flow's), ``test_y`` (N,) their labels; the CNN-Acc test set as well.

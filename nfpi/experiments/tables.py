@@ -1,6 +1,6 @@
 """The results tables of :mod:`nfpi.experiments`: one tidy row per (``run``, ``eval``) key in a CSV.
 
-The storage of the result rows behind NFPI Tables 1-3 and GLEM Tables 1-7 (SPEC §6-§8):
+The storage of the result rows behind NFPI Tables 1-3 and GLEM Tables 1-7 (docs/method.md §6-§8):
 :func:`read_rows` reads a table (empty when the file is missing), :func:`append_row` adds a
 row, replacing one with the same key, and rewrites the file atomically, :func:`find_row`
 looks a row up. :mod:`nfpi.experiments` re-exports these names.

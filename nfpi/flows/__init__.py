@@ -1,4 +1,4 @@
-"""The normalizing flow f of NFPI (SPEC §4 "Flow"; paper Eqs. 1-2): invertible layers, couplings
+"""The normalizing flow f of NFPI (docs/method.md §4.5; paper Eqs. 1-2): invertible layers, couplings
 and the multi-scale Glow.
 
 - :mod:`nfpi.flows.layers`: the layer protocol, squeeze, ActNorm, the LU and matrix-exponential

@@ -1,6 +1,6 @@
 """Coupling layers of the Glow flow of NFPI: x = (x1, x2) -> (x1, g(x2; net(x1))).
 
-Implements the couplings of SPEC §4 ("Flow"): Glow's affine and additive ones
+Implements the couplings of docs/method.md §4.5: Glow's affine and additive ones
 (Kingma & Dhariwal 2018, Sec. 3.3; paper Sec. 3) with their residual conv net, and the
 Matrix Exponential Flow's (``"matexp"``, Xiao & Liu 2020, the paper's backbone, Sec. 5):
 per pixel x2 <- expm(W(x1)) x2 + b(x1), with W full (c2 x c2) or low-rank W = A B,
@@ -45,7 +45,7 @@ class _ResidualBlock(nn.Module):
 
 
 class CouplingNet(nn.Module):
-    """Residual conv net of a coupling (SPEC §4): conv3x3 -> residual blocks -> zero conv3x3.
+    """Residual conv net of a coupling (docs/method.md §4.5): conv3x3 -> residual blocks -> zero conv3x3.
 
     The zero-initialised output conv makes every coupling start as the identity.
     Shapes: (B, in_channels, H, W) -> (B, out_channels, H, W).
@@ -195,7 +195,7 @@ def _phi(x: Tensor) -> Tensor:
 
 
 class MatExpCoupling(_Coupling):
-    """Matrix Exponential Flow coupling (Xiao & Liu 2020; SPEC §4): per pixel x2 <- expm(W) x2 + b.
+    """Matrix Exponential Flow coupling (Xiao & Liu 2020; method §4.5): per pixel x2 <- expm(W) x2 + b.
 
     The net predicts, from x1 and per pixel, a shift b (c2) and W (c2 x c2, c2 = channels
     of x2) whose raw entries r are bounded elementwise as W = a tanh(s r + t) + u with
@@ -213,7 +213,7 @@ class MatExpCoupling(_Coupling):
     <= e and the layer is well conditioned. With a = 1, a W saturated at +-1 has an
     eigenvalue up to c2 and expm(W) a condition number up to e^(2 c2) (~1e20 at c2 = 24;
     the float64 inverse then loses every digit). The released initial scalars are not
-    recorded in SPEC §4. Learned, a and u still bound ||W||_inf <= c2 (|a| + |u|) (low rank:
+    recorded in docs/method.md §4.5. Learned, a and u still bound ||W||_inf <= c2 (|a| + |u|) (low rank:
     k c2 (|a_A| + |u_A|)(|a_B| + |u_B|)), so the layer stays finite. In the low-rank form the output
     conv's bias for A is drawn at random (A = tanh(bias) != 0): with A = B = 0 both
     factors' gradients, B^T dL/dW and A^T dL/dW, would vanish for ever.

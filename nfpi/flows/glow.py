@@ -1,6 +1,6 @@
 """The multi-scale Glow encoder f of NFPI, its steps of flow and the reversible memory mode.
 
-Implements SPEC §4 ("Flow"): the Glow skeleton (Kingma & Dhariwal 2018) used by
+Implements docs/method.md §4.5: the Glow skeleton (Kingma & Dhariwal 2018) used by
 the NFPI paper -- per level a squeeze, K steps of ActNorm -> invertible 1x1
 convolution -> coupling, then a split of half the channels after every level
 but the last. The layers live in :mod:`nfpi.flows.layers` (squeeze, ActNorm, the 1x1
@@ -15,7 +15,7 @@ layer (as in i-RevNet / memcnn / Glow's memory-saving mode).
 
 The log-determinants of the layers add up to the change-of-variables term of the paper's
 Eqs. (1)-(2), log p(x|y) = log p_Z(f(x)|y) + log|det J_f(x)|. The split-off halves get no
-prior of their own: SPEC §1/§4 put one diagonal Gaussian per class over all D = C*H*W latent
+prior of their own: docs/method.md §1, §4.5 put one diagonal Gaussian per class over all D = C*H*W latent
 dimensions, so :class:`Glow` reassembles every factored-out part and the final
 output into one flat latent z of shape (B, D), ordered as
 [level-1 split-off part, ..., level-(L-1) split-off part, final output], each
@@ -45,7 +45,7 @@ def _lookup(table: dict[str, type], name: str, what: str) -> type:
 
 
 class FlowStep(FlowSequence):
-    """One Glow step of flow (SPEC §4): ActNorm -> invertible 1x1 conv -> coupling.
+    """One Glow step of flow (docs/method.md §4.5): ActNorm -> invertible 1x1 conv -> coupling.
 
     ``conv`` is ``"lu"`` or ``"matexp"``; ``coupling`` is ``"affine"``, ``"additive"`` or
     ``"matexp"``; ``coupling_options`` are extra keyword arguments of the coupling class
@@ -92,7 +92,7 @@ class _ReversibleSteps(torch.autograd.Function):
     input and of the layer's parameters. Peak memory is then one layer's activations plus
     y, independent of the depth; the extra cost is about one forward of the flow.
     Gradients are exact up to the reconstruction error of the inverses (float64:
-    ~1e-13 relative; float32: see the README). ``params`` must be every parameter of
+    ~1e-13 relative; float32: see docs/flows.md). ``params`` must be every parameter of
     ``layers`` that requires grad, so that autograd routes their gradients (and DDP's hooks).
     """
 
@@ -182,7 +182,7 @@ def _check_glow_args(
 
 
 class Glow(nn.Module):
-    """Multi-scale Glow mapping images (B, C, H, W) to one flat latent (B, C*H*W) (SPEC §4).
+    """Multi-scale Glow mapping images (B, C, H, W) to one flat latent (B, C*H*W) (docs/method.md §4.5).
 
     Level l (1..L): squeeze, ``steps`` FlowSteps, then (for l < L) half of the
     channels are factored out. All factored-out parts and the final output are

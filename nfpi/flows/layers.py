@@ -1,8 +1,8 @@
 """Invertible layers of the Glow flow of NFPI: the layer protocol, squeeze, ActNorm and the 1x1 convolutions.
 
-Implements the per-step layers of SPEC §4 ("Flow") other than the couplings: Glow's
+Implements the per-step layers of docs/method.md §4.5 other than the couplings: Glow's
 (Kingma & Dhariwal 2018) space-to-depth squeeze, ActNorm with data-dependent init (Sec. 3.1)
-and the two invertible 1x1 convolutions named in SPEC §4 (Glow Sec. 3.2):
+and the two invertible 1x1 convolutions named in docs/method.md §4.5 (Glow Sec. 3.2):
 
 * ``"lu"``:     W = P L (U + diag(sign * exp(log_s))),  log|det| = H W sum(log_s)
 * ``"matexp"``: W = expm(M) (Matrix Exponential Flow, Xiao & Liu 2020, the
@@ -231,7 +231,7 @@ class InvConv1x1LU(FlowLayer):
 
 
 class InvConv1x1MatExp(FlowLayer):
-    """Invertible 1x1 convolution W = expm(M) (Matrix Exponential Flow; SPEC §4).
+    """Invertible 1x1 convolution W = expm(M) (Matrix Exponential Flow; docs/method.md §4.5).
 
     log|det W| = trace(M) for any M, and W^-1 = expm(-M), so the layer is
     invertible without constraints on M. M is initialised skew-symmetric with

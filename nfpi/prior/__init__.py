@@ -1,17 +1,17 @@
 """The class-conditional prior of NFPI: one Gaussian per class, learned by fixed-point iteration
-(paper Eqs. 2-10; SPEC §1-§3, §5-§6).
+(paper Eqs. 2-10; docs/method.md §1-§3, §5-§6).
 
 The modules descend by role:
 
-- :mod:`nfpi.prior.stats`: per-class latent statistics :class:`ClassStats` (SPEC §4 step 3);
-- :mod:`nfpi.prior.criterion`: the objective J, pairwise KL and kernel (paper Eqs. 2-4, SPEC §2);
-- :mod:`nfpi.prior.updates`: one closed-form update (paper Eqs. 5-7, SPEC §3). A new prior
+- :mod:`nfpi.prior.stats`: per-class latent statistics :class:`ClassStats` (docs/method.md §4.3);
+- :mod:`nfpi.prior.criterion`: the objective J, pairwise KL and kernel (paper Eqs. 2-4, docs/method.md §2);
+- :mod:`nfpi.prior.updates`: one closed-form update (paper Eqs. 5-7, docs/method.md §3). A new prior
   rule goes here (and gets a name in :mod:`nfpi.prior.fpi`'s ``rule`` argument);
 - :mod:`nfpi.prior.anderson`: the generic safeguarded Anderson iteration :func:`fixed_point`;
 - :mod:`nfpi.prior.fpi`: the solver ``fpi.solve`` (arguments, step map, report);
-- :mod:`nfpi.prior.gd`: Baseline 2, ``gd.solve``, gradient descent on the same objective (SPEC §5);
+- :mod:`nfpi.prior.gd`: Baseline 2, ``gd.solve``, gradient descent on the same objective (docs/method.md §5);
 - :mod:`nfpi.prior.gaussians`: :class:`ClassGaussians`, the prior a flow is trained under
-  (classification, sampling; SPEC §6), and GLEM's RFCM :class:`FullGaussians`.
+  (classification, sampling; docs/method.md §6), and GLEM's RFCM :class:`FullGaussians`.
 
 The two solvers are reached through their modules (``fpi.solve``, ``gd.solve``).
 

@@ -1,4 +1,4 @@
-"""The objective J of the NFPI paper (Eqs. 2-4; SPEC §2) and its pieces: pairwise KL, kernel.
+"""The objective J of the NFPI paper (Eqs. 2-4; docs/method.md §2) and its pieces: pairwise KL, kernel.
 
     J(mu, s) = sum_y NLL_y(mu_y, s_y) + c * sum_{y != y'} exp(-KL_yy' / (pi_yy' * alpha)),
     c = lambda / (K (K - 1)),
@@ -91,7 +91,7 @@ def unbounded_threshold(num_classes: int, alpha: float = 10.0, pi: Pi = "pairwis
     """Un-normalised lambda above which one learned variance of the paper rule runs to its bound.
 
     Let one variance s = s_y,d grow, c = lambda / (K (K-1)), and write 2 s dJ/ds = 1 - R(s).
-    - ``pi="pairwise"`` (SPEC §3): the potential has -c e^{-1/alpha}/alpha log KL_yy' with
+    - ``pi="pairwise"`` (docs/method.md §2.3): the potential has -c e^{-1/alpha}/alpha log KL_yy' with
       KL_yy' ~ s / (2 s_y'), so R -> 2 c (K-1) e^{-1/alpha}/alpha: J is unbounded below once
       lambda e^{-1/alpha} / (K alpha) > 1/2.
     - ``pi="mean"``: pi = P, the mean KL, is held fixed in an update but grows with s,
@@ -109,7 +109,7 @@ def unbounded_threshold(num_classes: int, alpha: float = 10.0, pi: Pi = "pairwis
 
 # ------------------------------------------------------------------------------- objective
 def _nll(m: Tensor, v: Tensor, means: Tensor, variances: Tensor) -> Tensor:
-    """sum_y NLL_y (SPEC §2, without constants); diagonal (K, D) or full (K, D, D)."""
+    """sum_y NLL_y (docs/method.md §2, without constants); diagonal (K, D) or full (K, D, D)."""
     if variances.ndim == 3:
         diff = m - means
         scatter = v + diff[:, :, None] * diff[:, None, :]
@@ -125,7 +125,7 @@ def objective(
 
     pi="mean": J itself with pi detached. pi="pairwise": J with pi = KL has a constant
     repulsion value, so the potential sum_y NLL_y - c e^{-1/alpha}/alpha sum log KL_yy'
-    (same gradient, SPEC §2) is returned instead: it is what FPI and gradient descent both
+    (same gradient, docs/method.md §2) is returned instead: it is what FPI and gradient descent both
     minimise and what the history reports. Differentiable in ``means`` and ``variances``.
     """
     k = stats.num_classes

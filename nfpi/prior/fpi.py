@@ -1,4 +1,4 @@
-"""Class Gaussians by fixed-point iteration (NFPI paper Eqs. 3-10; SPEC §2-§3).
+"""Class Gaussians by fixed-point iteration (NFPI paper Eqs. 3-10; docs/method.md §2-§3).
 
 Given per-class latent statistics (count N_y, mean m_y, variance v_y) the class Gaussians
 N(mu_y, s_y) minimise
@@ -13,7 +13,7 @@ Sigma = A^-1 # B; elementwise sqrt(B / A) for diagonal covariances). :func:`solv
 them to a fixed point with safeguarded Anderson mixing
 (:func:`nfpi.prior.anderson.fixed_point`), keeps variances inside
 ``[v/rho, v*rho]`` and reports when that bound is active, and never returns non-finite values.
-The released code's options (SPEC §3) are available for parity: its variance rule
+The released code's options (docs/method.md §3.3) are available for parity: its variance rule
 (``rule="released"``), its isotropic mean step and its stopping rule (``stop="released"``).
 
 The pieces live by role in :mod:`nfpi.prior`: the class statistics :class:`ClassStats` in
@@ -146,7 +146,7 @@ def solve(
         alpha, pi: kernel temperature and scale (Eq. 9 "pairwise" / Eq. 10 "mean").
         learn: update "both", only "means" (variances kept at init) or only "variances".
         init: (means (K, D), variances (K, D) or (K, D, D)); default the data statistics.
-        rule: "paper" (stationary Eqs. 6-7) or "released" (the authors' code, SPEC §3;
+        rule: "paper" (stationary Eqs. 6-7) or "released" (the authors' code, docs/method.md §3.3;
             diagonal only; its lambda=0 fixed point is v^(1/3), not v).
         covariance: "diag" or "full" (matrix geometric mean; for small D, e.g. the 2-D demo).
         isotropic_mean_step: the released mean step: in Eq. 5 the precisions become their

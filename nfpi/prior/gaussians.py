@@ -1,9 +1,9 @@
-"""The class-conditional latent prior: one diagonal Gaussian N(mu_y, s_y) per class (SPEC §1, §6).
+"""The class-conditional latent prior: one diagonal Gaussian N(mu_y, s_y) per class (docs/method.md §1, §6).
 
 Implements the class-conditional log-likelihood of the paper's Eq. 2, NF classification
 (argmax_y log N(f(x); mu_y, s_y), equal class priors), temperature sampling
-z = m_s mu_y + T sqrt(s_y) eps, the rescaled interpolation of SPEC §6, and the three
-initialisations of SPEC §4-§5: data init (Baseline 1), an FPI solution, random init.
+z = m_s mu_y + T sqrt(s_y) eps, the rescaled interpolation of docs/method.md §6.3, and the three
+initialisations of docs/method.md §4-§5: data init (Baseline 1), an FPI solution, random init.
 
 :class:`FullGaussians` is GLEM's RFCM, the re-estimated full covariance matrices (GLEM Tables
 5-6): after training, each class's mean and full covariance are re-estimated from its training
@@ -316,7 +316,7 @@ class FullGaussians(nn.Module):
 def interpolate(z1: Tensor, z2: Tensor, steps: int) -> Tensor:
     """Rescaled interpolation z(t) = (t z1 + (1-t) z2) / sqrt(t^2 + (1-t)^2), t from 0 to 1.
 
-    Keeps the norm of Gaussian latents roughly constant along the path (SPEC §6).
+    Keeps the norm of Gaussian latents roughly constant along the path (docs/method.md §6.3).
     ``z1``, ``z2``: (D,) or (B, D); returns (steps, *z1.shape).
     """
     t = torch.linspace(0, 1, steps, dtype=z1.dtype, device=z1.device).view(-1, *([1] * z1.ndim))

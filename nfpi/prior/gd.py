@@ -1,5 +1,5 @@
 """Baseline 2 of the NFPI paper: the class Gaussians by gradient descent on the same objective
-(SPEC §5; paper Sec. 4 "NFGD", GLEM supplementary).
+(docs/method.md §5; paper Sec. 4 "NFGD", GLEM supplementary).
 
 Adam on the means and on a latent theta with variances s = c + a * sigmoid(b * theta), which
 keeps them in (c, a + c) and positive. The paper names learning-rate policies (sublinear,

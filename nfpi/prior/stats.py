@@ -1,4 +1,4 @@
-"""Per-class latent statistics (SPEC §2 and §4 step 3): the count N_y, mean m_y and variance
+"""Per-class latent statistics (docs/method.md §2.1, §4.3): the count N_y, mean m_y and variance
 v_y (or full covariance) of each class's latents, the data that the class Gaussians of the
 NFPI paper's Eqs. 5-7 are fitted to.
 

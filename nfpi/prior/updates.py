@@ -1,9 +1,10 @@
-"""One FPI update: the closed-form class Gaussian updates of the NFPI paper (Eqs. 5-7; SPEC §3).
+"""One FPI update: the closed-form class Gaussian updates of the NFPI paper (Eqs. 5-7; docs/method.md §3).
 
 From the stationarity conditions of J (:mod:`nfpi.prior.criterion`): Eq. 5 for the means, Eqs. 6-7
 for the variances (a matrix geometric mean Sigma = A^-1 # B for full covariances,
 :func:`geometric_mean_solve`; elementwise sqrt(B / A) for diagonal ones), and the released
-code's variance rule and isotropic mean step (SPEC §3). :func:`nfpi.prior.fpi.solve` iterates them.
+code's variance rule and isotropic mean step (docs/method.md §3.3). :func:`nfpi.prior.fpi.solve`
+iterates them.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def diag_update(
             a = (1.0 + tau) * prec + lam_normalised * prec * prec * (d2 + kt @ s)
             b = v + (m - mu) ** 2 + lam_normalised * s * s * prec_sum
         elif rule == "released":
-            # released code (SPEC §3): A multiplied by s^2, data variance instead of the
+            # released code (docs/method.md §3.3): A multiplied by s^2, data variance instead of the
             # scatter, and q_y' = sum_l (mu_y' - mu_l)^2 in place of d_yy'^2.
             q = _spread(mu)
             a = (1.0 + tau) * s + lam_normalised * (kt @ (q + s))

@@ -1,4 +1,4 @@
-"""Training a flow under class Gaussians (SPEC §4-§5; paper Sec. 4.2, Sec. 5.2).
+"""Training a flow under class Gaussians (docs/method.md §4-§5; paper Sec. 4.2, Sec. 5.2).
 
 - :mod:`nfpi.train.loop`: :func:`train` (the training loop, ActNorm and data init, EMA,
   evaluation every epoch) and ``python -m nfpi.train`` (:func:`main`);

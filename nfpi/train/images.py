@@ -1,4 +1,4 @@
-"""The images a training config trains and is judged on (SPEC §4, §9): its class-balanced
+"""The images a training config trains and is judged on (docs/method.md §4, §9): its class-balanced
 subsets and seeded validation split (the rules are in :mod:`nfpi.data.splits`), zero padding and
 GLEM's class codes (:mod:`nfpi.data.codes`).
 

@@ -1,4 +1,4 @@
-"""Training of the class-conditional flow with FPI class Gaussians (SPEC §4-§5; paper Sec. 4.2
+"""Training of the class-conditional flow with FPI class Gaussians (docs/method.md §4-§5; paper Sec. 4.2
 "a single fixed point iteration at early training stages", Sec. 5.2 implementation details).
 
 The flow f (:class:`nfpi.flows.Glow`) is trained by minimising the mean class-conditional
@@ -8,7 +8,7 @@ negative log-likelihood of paper Eq. 2,
 
 reported as bits/dim by :func:`nfpi.data.bits_per_dim`. The class Gaussians (mu_y, s_y) are
 buffers of :class:`nfpi.prior.ClassGaussians`, never trained by the optimiser. Their
-schedule is the released training protocol of SPEC §4:
+schedule is the released training protocol of docs/method.md §4:
 
 1. data-dependent ActNorm init on ``init_images`` training images;
 2. data init: class means and variances of the latents of the untrained flow (Baseline 1;
@@ -40,7 +40,7 @@ Conditional encoding (GLEM's CE / CEGLEM, :mod:`nfpi.data.codes`): with ``codes.
 training image gets its class's code image appended below (noisy by ``codes.noise``) and every
 test image random code rows; the flow then models (C, H + 2 pad + rows, W).
 
-Optimisation (SPEC §4): Adamax, linear learning-rate warm-up (:func:`get_lr`), optional gradient-norm
+Optimisation (method §4.6): Adamax, linear learning-rate warm-up (:func:`get_lr`), optional gradient-norm
 clipping, and an EMA of the weights (``torch.optim.swa_utils.AveragedModel``) whose decay is
 min(beta, (1 + n) / (10 + n)) after n updates, so that short runs are not dominated by the
 initial weights; the EMA restarts from the current weights whenever the Gaussians change,
@@ -50,7 +50,7 @@ uniform-dequantisation bound (``test_bpd``, noise from the fixed seed
 :data:`nfpi.evaluation.EVAL_NOISE_SEED`;
 what published bits/dim report), the density at the bin centres (``test_bpd_centres``, not
 a bound), and NF accuracy top-1/top-5 at the bin centres (argmax_y log N(f(x); mu_y, s_y),
-SPEC §6).
+docs/method.md §6).
 
 Runs write (:mod:`nfpi.train.runs`) ``metrics.csv`` (one row per epoch), ``metrics.json`` (final row,
 solves, config) and an atomically replaced ``checkpoint.pt`` every epoch, carrying a SHA-256 of its contents

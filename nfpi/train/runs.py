@@ -1,4 +1,4 @@
-"""Run directories and what a training run writes into them (SPEC §4 "checkpoints, resume").
+"""Run directories and what a training run writes into them (docs/method.md §4.9).
 
 A run directory holds ``checkpoint.pt`` (atomically replaced every epoch, carrying a SHA-256 of
 its contents that every load verifies), ``metrics.csv`` (one row per epoch) and

@@ -1,4 +1,4 @@
-"""When and how the class Gaussians are fitted during training (SPEC §4 steps 2-4, §5; paper
+"""When and how the class Gaussians are fitted during training (docs/method.md §4.2, §4.4, §5; paper
 Sec. 4.2 "a single fixed point iteration at early training stages"; GLEM §4.3, Algorithm 1).
 
 1. :func:`initial_gaussians`: data init, the class means and variances of the latents of the
@@ -18,9 +18,9 @@ learned by gradient descent on the statistics of D_G (10 % of each class) after 
 alternating with flow training on D_NF, each M-step starting from the current Gaussians, with
 lambda annealed geometrically; D_G joins the training set after ``merge_epoch`` and the
 Gaussians are then frozen. Deviations, stated: the repulsion is NFPI's exp(-KL/(pi alpha)) term
-of SPEC §2, minimised by :func:`nfpi.prior.gd.solve`, not GLEM's plain -KL (GLEM Eq. 4), which is
+of docs/method.md §2, minimised by :func:`nfpi.prior.gd.solve`, not GLEM's plain -KL (GLEM Eq. 4), which is
 unbounded below and needs the sigmoid bounds to stay finite; the Gaussians start from data init
-(SPEC §4 step 2), not from GLEM's overlapping standard Gaussians.
+(docs/method.md §4.2), not from GLEM's overlapping standard Gaussians.
 
 Example:
     >>> cfg = TrainConfig.from_yaml("configs/digits_cpu.yaml")
@@ -84,7 +84,7 @@ def fit(
 
 
 def initial_gaussians(cfg: TrainConfig, stats: ClassStats) -> ClassGaussians:
-    """Step 2 of SPEC §4: data init (identity variances for released means-only runs), or
+    """Step 2 (docs/method.md §4.2): data init (identity variances for released means-only runs), or
     the random Gaussians of the GLEM supplementary, or N(0, I) for every class; (K, D)."""
     objective = cfg.gaussians
     if objective.prior == "random":
