@@ -4,6 +4,8 @@
     nfpi eval RUN                                   NF accuracy top-1/5 (method §6.1), bits/dim, confusion
     nfpi sample RUN --class C --temperature T --out grid.png
     nfpi augment RUN --out file.npz                 NF augmentation (paper Sec. 5, method §6.4)
+    nfpi data fetch mnist cifar10                   download the missing dataset files, verified
+    nfpi data list | nfpi data check                what is there; the SHA-256 of every file
 
 ``RUN`` is a run directory (or its ``checkpoint.pt``) written by ``nfpi train``. Each command
 has ``--help``. ``python -m nfpi.cli`` is the same program.
@@ -23,6 +25,7 @@ import torch
 
 from . import augment, data, plots, train
 from .config import TrainConfig
+from .data import download
 from .evaluation import evaluate_flow
 from .latents import NonFiniteLossError, encode
 from .train import CheckpointError, load_checkpoint, load_data
@@ -33,7 +36,13 @@ COMMANDS = {
     "train": "train a flow (the arguments of python -m nfpi.train)",
     "eval": "NF accuracy top-1/5, bits/dim and the confusion matrix of a run on its test set",
     "sample": "a grid of class-conditional samples of a run",
-    "augment": "write NF-augmented copies of a run's training images (SPEC §9 npz)",
+    "augment": "write NF-augmented copies of a run's training images (npz, docs/data.md)",
+    "data": "the dataset files: fetch the missing ones, list them, check their SHA-256 sums",
+}
+DATA_COMMANDS = {
+    "fetch": "download the missing splits of each named dataset via torchvision, verify, write",
+    "list": "each registered dataset split: present or missing, path, size",
+    "check": "verify the SHA-256 of every present dataset file against the committed sums",
 }
 ERRORS = (
     CheckpointError,
@@ -42,6 +51,7 @@ ERRORS = (
     ValueError,
     FileNotFoundError,
     FileExistsError,
+    ConnectionError,
 )
 
 
@@ -142,6 +152,33 @@ def cmd_augment(args: argparse.Namespace) -> Path:
     return out
 
 
+def cmd_data(args: argparse.Namespace) -> Any:
+    """``nfpi data fetch | list | check``: see :mod:`nfpi.data.download`."""
+    if args.action == "fetch":
+        return download.fetch(args.names, args.data_dir)
+    if args.action == "check":
+        return download.check_or_raise(args.data_dir)
+    status = download.files(root=args.data_dir)
+    print(f"data directory: {download.where(data.data_dir(args.data_dir))}")
+    print(f"{'digits':<12} both  built in (scikit-learn), no file")
+    for f in status:
+        size = f"{f.size / 1e6:8.1f} MB" if f.present else "         -"
+        state = "present" if f.present else "missing"
+        note = "" if f.listed else "  (no committed sum)"
+        print(f"{f.name:<12} {f.split:<5} {state:<8} {size}  {f.path}{note}")
+    return status
+
+
+def _data_parser(sub: Any) -> None:
+    da = sub.add_parser("data", help=COMMANDS["data"], description=COMMANDS["data"])
+    actions = da.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, text in DATA_COMMANDS.items():
+        p = actions.add_parser(action, help=text, description=text)
+        if action == "fetch":
+            p.add_argument("names", nargs="+", metavar="DATASET", help="e.g. mnist cifar10")
+        p.add_argument("--data-dir", help=f"dataset directory (default ${data.datasets.ENV_VAR}, else data/)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nfpi", description="Class-conditional normalizing flows with FPI class Gaussians (NFPI)."
@@ -170,7 +207,9 @@ def _parser() -> argparse.ArgumentParser:
     au = sub.add_parser("augment", help=COMMANDS["augment"], description=COMMANDS["augment"])
     _common(au)
     defaults = augment.AugmentConfig()
-    au.add_argument("--out", required=True, help="npz file to write (SPEC §9 plus source and fingerprint)")
+    au.add_argument(
+        "--out", required=True, help="npz file to write (docs/data.md format plus source and fingerprint)"
+    )
     au.add_argument(
         "--copies", type=int, default=defaults.copies, help=f"variants per image ({defaults.copies})"
     )
@@ -183,6 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     au.add_argument("--seed", type=int, default=0, help="seed of the variants (default 0)")
     au.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _data_parser(sub)
     return parser
 
 
@@ -192,7 +232,8 @@ def main(argv: list[str] | None = None) -> Any:
     if argv and argv[0] == "train":  # nfpi.train.main owns these arguments, --help included
         return train.main(argv[1:])
     args = _parser().parse_args(argv)
-    return {"eval": cmd_eval, "sample": cmd_sample, "augment": cmd_augment}[args.command](args)
+    commands = {"eval": cmd_eval, "sample": cmd_sample, "augment": cmd_augment, "data": cmd_data}
+    return commands[args.command](args)
 
 
 def run() -> None:

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nfpi import data as D
+from nfpi.data import checksums
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -407,6 +408,7 @@ def test_download_converts_to_npz_atomically(tmp_path: Path, monkeypatch: pytest
     import torchvision.datasets
 
     monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    monkeypatch.setattr(checksums, "CHECKSUMS", {})  # the fake images have no committed sum
     FakeMNIST.calls = []
     root = tmp_path / "fresh"
     a = D.load("mnist", "test", data_dir=root, download=True)

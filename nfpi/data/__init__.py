@@ -4,6 +4,8 @@ and split rules, preprocessing into flow inputs, and GLEM's class codes.
 - :mod:`nfpi.data.arrays`: :class:`ImageArrays` (uint8 images, labels, class names);
 - :mod:`nfpi.data.datasets`: the registry :data:`DATASETS`, npz / image-folder storage, loading
   and download. A new dataset goes here;
+- :mod:`nfpi.data.download`: ``nfpi data fetch | list | check``: fetch the missing files,
+  verified against the SHA-256 sums committed in :mod:`nfpi.data.checksums`;
 - :mod:`nfpi.data.splits`: every subset and split rule (class-balanced subsets, stratified
   splits: train / validation, D_NF / D_G, digits train / test);
 - :mod:`nfpi.data.preprocess`: quantisation, dequantisation, bits/dim, the training loader;
@@ -19,6 +21,7 @@ Example:
 """
 
 from .arrays import DatasetFormatError, ImageArrays
+from .checksums import ChecksumError
 from .codes import ClassCodes, CodeConfig
 from .datasets import (
     DATASETS,
@@ -31,6 +34,7 @@ from .datasets import (
     load,
     registered,
 )
+from .download import FetchError, fetch
 from .preprocess import (
     FlowDataset,
     bin_centres,
@@ -47,10 +51,12 @@ __all__ = [
     "DATASETS",
     "DIGITS_SPLIT_SEED",
     "REPO_ROOT",
+    "ChecksumError",
     "ClassCodes",
     "CodeConfig",
     "DatasetFormatError",
     "DatasetInfo",
+    "FetchError",
     "FlowDataset",
     "ImageArrays",
     "bin_centres",
@@ -60,6 +66,7 @@ __all__ = [
     "class_subset",
     "data_dir",
     "dequantize",
+    "fetch",
     "info",
     "load",
     "make_loader",

@@ -34,12 +34,14 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from .._util import atomic_write
 from .arrays import DatasetFormatError, ImageArrays
+from .checksums import verify_arrays
 from .splits import split_arrays
 
 __all__ = [
@@ -136,7 +138,8 @@ def _folder(name: str, root: str | os.PathLike[str] | None) -> Path:
     raise ValueError(
         f"unknown dataset {name!r}: neither a known dataset ({', '.join(sorted(DATASETS))}) nor a folder "
         f"(looked for {Path(name).expanduser().resolve()} and {(_data_dir(root) / name).resolve()}); a "
-        "dataset folder holds train.npz and test.npz (SPEC §9) or train/ and test/ with a subfolder per class"
+        "dataset folder holds train.npz and test.npz (docs/data.md) or train/ and test/ with a subfolder "
+        "per class"
     )
 
 
@@ -164,11 +167,11 @@ def load(
     if not path.is_file():
         if not download:
             raise FileNotFoundError(
-                f"dataset file {path.name} not found: expected it at {path.resolve()}. Put the "
-                f"SPEC §9 npz files in one directory and point the environment variable "
-                f"{ENV_VAR} (or data_dir=...) at it, or call load({key!r}, {split!r}, "
-                f"download=True) on a machine with internet access to fetch it via "
-                f"torchvision.datasets.{info.torchvision_name} and convert it."
+                f"dataset file {path.name} not found: expected it at {path.resolve()}. Run "
+                f"`nfpi data fetch {key}` (or call load({key!r}, {split!r}, download=True)) on a "
+                f"machine with internet access to fetch it via torchvision.datasets."
+                f"{info.torchvision_name}, or put the npz files (docs/data.md) in one directory and "
+                f"point the environment variable {ENV_VAR} (or data_dir=...) at it."
             )
         _download(key, split, root)
     return _read_npz(path, key, info)
@@ -215,7 +218,7 @@ def _read_npz(path: Path, name: str, info: DatasetInfo | None) -> ImageArrays:
     missing = {"x", "y", "classes"} - arrays.keys()
     if missing:
         raise DatasetFormatError(
-            f"{path} lacks array(s) {sorted(missing)}; a SPEC §9 file holds x, y and classes"
+            f"{path} lacks array(s) {sorted(missing)}; a dataset file (docs/data.md) holds x, y and classes"
         )
     x, y, classes = arrays["x"], arrays["y"], arrays["classes"]
     if info is not None:
@@ -257,7 +260,7 @@ def _load_folder(folder: Path, split: str, name: str) -> ImageArrays:
         return _read_image_folder(folder / split, name)
     raise FileNotFoundError(
         f"dataset folder {folder.resolve()} has neither {split}.npz nor {split}/: provide "
-        f"{folder / f'{split}.npz'} (SPEC §9, see data/README.md) or {folder / split}/<class>/<images>"
+        f"{folder / f'{split}.npz'} (docs/data.md) or {folder / split}/<class>/<images>"
     )
 
 
@@ -302,7 +305,15 @@ def _read_image_folder(root: Path, name: str) -> ImageArrays:
     )
 
 
-def _download(name: str, split: str, root: Path) -> None:
+def _download(
+    name: str, split: str, root: Path, checksums: dict[str, dict[str, Any]] | None = None
+) -> str | None:
+    """Fetch split ``split`` of registered dataset ``name`` with torchvision (archives in
+    ``root/raw``), check its arrays against ``checksums`` (None: the committed
+    :data:`nfpi.data.checksums.CHECKSUMS`) and write ``root/{name}_{split}.npz`` atomically.
+
+    Returns the verified SHA-256, or None when the file has no committed sum. Offline: a
+    one-line ConnectionError; a checksum mismatch: :class:`ChecksumError`, nothing written."""
     import torchvision.datasets
 
     info = DATASETS[name]
@@ -318,7 +329,7 @@ def _download(name: str, split: str, root: Path) -> None:
         first = (str(err).strip().splitlines() or [""])[0]
         raise ConnectionError(
             f"could not download {name} ({split}) with torchvision.datasets.{info.torchvision_name} "
-            f"({type(err).__name__}: {first}); this machine looks offline: provide {target.resolve()} "
+            f"({type(err).__name__}: {first}); the network looks offline: provide {target.resolve()} "
             f"(copy {name}_{split}.npz into {root.resolve()}, or point {ENV_VAR} at its directory) and set "
             "download=False."
         ) from None
@@ -333,4 +344,10 @@ def _download(name: str, split: str, root: Path) -> None:
     # have no class names: their labels are the digits.
     names = getattr(source, "classes", None) or [str(k) for k in range(info.num_classes)]
     classes = np.array([c.split(" - ")[0] for c in names])
+    remedy = (
+        f"the download is corrupt or its source changed, so {target.name} was not written; delete "
+        f"{(root / 'raw').resolve()} and run `nfpi data fetch {name}` again"
+    )
+    digest = verify_arrays(target.name, x, y, classes, checksums, target, remedy)
     atomic_write(target, lambda f: np.savez_compressed(f, x=x, y=y, classes=classes))
+    return digest
