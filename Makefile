@@ -1,5 +1,6 @@
 # Two entry points on a fresh machine (see README.md):
-#   make reproduce   set up .venv and execute every notebook on its CPU defaults (figures -> figures/)
+#   make reproduce   set up .venv, fetch the missing dataset files (make data), then execute every
+#                    notebook on its CPU defaults (figures -> figures/)
 #   make test        set up .venv, run the unit tests, then re-execute the notebooks with nbval
 #                    (two notebook lanes side by side)
 #   make test-portable  the numeric tests and the notebooks that check numbers, under two other
@@ -24,7 +25,7 @@ NB_IDS := $(foreach nb,$(NOTEBOOKS),$(firstword $(subst _, ,$(notdir $(nb)))))
 P ?=
 LAB_ARGS ?=
 
-.PHONY: venv test test-portable lint quick unit tables nbval nbval-long nbval-rest reproduce lab bench clean $(addprefix nb-,$(NB_IDS))
+.PHONY: venv test test-portable lint quick unit tables nbval nbval-long nbval-rest data reproduce lab bench clean $(addprefix nb-,$(NB_IDS))
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -89,7 +90,14 @@ nbval-long: venv
 nbval-rest: venv
 	cd notebooks && $(NBVAL) $(filter-out $(LONG_NB),$(notdir $(EXECUTED)))
 
-reproduce: venv
+# The dataset files the notebooks read (07 re-evaluates the shipped MNIST and CIFAR-10 flows),
+# fetched when missing and verified (docs/data.md). Present files cost a header check; offline with
+# files missing, one line names them before any notebook runs. `nfpi data check`: the full sums.
+REPRO_DATA := mnist cifar10
+data: venv
+	@$(BIN)/nfpi data fetch $(REPRO_DATA)
+
+reproduce: venv data
 	@for id in $(NB_IDS); do $(MAKE) --no-print-directory nb-$$id || exit 1; done
 
 # One notebook: jupytext source -> papermill into a temporary file (one progress line per epoch)
