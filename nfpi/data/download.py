@@ -134,7 +134,8 @@ def _offline(err: Exception, missing: list[Path], keys: list[str], root: Path) -
     source = err.__context__ or err  # _download raises its one line `from None`
     cause = f"{type(source).__name__}: {(str(source).strip().splitlines() or [''])[0]}"
     return FetchError(
-        f"could not download (offline? {cause}); missing in {where(root)}: {', '.join(p.name for p in missing)}. "
+        f"could not download (offline? {cause}); missing in {where(root)}: "
+        f"{', '.join(p.name for p in missing)}. "
         f"Run `nfpi data fetch {' '.join(keys)}` on a machine with internet access and copy the .npz "
         f"files into that directory (or point {ENV_VAR} at a directory that holds them)."
     )
