@@ -166,14 +166,25 @@ plots.solver_curves(
 plt.show()
 
 # %%
+gaps = {n: (r.objective - ours.objective) / abs(ours.objective) for n, r in curves.items()}
+print("relative gap above the FPI optimum:", {n: f"{g:.1e}" for n, g in gaps.items()})
+
+# %% [markdown]
+# The decaying policies reach the FPI optimum to float64 precision; Adam at a constant rate
+# keeps hovering above it, at a relative gap that depends on the float reduction order (7e-8
+# with AVX-512 kernels, 2e-6 with scalar ones: `make test-portable`). The checked cell below
+# states what holds on every processor: every method ends within 1e-4 of the FPI optimum, none
+# below it.
+
+# %%
 # NBVAL_CHECK_OUTPUT
 summary = pd.DataFrame(
     [
         {
             "method": n,
             "steps": r.iterations,
-            "within 1e-6 of the FPI optimum": abs(r.objective - ours.objective) < 1e-6 * abs(ours.objective),
-            "not below it (1e-9)": r.objective > ours.objective - 1e-9 * abs(ours.objective),
+            "within 1e-4 of the FPI optimum": gaps[n] < 1e-4,
+            "not below it (1e-9)": gaps[n] > -1e-9,
         }
         for n, r in curves.items()
     ]
