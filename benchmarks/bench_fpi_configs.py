@@ -13,7 +13,7 @@ The solve is :func:`nfpi.train.fit`, i.e. exactly what training calls with the c
 
     config, lambda, rule, learn, stop, accel, iterations, final change, converged, seconds
 
-    NFPI_DATA=/work/shared/data python benchmarks/bench_fpi_configs.py [--per-class 500] [--threads 1]
+    NFPI_DATA=<folder of the npz files> python benchmarks/bench_fpi_configs.py [--per-class 500] [--threads 1]
     python benchmarks/bench_fpi_configs.py --smoke   # digits_cpu on 10 images per class, seconds
 """
 
