@@ -160,6 +160,8 @@ class SolverConfig:
     """Keyword arguments of :func:`nfpi.prior.fpi.solve` (paper Eqs. 5-7), passed as they are.
 
     ``stop: released`` with ``accel: none`` is the authors' plain iteration and stopping rule.
+    ``rho`` is the variance box [v/rho, v*rho] of both solvers: :func:`nfpi.prior.gd.solve`
+    gets it too, so that GD and FPI always search the same set.
     """
 
     rule: str = "paper"

@@ -1,6 +1,7 @@
 """The fixed-point solver: statistics, KL, stationarity of the fixed point, robustness
 (docs/method.md §2-§3, §5)."""
 
+import inspect
 import math
 import warnings
 
@@ -496,3 +497,22 @@ def test_gradient_descent_lr_policy_schedule(policy):
     assert len(res.history["lr"]) == steps
     for t in (0, 1, 10, 20, 33, 39):
         assert res.history["lr"][t] == pytest.approx(lr0 * (1 - t / steps) ** p, rel=1e-12, abs=0)
+
+
+def test_gd_searches_fpis_box_and_reports_its_active_bounds():
+    """Same default rho as FPI; above the unbounded threshold both solvers end on the box
+    [v/rho, v*rho], and GD counts the entries it saturates (it reported 0 before)."""
+    defaults = [inspect.signature(f).parameters["rho"].default for f in (fpi.solve, gd.solve)]
+    assert defaults[0] == defaults[1]
+    stats = make_stats(k=10, d=4, sep=0.3)
+    lam, rho = 4 * unbounded_threshold(10, 10.0, "pairwise"), 5.0
+    v = stats.var()
+    res = gd.solve(stats, lam, rho=rho, steps=2000, lr=0.1)
+    assert ((res.variances >= v / rho * (1 - 1e-9)) & (res.variances <= v * rho * (1 + 1e-9))).all()
+    assert res.bounds_active > 0 and res.history["active_bounds"][-1] == res.bounds_active
+    assert res.history["active_bounds"][0] == 0  # starts at the data variances, inside the box
+    at_bound = (res.variances <= v / rho * (1 + gd.BOUND_TOL)) | (
+        res.variances >= v * rho * (1 - gd.BOUND_TOL)
+    )
+    assert res.bounds_active == int(at_bound.sum())
+    assert gd.solve(stats, lam, learn="means", rho=rho, steps=50).bounds_active == 0

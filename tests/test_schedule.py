@@ -48,3 +48,27 @@ def test_annealing_options_are_validated():
     with pytest.raises(ValueError, match="lam_min"):
         tiny_config(**{"schedule.lam_min": 1e6})
     assert math.isclose(em_overrides(5.0, 3)["gaussians.lam"], 5.0)
+
+
+@pytest.mark.parametrize("prior", ["fpi", "gd"])
+def test_both_solvers_take_the_variance_box_of_solver_rho(prior):
+    """GD and FPI search the same set: solver.rho bounds the learned variances of either, and
+    each reports the entries it leaves on the box."""
+    z, y = correlated(300, 4, 3, seed=5)
+    stats = ClassStats.from_latents(z, y, 3)
+    v = stats.var().float()
+    cfg = tiny_config(
+        **{
+            "gaussians.prior": prior,
+            "gaussians.lam": 1e4,
+            "gaussians.learn": "both",
+            "solver.rule": "released",
+            "solver.rho": 1.5,
+            "gd.steps": 500,
+            "gd.lr": 0.2,
+        }
+    )
+    gaussians, info = fit(cfg, stats, 1e4)
+    s = gaussians.variances
+    assert ((s >= v / 1.5 * (1 - 1e-5)) & (s <= v * 1.5 * (1 + 1e-5))).all()
+    assert info["bounds_active"] > 0

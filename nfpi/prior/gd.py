@@ -25,7 +25,10 @@ from .criterion import Learn, Pi, pairwise_kl, potential
 from .fpi import FPIResult, check_solver_args
 from .stats import ClassStats
 
-__all__ = ["POLICIES", "solve"]
+__all__ = ["BOUND_TOL", "POLICIES", "solve"]
+
+#: A learned variance closer than this (relative) to an end of its sigmoid range sits on it.
+BOUND_TOL = 1e-3
 
 POLICIES: dict[str, float] = {
     "constant": 0.0,
@@ -50,7 +53,7 @@ def solve(
     a: float | None = None,
     b: float = 1.0,
     c: float | None = None,
-    rho: float = 10.0,
+    rho: float = 1e3,
     tol: float = 0.0,
     seconds: float = math.inf,
 ) -> FPIResult:
@@ -62,7 +65,11 @@ def solve(
             the class data std, so lr is scale free).
         a, b, c: sigmoid reparametrisation s = c + a sigmoid(b theta). The released defaults
             are a=1, b=1, c=0.25 (absolute units); with a=c=None the range is set per entry to
-            [v/rho, v*rho] around the data variance v, which fits latents of any scale.
+            [v/rho, v*rho] around the data variance v, which fits latents of any scale: the
+            box of :func:`nfpi.prior.fpi.solve` with the same ``rho`` (its default too), so
+            that the two solvers search the same set. A learned variance within a relative
+            :data:`BOUND_TOL` of an end of its range counts as an active bound (the sigmoid
+            reaches its ends only asymptotically).
         tol: stop early when the RMS parameter change of a step is below tol (0: never).
         seconds: stop after this wall time (for equal-time comparisons).
     Returns:
@@ -96,7 +103,7 @@ def solve(
         change = math.sqrt(sum(float((p.detach() - q).pow(2).mean()) for p, q in zip(params, before)))
         h["objective"].append(float(loss.detach()))
         h["change"].append(change)
-        h["active_bounds"].append(0)
+        h["active_bounds"].append(par.active())
         h["time"].append(time.perf_counter() - start)
         result.iterations = step
         if change < tol:
@@ -106,6 +113,7 @@ def solve(
             break
     with torch.no_grad():
         result.means, result.variances = (t.detach() for t in current())
+    result.bounds_active = par.active()
     return result
 
 
@@ -156,6 +164,15 @@ class _Parametrisation:
         theta = self.theta
         s = self.lo + self.width * torch.sigmoid(self.b * theta) if theta.requires_grad else self.s0
         return self.m + self.u * self.std, s
+
+    def active(self) -> int:
+        """Learned variance entries within a relative :data:`BOUND_TOL` of an end of their range."""
+        if not self.theta.requires_grad:
+            return 0
+        with torch.no_grad():
+            s = self.current()[1]
+            hi = self.lo + self.width
+            return int(((s <= self.lo * (1 + BOUND_TOL)) | (s >= hi * (1 - BOUND_TOL))).sum())
 
 
 def _adam(

@@ -66,7 +66,8 @@ def fit(
     if objective.prior == "fpi":
         res = fpi.solve(stats, lam, **shared, **dataclasses.asdict(cfg.solver), on_fail="warn")
     elif objective.prior == "gd":
-        res = gd.solve(stats, lam, **shared, **dataclasses.asdict(cfg.gd))
+        # the variance box of both solvers is solver.rho, so that they search the same set
+        res = gd.solve(stats, lam, **shared, rho=cfg.solver.rho, **dataclasses.asdict(cfg.gd))
     else:
         raise ValueError(f"prior {objective.prior!r} is not fitted to statistics")
     variances = res.variances
