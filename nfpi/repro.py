@@ -110,12 +110,15 @@ def _syntax(source: str) -> str:
     return ast.dump(tree, annotate_fields=True, include_attributes=False)
 
 
-def run_key(config: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+def run_key(config: dict[str, Any], ignore: tuple[str, ...] = (), with_code: bool = True) -> str:
     """12 hex digits identifying a run: its configuration (a nested dict; top-level keys in
-    ``ignore`` left out, e.g. devices and thread counts) and :func:`code_fingerprint`."""
-    kept = {k: v for k, v in config.items() if k not in ignore}
-    text = json.dumps({"config": kept, "code": code_fingerprint()}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    ``ignore`` left out, e.g. devices and thread counts) and :func:`code_fingerprint`
+    (``with_code=False``: the configuration alone, for results that outlive a code version and
+    record the fingerprint that made them beside the key)."""
+    kept: dict[str, Any] = {"config": {k: v for k, v in config.items() if k not in ignore}}
+    if with_code:
+        kept["code"] = code_fingerprint()
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def run_dir(

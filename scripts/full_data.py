@@ -28,8 +28,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from nfpi.config import TrainConfig
-from nfpi.experiments import train_settings
+from nfpi import repro
+from nfpi.config import NOT_KEYED, TrainConfig
+from nfpi.experiments import solve_info
 from nfpi.train import keyed_run_dir, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,13 +42,15 @@ RESULTS = REPO / "results" / "full"
 class Study:
     """The full-data runs of one data set: its config, the candidates it was chosen among
     (label -> overrides; the config is one of them), the budget of its table runs (overrides)
-    and the table groups (group -> its candidate settings, chosen on seed-0 validation)."""
+    and the table groups (group -> its candidate settings, chosen on seed-0 validation), and
+    whether its committed table is complete."""
 
     config: str
     candidates: dict[str, list[str]]
     table_budget: list[str] = field(default_factory=list)
     groups: dict[str, dict[str, dict]] = field(default_factory=dict)
     seeds: tuple[int, ...] = (0, 1, 2)
+    complete: bool = True  # False while a campaign is still running: the committed table is a part
 
 
 # MNIST candidates, compared per CPU-minute; configs/mnist_full.yaml is the last one (the most
@@ -85,9 +88,18 @@ MNIST = Study(
     },
 )
 # CIFAR-10: the config (3 levels x 4 steps, 64 channels, 5 epochs) against a deeper model (3 x 8
-# steps, 1.75 times the time per epoch; stopped after its first), trained side by side; the
-# config is the paper's "both" setting, run against data init, seeds 0 and 1 (a third did not
-# fit in the session that made them).
+# steps, 1.75 times the time per epoch; stopped after its first), trained side by side. Tables
+# 1 and 3 at the config's budget, each group with 3 candidates chosen on seed-0 validation:
+# - "fpi both", "fpi means": the released rule (and isotropic mean step) around the released
+#   lambda 3e5; "fpi variances" the same;
+# - Table 1 on one objective: "fpi paper" is the fixed point of the paper's J (stationary rule,
+#   learned means and variances) and "gd" minimises that J by Adam, both in the box
+#   [v/rho, v*rho] of solver.rho, at the same lambdas; J is unbounded below above lambda = 55.3
+#   (pairwise pi, K = 10), so 50 is the largest the paper rule can take.
+# A campaign of hours: runs are recorded as they finish (results/full/cifar10_tables.csv), and
+# the table is complete when every group has its candidates and 3 seeds of its choice.
+_RELEASED = (3.0e4, 3.0e5, 3.0e6)
+_PAPER = (10.0, 20.0, 50.0)
 CIFAR10 = Study(
     config="configs/cifar10_full.yaml",
     candidates={
@@ -96,9 +108,32 @@ CIFAR10 = Study(
     },
     groups={
         "data": {"data": {"gaussians.prior": "data"}},
-        "fpi both": {"fpi both": {}},
+        "fpi both": {f"fpi both, released rule, lambda={lam:g}": {"gaussians.lam": lam} for lam in _RELEASED},
+        "fpi paper": {
+            f"fpi both, paper rule, lambda={lam:g}": {"solver.rule": "paper", "gaussians.lam": lam}
+            for lam in _PAPER
+        },
+        "gd": {
+            f"gd, paper J, lambda={lam:g}": {
+                "gaussians.prior": "gd",
+                "solver.rule": "paper",
+                "gaussians.lam": lam,
+            }
+            for lam in _PAPER
+        },
+        "fpi means": {
+            f"fpi means, released rule, lambda={lam:g}": {"gaussians.learn": "means", "gaussians.lam": lam}
+            for lam in _RELEASED
+        },
+        "fpi variances": {
+            f"fpi variances, released rule, lambda={lam:g}": {
+                "gaussians.learn": "variances",
+                "gaussians.lam": lam,
+            }
+            for lam in _RELEASED
+        },
     },
-    seeds=(0, 1),
+    complete=False,
 )
 STUDIES = {"mnist": MNIST, "cifar10": CIFAR10}
 
@@ -141,30 +176,100 @@ def candidates(dataset: str, only: list[str] | None = None, collect: bool = Fals
     return pd.concat(tables, ignore_index=True)
 
 
-def table_group(dataset: str, group: str, seeds: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One group of Tables 1 / 3: its candidates with seed ``seeds[0]``, the one with the best
-    validation NF accuracy with every seed; one final row per run (reused when finished), and
-    the runs' per-epoch metrics."""
-    study = STUDIES[dataset]
+def config_key(cfg: TrainConfig) -> str:
+    """A run's configuration alone (no code fingerprint): the key under which a finished table
+    run is reused by later code, which records the fingerprint that made it beside the key."""
+    return repro.run_key(cfg.to_dict(), ignore=NOT_KEYED, with_code=False)
+
+
+@dataclass
+class Campaign:
+    """The table runs of one data set so far: the committed final rows and per-epoch metrics
+    (``out`` and its ``_epochs`` file), extended and rewritten after every finished run, so
+    that the runs of one session outlive its (gitignored) run folders once committed."""
+
+    out: Path
+    rows: pd.DataFrame = field(default_factory=pd.DataFrame)
+    epochs: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @classmethod
+    def read(cls, out: Path) -> Campaign:
+        """The campaign written so far to ``out`` (none yet: empty)."""
+        if not out.is_file():
+            return cls(out)
+        return cls(out, pd.read_csv(out), pd.read_csv(_epochs_file(out)))
+
+    def row(self, key: str) -> pd.Series | None:
+        """The committed final row of the run with config key ``key``, if any."""
+        found = self.rows[self.rows["config_key"] == key] if len(self.rows) else self.rows
+        return found.iloc[-1] if len(found) else None
+
+    def relabel(self, key: str, head: dict) -> None:
+        """Give the run of ``key`` the group, setting and command ``head`` names it by now."""
+        for frame in (self.rows, self.epochs):
+            names = [k for k in head if k in frame]
+            frame.loc[frame["config_key"] == key, names] = [head[k] for k in names]
+
+    def add(self, row: dict, epochs: pd.DataFrame) -> None:
+        """Record one finished run (replacing an earlier record of its key) and rewrite the files."""
+        if len(self.rows):
+            keep = self.rows["config_key"] != row["config_key"]
+            self.epochs = self.epochs[self.epochs["config_key"].isin(self.rows.loc[keep, "config_key"])]
+            self.rows = self.rows[keep]
+        self.rows = pd.concat([self.rows, pd.DataFrame([row])], ignore_index=True)
+        self.epochs = pd.concat([self.epochs, epochs], ignore_index=True)
+        _write(self.rows, self.out)
+        _write(self.epochs, _epochs_file(self.out))
+
+
+def _epochs_file(out: Path) -> Path:
+    return out.with_name(out.stem + "_epochs.csv")
+
+
+def _finished_run(cfg: TrainConfig) -> Path:
+    """The run folder of ``cfg``: a finished one made by any code version (a run started by the
+    CLI, or by the code before a change), else the folder this code trains in."""
+    key = config_key(cfg)
+    for summary in sorted(RUNS.glob("*/metrics.json")):
+        config = json.loads(summary.read_text()).get("config")
+        if config is not None and config_key(TrainConfig.from_dict(config)) == key:
+            return summary.parent
+    return keyed_run_dir(RUNS, f"{cfg.dataset}_full", cfg)
+
+
+def table_run(study: Study, campaign: Campaign, group: str, setting: str, seed: int) -> pd.Series:
+    """The final row of one table run: the committed one when its config was run before (by
+    any code version), else trained (or resumed) now and recorded in ``campaign``."""
     settings = {name: o for g in study.groups.values() for name, o in g.items()}
     base = TrainConfig.from_yaml(REPO / study.config, **_overrides(study.table_budget))
-    name = f"{dataset}_full"
-    first = train_settings(base, study.groups[group], seeds[:1], RUNS, name, progress=True)
-    best = first.loc[first["val_acc_top1"].idxmax(), "setting"]
-    rest = train_settings(base, {best: settings[best]}, seeds[1:], RUNS, name, progress=True)
-    table = pd.concat([first, rest], ignore_index=True)
-    table.insert(0, "group", group)
-    table.insert(2, "chosen", table["setting"] == best)
-    commands = [
-        _command(study, [*study.table_budget, *(f"{k}={v}" for k, v in settings[s].items()), f"seed={seed}"])
-        for s, seed in zip(table["setting"], table["seed"])
-    ]
-    table.insert(3, "command", commands)
-    epochs = [
-        _epochs(Path(d)).assign(group=group, setting=s, seed=seed)
-        for d, s, seed in zip(table["run_dir"], table["setting"], table["seed"])
-    ]
-    return table, pd.concat(epochs, ignore_index=True)
+    cfg = base.replace(**settings[setting], seed=seed)
+    key = config_key(cfg)
+    items = [*study.table_budget, *(f"{k}={v}" for k, v in settings[setting].items()), f"seed={seed}"]
+    head = {"group": group, "setting": setting, "command": _command(study, items), "seed": seed}
+    if campaign.row(key) is not None:  # named as the study names it now
+        campaign.relabel(key, head)
+        return campaign.row(key)
+    run_dir = _finished_run(cfg)
+    final = train(cfg, run_dir, progress=True)
+    epochs = _epochs(run_dir)
+    row = {**head, "run_dir": str(run_dir), "code": epochs["code"].iloc[0], "config_key": key}
+    row |= {k: v for k, v in solve_info(run_dir).items() if k.startswith("lam")} | final
+    campaign.add(row, epochs.assign(group=group, setting=setting, seed=seed, config_key=key))
+    return campaign.row(key)
+
+
+def table_group(dataset: str, group: str, seeds: list[int], campaign: Campaign) -> None:
+    """One group of Tables 1 / 3: its candidates with seed ``seeds[0]``, then the one with the
+    best validation NF accuracy with every seed (``chosen`` marks its rows)."""
+    study = STUDIES[dataset]
+    first = {s: table_run(study, campaign, group, s, seeds[0]) for s in study.groups[group]}
+    best = max(first, key=lambda s: first[s]["val_acc_top1"])
+    for seed in seeds[1:]:
+        table_run(study, campaign, group, best, seed)
+    rows = campaign.rows
+    in_group = rows["group"] == group
+    campaign.rows.loc[in_group, "chosen"] = rows.loc[in_group, "setting"] == best
+    _write(campaign.rows, campaign.out)
 
 
 def main() -> None:
@@ -188,14 +293,10 @@ def main() -> None:
     out = Path(args.out) if args.out else RESULTS / f"{args.dataset}_{args.what}.csv"
     if args.what == "candidates":
         _write(candidates(args.dataset, args.only, args.collect), out)
-    else:  # written after each group, so that a long run leaves its finished groups behind
-        done, epochs = [], []
+    else:  # written after each run, so that a long campaign leaves its finished runs behind
+        campaign = Campaign.read(out)
         for group in args.groups or study.groups:
-            table, per_epoch = table_group(args.dataset, group, args.seeds or list(study.seeds))
-            done.append(table)
-            epochs.append(per_epoch)
-            _write(pd.concat(done, ignore_index=True), out)
-            _write(pd.concat(epochs, ignore_index=True), out.with_name(out.stem + "_epochs.csv"))
+            table_group(args.dataset, group, args.seeds or list(study.seeds), campaign)
 
 
 def _write(table: pd.DataFrame, out: Path) -> None:

@@ -6,6 +6,7 @@ re-evaluated by tests/test_pretrained.py."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 from conftest import script
 
 from nfpi.config import TrainConfig
-from nfpi.train import check_config
+from nfpi.train import check_config, keyed_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "full"
@@ -52,29 +53,72 @@ def test_committed_candidates_are_the_scripts_finished_runs(dataset: str) -> Non
 
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_committed_tables_are_the_scripts_choices(dataset: str) -> None:
+    """Every committed row is a run the script names, under its config key; a group whose seed-0
+    candidates are all in chose the best on validation; a complete study has every run."""
     study = full_data.STUDIES[dataset]
     settings = {name: o for g in study.groups.values() for name, o in g.items()}
+    base = TrainConfig.from_yaml(REPO / study.config, **full_data._overrides(study.table_budget))
     table = pd.read_csv(RESULTS / f"{dataset}_tables.csv")
-    assert list(dict.fromkeys(table["group"])) == list(study.groups)
+    assert set(table["group"]) <= set(study.groups)
+    assert not table.duplicated(["setting", "seed"]).any() and not table["config_key"].duplicated().any()
     for _, row in table.iterrows():
+        assert row["setting"] in study.groups[row["group"]], f"{row['setting']} is not in {row['group']}"
         items = [*study.table_budget, *(f"{k}={v}" for k, v in settings[row["setting"]].items())]
         assert row["command"] == full_data._command(study, [*items, f"seed={row['seed']}"])
-    for group, rows in table.groupby("group"):
-        assert set(rows["setting"]) == set(study.groups[group]), f"{group}: a candidate is missing"
+        cfg = base.replace(**settings[row["setting"]], seed=row["seed"])
+        assert row["config_key"] == full_data.config_key(cfg)
+    for group, candidates in study.groups.items():
+        rows = table[table["group"] == group]
         first = rows[rows["seed"] == study.seeds[0]]
+        if set(first["setting"]) != set(candidates):
+            assert not study.complete, f"{group}: a candidate is missing"
+            assert not rows["chosen"].fillna(False).astype(bool).any(), (
+                f"{group}: chosen before all candidates ran"
+            )
+            continue
         best = first.loc[first["val_acc_top1"].idxmax(), "setting"]
         assert (rows["chosen"] == (rows["setting"] == best)).all(), f"{group}: not the validation choice"
-        assert sorted(rows.loc[rows["chosen"], "seed"]) == list(study.seeds)
+        assert set(rows.loc[~rows["chosen"], "seed"]) <= {study.seeds[0]}
+        chosen_seeds = sorted(rows.loc[rows["chosen"], "seed"])
+        assert chosen_seeds == list(study.seeds) or (
+            not study.complete and set(chosen_seeds) < set(study.seeds)
+        )
     # the per-epoch metrics of every table run end in its final row
-    final = pd.read_csv(RESULTS / f"{dataset}_tables_epochs.csv").groupby(["setting", "seed"]).last()
+    final = pd.read_csv(RESULTS / f"{dataset}_tables_epochs.csv").groupby("config_key").last()
     assert len(final) == len(table)
     for _, row in table.iterrows():
         for metric in ("val_acc_top1", "acc_top1", "test_bpd"):
-            assert final.loc[(row["setting"], row["seed"]), metric] == pytest.approx(row[metric])
+            assert final.loc[row["config_key"], metric] == pytest.approx(row[metric])
+
+
+def test_a_campaign_reuses_committed_and_finished_runs(tmp_path, monkeypatch) -> None:
+    """Runs outlive their session: a committed row is reused without training (renamed as the
+    study names it now), and a finished run folder of another code version is adopted."""
+    study = full_data.STUDIES["cifar10"]
+    out = tmp_path / "cifar10_tables.csv"
+    committed = pd.read_csv(RESULTS / "cifar10_tables.csv")
+    committed.loc[0, ["setting", "command"]] = ["an old name", "an old command"]
+    committed.to_csv(out, index=False)
+    epochs = pd.read_csv(RESULTS / "cifar10_tables_epochs.csv")
+    epochs.to_csv(full_data._epochs_file(out), index=False)
+    monkeypatch.setattr(full_data, "train", lambda *a, **k: pytest.fail("a committed run was retrained"))
+    campaign = full_data.Campaign.read(out)
+    row = full_data.table_run(study, campaign, "data", "data", int(committed.loc[0, "seed"]))
+    assert row["setting"] == "data" and row["command"] == campaign.rows.loc[0, "command"] != "an old command"
+    assert row["acc_top1"] == committed.loc[0, "acc_top1"]
+    # a finished run made by other code (another folder name) is found by its config alone
+    base = TrainConfig.from_yaml(REPO / study.config, **full_data._overrides(study.table_budget))
+    cfg = base.replace(gaussians={"prior": "data"}, seed=7)
+    monkeypatch.setattr(full_data, "RUNS", tmp_path / "runs")
+    (tmp_path / "runs" / "by-the-cli").mkdir(parents=True)
+    (tmp_path / "runs" / "by-the-cli" / "metrics.json").write_text(json.dumps({"config": cfg.to_dict()}))
+    assert full_data._finished_run(cfg) == tmp_path / "runs" / "by-the-cli"
+    other = cfg.replace(seed=8)
+    assert full_data._finished_run(other) == keyed_run_dir(tmp_path / "runs", "cifar10_full", other)
 
 
 def test_unknown_group_is_refused_before_training(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(sys, "argv", ["full_data.py", "tables", "--dataset", "cifar10", "--groups", "gd"])
+    monkeypatch.setattr(sys, "argv", ["full_data.py", "tables", "--dataset", "cifar10", "--groups", "gdx"])
     with pytest.raises(SystemExit):
         full_data.main()
-    assert "unknown group ['gd'] for cifar10" in capsys.readouterr().err
+    assert "unknown group ['gdx'] for cifar10" in capsys.readouterr().err

@@ -16,7 +16,7 @@ Example:
 from . import downstream, finetune
 from .grid import run_grid, train_settings
 from .references import paper_table
-from .rows import EvalConfig, Oracle, check_compatible, config_hash, evaluate_run, generate, load_oracle, rfcm
+from .rows import EvalConfig, Oracle, check_compatible, config_hash, evaluate_run, generate, load_oracle, rfcm, solve_info
 from .tables import KEY, append_row, find_row, read_rows
 
 __all__ = [
@@ -36,5 +36,6 @@ __all__ = [
     "read_rows",
     "rfcm",
     "run_grid",
+    "solve_info",
     "train_settings",
 ]
