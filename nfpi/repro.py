@@ -18,6 +18,8 @@
 * :func:`expect_recorded`: :func:`expect` for every setting and metric of a fresh results
   table against the committed one, with tolerances derived from the recorded seed spread
   (:func:`pooled_spread`, :func:`draw_tolerance`: another machine is another draw).
+* :func:`orderings`: whether claimed orderings of settings ("A > B") hold, each a paired
+  t-test over seeds, Holm-corrected over the family of orderings read together.
 * :func:`render_readme`: the result tables of the README and docs/results.md are generated from
   the committed results CSVs (blocks between ``<!-- results: ... -->`` and ``<!-- /results -->``),
   so every number there has an artefact; ``python -m nfpi.repro FILE`` (``make tables``) rewrites them and
@@ -53,6 +55,7 @@ __all__ = [
     "expect",
     "expect_recorded",
     "markdown_summary",
+    "orderings",
     "pooled_spread",
     "read_recorded",
     "render_readme",
@@ -293,18 +296,86 @@ def markdown_summary(
     return "\n".join(lines)
 
 
-_BLOCK = re.compile(r"(<!-- results: (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.DOTALL)
+def orderings(
+    table: pd.DataFrame,
+    metric: str,
+    claims: Sequence[tuple[str, str]],
+    by: str = "setting",
+    seed: str = "seed",
+    level: float = 0.05,
+) -> pd.DataFrame:
+    """Whether each claim ``(a, b)``, "a > b in ``metric``", holds in ``table``: one row per
+    claim with the means, the paired (same seed) difference a - b, its 95 % interval, the
+    two-sided paired t-test p value and its Holm-adjusted value over the claims that could be
+    tested (the family read together), and a verdict: ``holds`` (adjusted p < ``level``, a > b),
+    ``reversed`` (adjusted p < ``level``, a < b), ``not shown`` (neither), ``not run yet``
+    (a setting has no rows) or ``too few seeds`` (< 2 shared seeds).
+
+    Example:
+        >>> t = pd.DataFrame({"setting": ["a"] * 3 + ["b"] * 3, "seed": [0, 1, 2] * 2,
+        ...                   "acc": [90.0, 91.0, 92.0, 50.0, 52.0, 51.0]})
+        >>> orderings(t, "acc", [("a", "b"), ("b", "a"), ("a", "c")])["verdict"].tolist()
+        ['holds', 'reversed', 'not run yet']
+    """
+    by_seed = table.pivot_table(index=seed, columns=by, values=metric)
+    rows = []
+    for a, b in claims:
+        row: dict[str, Any] = {"claim": f"{a} > {b}", "a": a, "b": b, "verdict": "not run yet"}
+        if a in by_seed and b in by_seed:
+            diff = (by_seed[a] - by_seed[b]).dropna()
+            n = len(diff)
+            row |= {"a_mean": by_seed[a].mean(), "b_mean": by_seed[b].mean(), "seeds": n}
+            row["verdict"] = "too few seeds"
+            if n >= 2:
+                sd = float(diff.std())
+                half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+                p = float(stats.ttest_1samp(diff, 0.0).pvalue) if sd > 0 else 0.0
+                row |= {"diff_mean": float(diff.mean()), "diff_ci95": half, "p": p}
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    tested = out["p"].notna() if "p" in out else pd.Series(False, index=out.index)
+    if tested.any():  # Holm: the i-th smallest of m p values times (m - i), made monotone
+        p = out.loc[tested, "p"].sort_values()
+        adjusted = (p * (len(p) - pd.Series(range(len(p)), index=p.index))).cummax().clip(upper=1.0)
+        out.loc[tested, "p_holm"] = adjusted
+        shown = tested & (out["p_holm"] < level)
+        out.loc[tested, "verdict"] = "not shown"
+        out.loc[shown, "verdict"] = ["holds" if d > 0 else "reversed" for d in out.loc[shown, "diff_mean"]]
+    return out
+
+
+def _markdown_orderings(table: pd.DataFrame, metric: str, claims: Sequence[tuple[str, str]], by: str) -> str:
+    """:func:`orderings` as a markdown table (means, paired difference ± 95 % interval, Holm p)."""
+    result = orderings(table, metric, claims, by=by)
+    head = ["claim", "seeds", f"{metric}: a vs b", "a - b (95 % CI)", "Holm p", "verdict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in result.iterrows():
+        cells = [r["claim"], "–", "–", "–", "–", f"**{r['verdict']}**"]
+        if "a_mean" in r and pd.notna(r["a_mean"]):
+            cells[1:3] = [str(int(r["seeds"])), f"{r['a_mean']:.2f} vs {r['b_mean']:.2f}"]
+        if "p" in r and pd.notna(r["p"]):
+            cells[3:5] = [f"{r['diff_mean']:+.2f} ± {r['diff_ci95']:.2f}", f"{r['p_holm']:.2g}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_BLOCK = re.compile(r"(<!-- results: (?P<spec>[^\n]*?) -->\n)(?P<body>.*?)(<!-- /results -->)", re.DOTALL)
 
 
 def _render_block(spec: str, root: Path) -> str:
     """The table of one README marker: ``<csv> metrics=a,b [by=setting] [baseline=x]
     [settings=x,y] [<column>=<value> ...]``; other ``column=value`` options keep only the rows
-    where that column holds that value (e.g. one evaluation, ``eval=nf``)."""
+    where that column holds that value (e.g. one evaluation, ``eval=nf``). With
+    ``claims=a>b,c>d`` (``_`` for a space in a name) the block is the :func:`orderings` table of
+    the first metric instead."""
     path, *options = spec.split()
     args = dict(option.split("=", 1) for option in options)
     table = pd.read_csv(root / path)
-    for column in set(args) - {"metrics", "by", "baseline", "settings"}:
+    for column in set(args) - {"metrics", "by", "baseline", "settings", "claims"}:
         table = table[table[column].astype(str) == args[column]]
+    if "claims" in args:
+        claims = [tuple(c.replace("_", " ").split(">")) for c in args["claims"].split(",")]
+        return _markdown_orderings(table, args["metrics"].split(",")[0], claims, by=args.get("by", "setting"))
     settings = args["settings"].split(",") if "settings" in args else None
     return markdown_summary(
         table,

@@ -223,3 +223,38 @@ def test_markdown_summary_and_readme_blocks(tmp_path):
     # Further column=value options keep only the matching rows (here one seed: std is NaN).
     one = repro.render_readme("<!-- results: r.csv metrics=acc seed=2 -->\n<!-- /results -->", tmp_path)
     assert "| fpi | 1 | 93.00 ± nan |" in one and "| data | 1 | 92.00 ± nan |" in one
+
+
+def test_orderings_are_paired_t_tests_holm_corrected(tmp_path):
+    """Each claim is a paired t-test over shared seeds; the family is Holm-corrected, so a claim
+    significant alone (p < 0.05) is 'not shown' when read with others; missing settings say so."""
+    seeds = range(4)
+    base = [50.0, 52.0, 51.0, 53.0]
+    rows = {"base": base, "big": [b + 10 + e for b, e in zip(base, [0.1, -0.2, 0.3, 0.0])]}
+    rows["small"] = [b + 1 + e for b, e in zip(base, [0.8, -0.5, 0.7, -0.2])]  # p = 0.034 alone
+    rows["worse"] = [b - 5 + e for b, e in zip(base, [0.2, 0.1, -0.3, 0.0])]
+    rows["noise"] = [b + e for b, e in zip(base, [0.5, -0.6, 0.4, -0.1])]
+    table = pd.DataFrame(
+        [{"setting": s, "seed": i, "acc": v} for s, vals in rows.items() for i, v in zip(seeds, vals)]
+    )
+    alone = repro.orderings(table, "acc", [("small", "base")])
+    assert alone["p"].iloc[0] < 0.05 and alone["p_holm"].iloc[0] == alone["p"].iloc[0]
+    assert alone["verdict"].iloc[0] == "holds"
+    family = repro.orderings(
+        table,
+        "acc",
+        [("big", "base"), ("small", "base"), ("base", "worse"), ("noise", "base"), ("x", "base")],
+    )
+    p, holm = family["p"], family["p_holm"]
+    assert (holm.dropna() >= p.dropna()).all()
+    order = p.dropna().sort_values().index
+    assert holm[order].is_monotonic_increasing
+    assert family["verdict"].tolist() == ["holds", "not shown", "holds", "not shown", "not run yet"]
+    diff = table.pivot(index="seed", columns="setting", values="acc")
+    assert family["diff_mean"].iloc[0] == pytest.approx((diff["big"] - diff["base"]).mean())
+    table.to_csv(tmp_path / "r.csv", index=False)
+    block = repro.render_readme(
+        "<!-- results: r.csv metrics=acc claims=big>base,x>base -->\n<!-- /results -->", tmp_path
+    )
+    assert "| big > base | 4 | 61.55 vs 51.50 | +10.05 ± 0.33 | 2.4e-06 | **holds** |" in block
+    assert "| x > base | – | – | – | – | **not run yet** |" in block

@@ -16,7 +16,17 @@ Example:
 from . import downstream, finetune
 from .grid import run_grid, train_settings
 from .references import paper_table
-from .rows import EvalConfig, Oracle, check_compatible, config_hash, evaluate_run, generate, load_oracle, rfcm, solve_info
+from .rows import (
+    EvalConfig,
+    Oracle,
+    check_compatible,
+    config_hash,
+    evaluate_run,
+    generate,
+    load_oracle,
+    rfcm,
+    solve_info,
+)
 from .tables import KEY, append_row, find_row, read_rows
 
 __all__ = [
