@@ -366,16 +366,18 @@ def _render_block(spec: str, root: Path) -> str:
     """The table of one README marker: ``<csv> metrics=a,b [by=setting] [baseline=x]
     [settings=x,y] [<column>=<value> ...]``; other ``column=value`` options keep only the rows
     where that column holds that value (e.g. one evaluation, ``eval=nf``). With
-    ``claims=a>b,c>d`` (``_`` for a space in a name) the block is the :func:`orderings` table of
-    the first metric instead."""
+    ``claims=a>b,c>d`` the block is the :func:`orderings` table of the first metric instead (a
+    name not in the table is read with its ``_`` as spaces: ``fpi_means`` for ``fpi means``)."""
     path, *options = spec.split()
     args = dict(option.split("=", 1) for option in options)
     table = pd.read_csv(root / path)
     for column in set(args) - {"metrics", "by", "baseline", "settings", "claims"}:
         table = table[table[column].astype(str) == args[column]]
     if "claims" in args:
-        claims = [tuple(c.replace("_", " ").split(">")) for c in args["claims"].split(",")]
-        return _markdown_orderings(table, args["metrics"].split(",")[0], claims, by=args.get("by", "setting"))
+        by, names = args.get("by", "setting"), set(table[args.get("by", "setting")])
+        pairs = [c.split(">") for c in args["claims"].split(",")]
+        claims = [tuple(n if n in names else n.replace("_", " ") for n in pair) for pair in pairs]
+        return _markdown_orderings(table, args["metrics"].split(",")[0], claims, by=by)
     settings = args["settings"].split(",") if "settings" in args else None
     return markdown_summary(
         table,

@@ -226,9 +226,10 @@ def _epochs_file(out: Path) -> Path:
     return out.with_name(out.stem + "_epochs.csv")
 
 
-def _finished_run(cfg: TrainConfig) -> Path:
-    """The run folder of ``cfg``: a finished one made by any code version (a run started by the
-    CLI, or by the code before a change), else the folder this code trains in."""
+def _run_folder(cfg: TrainConfig) -> Path:
+    """The run folder of ``cfg``: one made by any code version (a run started by the CLI, or by
+    the code before a change; finished, or resumed by :func:`nfpi.train.train`), else the folder
+    this code trains in."""
     key = config_key(cfg)
     for summary in sorted(RUNS.glob("*/metrics.json")):
         config = json.loads(summary.read_text()).get("config")
@@ -249,11 +250,11 @@ def table_run(study: Study, campaign: Campaign, group: str, setting: str, seed: 
     if campaign.row(key) is not None:  # named as the study names it now
         campaign.relabel(key, head)
         return campaign.row(key)
-    run_dir = _finished_run(cfg)
+    run_dir = _run_folder(cfg)
     final = train(cfg, run_dir, progress=True)
     epochs = _epochs(run_dir)
     row = {**head, "run_dir": str(run_dir), "code": epochs["code"].iloc[0], "config_key": key}
-    row |= {k: v for k, v in solve_info(run_dir).items() if k.startswith("lam")} | final
+    row |= final | solve_info(run_dir)  # the last solve's report (the final epoch has none)
     campaign.add(row, epochs.assign(group=group, setting=setting, seed=seed, config_key=key))
     return campaign.row(key)
 
@@ -302,7 +303,9 @@ def main() -> None:
 def _write(table: pd.DataFrame, out: Path) -> None:
     if "run_dir" in table:  # committed files name runs relative to the repository
         table["run_dir"] = [str(Path(p).resolve().relative_to(REPO)) for p in table["run_dir"]]
-    table.to_csv(out, index=False)
+    tmp = out.with_name(out.name + ".tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(out)  # atomic: a commit taken while a campaign runs never holds half a file
     print(f"wrote {out} ({len(table)} rows)")
 
 

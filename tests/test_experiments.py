@@ -18,6 +18,7 @@ from nfpi.experiments import (
     EvalConfig,
     Oracle,
     append_row,
+    choose_lambda,
     evaluate_run,
     generate,
     load_oracle,
@@ -271,3 +272,38 @@ def test_metric_grid_draws_one_panel_per_metric(tmp_path):
     assert len(bars.axes) == 2
     with pytest.raises(ValueError, match="kind"):
         plots.metric_grid(table, "lam", ["fid"], kind="pie")
+
+
+def test_choose_lambda_picks_each_solvers_best_validation_candidate(tmp_path, monkeypatch):
+    """Each solver is chosen among its own candidates by mean validation NF accuracy over the
+    seeds; test metrics play no part (here they would choose the other way)."""
+    val = {
+        ("fpi", 10.0): [70.0, 72.0],
+        ("fpi", 50.0): [75.0, 71.0],
+        ("gd", 10.0): [60.0, 64.0],
+        ("gd", 50.0): [61.0, 62.0],
+    }
+
+    def fake(base_cfg, grid, seeds, runs_dir, name, progress):
+        rows = []
+        for label, overrides in grid.items():
+            key = (overrides["gaussians.prior"], overrides["gaussians.lam"])
+            for seed, v in zip(seeds, val[key]):
+                rows.append({"setting": label, "seed": seed, "val_acc_top1": v, "acc_top1": 100 - v})
+        return pd.DataFrame(rows)
+
+    monkeypatch.setattr(experiments, "train_settings", fake)
+    solvers = {"fpi": {"gaussians.prior": "fpi"}, "gd": {"gaussians.prior": "gd"}}
+    table, chosen = choose_lambda(
+        tiny_config(), solvers, {"fpi": [10, 50], "gd": [10, 50]}, [0, 1], tmp_path, "x"
+    )
+    assert chosen == {"fpi": 50.0, "gd": 10.0}
+    assert list(dict.fromkeys(table["setting"])) == [
+        "fpi lambda=10",
+        "fpi lambda=50",
+        "gd lambda=10",
+        "gd lambda=50",
+    ]
+    assert set(table["solver"]) == {"fpi", "gd"}
+    with pytest.raises(ValueError, match="no candidate lambdas"):
+        choose_lambda(tiny_config(), solvers, {"fpi": [10]}, [0], tmp_path, "x")

@@ -36,7 +36,7 @@ def test_every_run_is_a_valid_config(dataset: str) -> None:
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
-def test_committed_candidates_are_the_scripts_finished_runs(dataset: str) -> None:
+def test_committed_candidates_are_the_scripts_run_folders(dataset: str) -> None:
     study = full_data.STUDIES[dataset]
     table = pd.read_csv(RESULTS / f"{dataset}_candidates.csv")
     commands = dict(zip(table["candidate"], table["command"]))
@@ -91,7 +91,7 @@ def test_committed_tables_are_the_scripts_choices(dataset: str) -> None:
             assert final.loc[row["config_key"], metric] == pytest.approx(row[metric])
 
 
-def test_a_campaign_reuses_committed_and_finished_runs(tmp_path, monkeypatch) -> None:
+def test_a_campaign_reuses_committed_and_run_folders(tmp_path, monkeypatch) -> None:
     """Runs outlive their session: a committed row is reused without training (renamed as the
     study names it now), and a finished run folder of another code version is adopted."""
     study = full_data.STUDIES["cifar10"]
@@ -112,9 +112,9 @@ def test_a_campaign_reuses_committed_and_finished_runs(tmp_path, monkeypatch) ->
     monkeypatch.setattr(full_data, "RUNS", tmp_path / "runs")
     (tmp_path / "runs" / "by-the-cli").mkdir(parents=True)
     (tmp_path / "runs" / "by-the-cli" / "metrics.json").write_text(json.dumps({"config": cfg.to_dict()}))
-    assert full_data._finished_run(cfg) == tmp_path / "runs" / "by-the-cli"
+    assert full_data._run_folder(cfg) == tmp_path / "runs" / "by-the-cli"
     other = cfg.replace(seed=8)
-    assert full_data._finished_run(other) == keyed_run_dir(tmp_path / "runs", "cifar10_full", other)
+    assert full_data._run_folder(other) == keyed_run_dir(tmp_path / "runs", "cifar10_full", other)
 
 
 def test_unknown_group_is_refused_before_training(monkeypatch, capsys) -> None:

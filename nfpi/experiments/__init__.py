@@ -14,7 +14,7 @@ Example:
 """
 
 from . import downstream, finetune
-from .grid import run_grid, train_settings
+from .grid import choose_lambda, run_grid, train_settings
 from .references import paper_table
 from .rows import (
     EvalConfig,
@@ -35,6 +35,7 @@ __all__ = [
     "Oracle",
     "append_row",
     "check_compatible",
+    "choose_lambda",
     "config_hash",
     "downstream",
     "evaluate_run",

@@ -3,7 +3,8 @@
 (:func:`nfpi.experiments.rows.evaluate_run`) only the (run, evaluation) pairs whose row is
 missing from the CSV (:mod:`nfpi.experiments.tables`) or was computed from another
 configuration (``config_hash``); :func:`train_settings` trains settings over seeds and
-returns their final metrics rows.
+returns their final metrics rows; :func:`choose_lambda` chooses each solver's lambda on the
+validation split, from candidates of its own.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..train import keyed_run_dir, train
 from .rows import EvalConfig, Oracle, config_hash, evaluate_run, solve_info
 from .tables import append_row, find_row, read_rows
 
-__all__ = ["run_grid", "train_settings"]
+__all__ = ["choose_lambda", "run_grid", "train_settings"]
 
 
 def run_grid(
@@ -90,7 +91,8 @@ def train_settings(
 ) -> pd.DataFrame:
     """Train every setting (label -> config overrides of ``base_cfg``, dotted keys) with every
     seed and return one tidy row per (setting, seed): ``setting``, ``seed``, ``run_dir``,
-    ``code``, ``lam`` / ``lam_normalised`` of the last solve, and the final metrics row of
+    ``code``, ``lam`` / ``lam_normalised`` and the report of the last solve (``solves``,
+    ``solve_iterations``, ``solve_bounds_active``, ...), and the final metrics row of
     :func:`nfpi.train.train` (validation metrics ``val_*`` when the config has a split, test
     metrics ``acc_top1``, ``acc_top5``, ``test_bpd``, ...).
 
@@ -110,8 +112,39 @@ def train_settings(
                     "seed": seed,
                     "run_dir": str(folder),
                     "code": repro.code_fingerprint(),
-                    **{k: v for k, v in solve_info(folder).items() if k.startswith("lam")},
                     **final,
+                    **solve_info(folder),  # the last solve's report (the final epoch has none)
                 }
             )
     return pd.DataFrame(rows)
+
+
+def choose_lambda(
+    base_cfg: TrainConfig,
+    solvers: Mapping[str, Mapping[str, Any]],
+    lambdas: Mapping[str, Sequence[float]],
+    seeds: Sequence[int],
+    runs_dir: str | os.PathLike[str],
+    name: str,
+    progress: bool = False,
+    metric: str = "val_acc_top1",
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Train each solver (label -> config overrides of ``base_cfg``) with each of its candidate
+    lambdas ``lambdas[label]`` over ``seeds`` (:func:`train_settings`), and choose for each the
+    lambda with the best mean validation ``metric`` over the seeds: the test set plays no part.
+    Returns every candidate's rows (``setting`` "<label> lambda=<lam>", ``solver`` = label)
+    and the chosen lambda per solver. Comparing solvers fairly means giving each as many
+    candidates; a choice at an end of its grid that could go further says to extend the grid.
+    """
+    tables, chosen = [], {}
+    for label, overrides in solvers.items():
+        if not lambdas.get(label):
+            raise ValueError(f"solver {label!r} has no candidate lambdas; give lambdas[{label!r}]")
+        grid = {
+            f"{label} lambda={lam:g}": {**overrides, "gaussians.lam": float(lam)} for lam in lambdas[label]
+        }
+        table = train_settings(base_cfg, grid, seeds, runs_dir, name, progress).assign(solver=label)
+        means = table.groupby("setting", sort=False)[metric].mean()
+        chosen[label] = float(grid[str(means.idxmax())]["gaussians.lam"])
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True), chosen
