@@ -10,7 +10,8 @@ one machine by emulating the others (``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_I
 
 * ``legacy``: the legacy checkpoint's latents, log-dets and test metrics (their largest
   absolute difference to the stored reference outputs);
-* ``shipped/<name>``: the test metrics of every shipped flow (``checkpoints/``);
+* ``shipped/<name>``: the test metrics of every shipped flow (``checkpoints/``; ``--only
+  shipped/<name>`` re-measures one);
 * ``results/<row>``: one cheap row of each notebook's results table, recomputed from scratch
   with the notebook's parameters (the rows ``tests/test_results.py`` recomputes).
 
@@ -302,8 +303,8 @@ def _worker(kinds: list[str]) -> Iterator[dict]:
     if "legacy" in kinds:
         for metric, value in legacy_outputs().items():
             yield {"check": "legacy", "metric": metric, "value": value}
-    if "shipped" in kinds:
-        for name in pretrained.names():
+    for name in pretrained.names():
+        if "shipped" in kinds or f"shipped/{name}" in kinds:
             for metric, value in shipped_metrics(name).items():
                 yield {"check": f"shipped/{name}", "metric": metric, "value": value}
     if "results" in kinds:
@@ -346,7 +347,7 @@ def measure(kinds: list[str], jobs: int) -> pd.DataFrame:
     fresh["code"] = repro.code_fingerprint()
     if CSV.exists():
         old = pd.read_csv(CSV)
-        kept = ~old["check"].str.split("/").str[0].isin(kinds)
+        kept = ~(old["check"].str.split("/").str[0].isin(kinds) | old["check"].isin(kinds))
         fresh = pd.concat([old[kept], fresh], ignore_index=True)
     fresh.to_csv(CSV, index=False)
     return fresh
@@ -355,7 +356,8 @@ def measure(kinds: list[str], jobs: int) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["measure", "worker"])
-    parser.add_argument("--only", nargs="+", choices=KINDS, default=list(KINDS))
+    flows = [f"shipped/{name}" for name in pretrained.names()]
+    parser.add_argument("--only", nargs="+", choices=[*KINDS, *flows], default=list(KINDS))
     parser.add_argument("--jobs", type=int, default=1, help="machines measured side by side")
     args = parser.parse_args(argv)
     if args.command == "worker":
