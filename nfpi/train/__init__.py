@@ -4,6 +4,7 @@
   evaluation every epoch) and ``python -m nfpi.train`` (:func:`main`);
 - :mod:`nfpi.train.schedule`: when and how the class Gaussians are fitted (data init, FPI /
   GD / data solves, lambda decay, GLEM's EM preset);
+- :mod:`nfpi.train.optim`: the learning rate with warm-up and the EMA of the weights;
 - :mod:`nfpi.train.images`: the train / validation / test images of a config;
 - :mod:`nfpi.train.runs`: run directories, their lock, checkpoints with checksum, metric files.
 
@@ -20,7 +21,8 @@ Example:
 """
 
 from .images import load_data, load_validation
-from .loop import check_config, get_lr, main, train
+from .loop import check_config, main, train
+from .optim import ema_avg_fn, get_lr, make_ema
 from .runs import (
     CHECKPOINT_FORMAT,
     LOCK_FILE,
@@ -45,6 +47,7 @@ __all__ = [
     "check_config",
     "checksum",
     "em_overrides",
+    "ema_avg_fn",
     "fit",
     "get_lr",
     "initial_gaussians",
@@ -53,6 +56,7 @@ __all__ = [
     "load_data",
     "load_validation",
     "lock_run_dir",
+    "make_ema",
     "main",
     "read_checkpoint",
     "solves_after",
