@@ -16,6 +16,7 @@ from torch import nn
 
 from nfpi import cli
 from nfpi.data import bin_centres
+from nfpi.experiments import compare_arms, peers, train_native
 from nfpi.flows import FlowError, Glow, check_flow
 from nfpi.train import CheckpointError, keyed_run_dir, load_checkpoint, load_data, train
 
@@ -151,13 +152,16 @@ def test_a_factory_and_a_model_are_not_both_given(tmp_path):
 
 
 def _needs(name: str):
-    return pytest.mark.skipif(importlib.util.find_spec(name) is None, reason=f"{name} not installed (bench extra)")
+    return pytest.mark.skipif(
+        importlib.util.find_spec(name) is None, reason=f"{name} not installed (bench extra)"
+    )
 
 
 @_needs("normflows")
 def test_normflows_glow_trains_through_the_protocol_and_the_cli(tmp_path, capsys):
     cfg = tiny_config(
-        epochs=2, model={"factory": "nfpi.flows:normflows_glow", "kwargs": {"levels": 2, "steps": 1, "hidden": 8}}
+        epochs=2,
+        model={"factory": "nfpi.flows:normflows_glow", "kwargs": {"levels": 2, "steps": 1, "hidden": 8}},
     )
     row = train(cfg, tmp_path, progress=False)
     assert row["solved"] is None and row["acc_top1"] > 60, row
@@ -178,3 +182,43 @@ def test_a_zuko_flow_trains_through_the_protocol(tmp_path):
     model, prior, _ = load_checkpoint(tmp_path)
     samples = model.inverse(prior.sample(torch.arange(10)))
     assert samples.shape == (10, 1, 8, 8) and torch.isfinite(samples).all()
+
+
+@_needs("normflows")
+def test_normflows_own_base_trains_like_nfpi_and_rows_are_reused(tmp_path, monkeypatch):
+    glow = {"factory": "nfpi.flows:normflows_glow", "kwargs": {"levels": 2, "steps": 1, "hidden": 8}}
+    cfg = tiny_config(epochs=2, val_fraction=0.1, model=glow)
+    arms = {
+        "native": ("native", cfg),
+        "fpi": ("nfpi", cfg),
+        "data": ("nfpi", cfg.replace(**{"gaussians.prior": "data"})),
+    }
+    rows = compare_arms(arms, [1, 2], tmp_path / "runs", tmp_path / "h2h.csv")
+    assert list(rows["run"]) == [
+        "native_seed1",
+        "native_seed2",
+        "fpi_seed1",
+        "fpi_seed2",
+        "data_seed1",
+        "data_seed2",
+    ]
+    assert (rows["params"] == rows["params"].iloc[0]).all()  # one flow, its base not counted
+    native = rows[rows["setting"] == "native"]
+    assert (native["acc_top1"] > 30).all() and native["val_acc_top1"].notna().all(), native
+    assert native["acc_top1"].iloc[0] != native["acc_top1"].iloc[1]  # the seed reaches the native run
+    # Same config and code: every row is read back, nothing is trained.
+    monkeypatch.setattr(peers, "_arm_row", lambda *a: pytest.fail("a finished row was recomputed"))
+    again = compare_arms(arms, [1, 2], tmp_path / "runs", tmp_path / "h2h.csv")
+    assert again["acc_top1"].tolist() == rows["acc_top1"].tolist()
+
+
+@_needs("normflows")
+def test_the_native_trainer_refuses_a_flow_without_its_own_base(tmp_path):
+    with pytest.raises(ValueError, match="no own class-conditional base"):
+        train_native(tiny_config(), tmp_path, model=PixelFlow())
+
+
+def test_a_passed_flow_is_not_answered_with_another_flows_finished_run(user_run):
+    cfg, run_dir, _ = user_run
+    with pytest.raises(CheckpointError, match="another flow"):
+        train(cfg, run_dir, progress=False, model=PixelFlow(hidden=16))

@@ -105,17 +105,22 @@ def _fail(model: nn.Module, problem: str) -> FlowError:
 def check_flow(model: nn.Module, x: Tensor, rtol: float = 1e-3) -> tuple[int, ...]:
     """Check the flow protocol on a batch x (B, ...) and return the latent shape (without B).
 
-    Runs on a copy in eval mode, so a data-dependent init (ActNorm) is left to training. Raises
-    :class:`FlowError` naming the problem: not a module, no ``inverse``, a forward that does not
-    return (z, logdet), a z of another dimension than x, a logdet not of shape (B,), non-finite
-    outputs, or an inverse that does not give x back to ``rtol`` (relative, max norm)."""
+    Runs on a copy in eval mode, so a data-dependent init (ActNorm) is left to training, and
+    leaves the global random stream as it was. Raises :class:`FlowError` naming the problem:
+    not a module, no ``inverse``, a forward that does not return (z, logdet), a z of another
+    dimension than x, a logdet not of shape (B,), non-finite outputs, or an inverse that does
+    not give x back to ``rtol`` (relative, max norm)."""
     if not isinstance(model, nn.Module):
         raise FlowError(
             f"model must be a torch.nn.Module following the flow protocol, got {type(model).__name__}"
         )
     if not callable(getattr(model, "inverse", None)):
         raise _fail(model, "it has no inverse(z) method")
-    probe = copy.deepcopy(model).eval()
+    with torch.random.fork_rng(devices=[]):
+        return _check(copy.deepcopy(model).eval(), model, x, rtol)
+
+
+def _check(probe: nn.Module, model: nn.Module, x: Tensor, rtol: float) -> tuple[int, ...]:
     out = probe(x)
     if not (isinstance(out, Sequence) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)):
         raise _fail(model, f"forward(x) returned {type(out).__name__}, not a pair of tensors (z, logdet)")

@@ -20,7 +20,7 @@ Example:
     True
 """
 
-from .images import load_data, load_validation
+from .images import epoch_loader, init_images, load_data, load_validation, splits
 from .loop import check_config, main, train
 from .optim import ema_avg_fn, get_lr, make_ema
 from .runs import (
@@ -47,9 +47,11 @@ __all__ = [
     "check_config",
     "checksum",
     "em_overrides",
+    "epoch_loader",
     "ema_avg_fn",
     "fit",
     "get_lr",
+    "init_images",
     "initial_gaussians",
     "keyed_run_dir",
     "load_checkpoint",
@@ -60,6 +62,7 @@ __all__ = [
     "main",
     "read_checkpoint",
     "solves_after",
+    "splits",
     "train",
     "unlock_run_dir",
 ]

@@ -78,19 +78,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from .. import repro
 from .._ddp import Layout, setup_distributed
 from .._progress import tqdm
 from .._util import derive_seed, threads
 from ..config import TrainConfig, parse_overrides
-from ..data import FlowDataset, bits_per_dim, dequantize, quantize, split_arrays
+from ..data import bits_per_dim, dequantize, quantize, split_arrays
 from ..evaluation import evaluate_flow
-from ..flows import import_object
+from ..flows import class_path, flow_signature, import_object
 from ..latents import NonFiniteLossError, class_stats
 from ..prior import ClassGaussians, ClassStats, FPIDivergenceError
-from .images import splits
+from .images import epoch_loader, init_images, splits
 from .optim import get_lr, make_ema
 from .runs import (
     CHECKPOINT_FORMAT,
@@ -187,12 +187,8 @@ class _Run:
     def initialise(self) -> None:
         """Fresh run: ActNorm init, data-init (or random) Gaussians, optional solve at -1."""
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 1))
-        n = min(cfg.init_images, len(self.nf_set))
-        idx = torch.randperm(len(self.nf_set), generator=gen)[:n]
-        xq = quantize(self.nf_set.x[idx], cfg.bits)
         with torch.no_grad():
-            self.model(dequantize(xq, cfg.bits, noise=True, generator=gen).to(self.device))
+            self.model(init_images(cfg, self.nf_set).to(self.device))
         self._make_ema()
         stats, seed = self._stats(-1)
         initial = initial_gaussians(cfg, stats)
@@ -227,22 +223,7 @@ class _Run:
         cfg, layout = self.cfg, self.layout
         merged = cfg.schedule.merge_epoch is not None and epoch > cfg.schedule.merge_epoch
         arrays = self.train_set if merged else self.nf_set
-        noise = torch.Generator().manual_seed(derive_seed(cfg.seed, 2, epoch, layout.rank))
-        dataset = FlowDataset(arrays, cfg.bits, train=True, generator=noise)
-        sampler = DistributedSampler(
-            dataset, num_replicas=layout.world, rank=layout.rank, shuffle=True, seed=cfg.seed, drop_last=True
-        )
-        sampler.set_epoch(epoch)
-        workers = torch.Generator().manual_seed(derive_seed(cfg.seed, 3, epoch, layout.rank))
-        return DataLoader(
-            dataset,
-            batch_size=cfg.batch_size // layout.world,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=cfg.num_workers,
-            generator=workers,
-            pin_memory=self.device.type == "cuda",
-        )
+        return epoch_loader(cfg, arrays, epoch, layout.rank, layout.world, self.device.type == "cuda")
 
     def _train_epoch(self, net: nn.Module, epoch: int) -> dict[str, float]:
         """One pass over the training images; the mean loss and gradient norm over processes."""
@@ -459,6 +440,9 @@ def train(
         with threads(cfg.threads):
             lock = take_run_dir(run_dir, layout)
             ckpt = resumable_checkpoint(cfg, run_dir) if resume else None
+            if ckpt is not None and model is not None:  # the config does not name a passed flow
+                given = {"class": class_path(model), "signature": flow_signature(model)}
+                same_flow(ckpt.get("flow"), given, run_dir / "checkpoint.pt")
             if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
                 return ckpt["metrics"][cfg.epochs - 1]
             run = _Run(cfg, run_dir, layout, progress, model)
