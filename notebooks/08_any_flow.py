@@ -14,7 +14,6 @@
 #     name: python3
 # ---
 
-
 # %% [markdown]
 # # 08 — FPI class Gaussians on a peer's flow: normflows' Glow, head to head
 #
@@ -39,11 +38,12 @@
 # NF accuracy is argmax_y log N(f(x); mu_y, s_y) on the test set under each arm's own class
 # Gaussians (for normflows_base: its learned base, read as nfpi class Gaussians); bits/dim is
 # the uniform-dequantisation bound. Every arm runs with every seed of `seeds` (flow init, data
-# order, noise); differences are paired by seed, with their 95 % intervals.
+# order, noise; the lambda sweep with `lam_seeds`); differences are paired by seed, with their
+# 95 % intervals.
 #
 # **CPU default**: 300 MNIST training images per class (10 % of them the validation split),
 # 300 test images per class, 5 bits, 6 epochs, a 2-level x 4-step normflows Glow with 32 hidden
-# channels (30k parameters); about 40 s per run on one core, 24 runs. Rows of
+# channels (30k parameters); 30-65 s per run on a shared core, 33 runs. Rows of
 # `../results/08_any_flow.csv` made by the same config and code are reused, so a re-execution
 # with unchanged code recomputes only the check: seed 0 of `fpi` and `normflows_base`, trained
 # afresh and compared with the recorded seeds.
@@ -62,7 +62,8 @@ overrides = {
 normflows = {"levels": 2, "steps": 4, "hidden": 32}  # nfpi.flows.normflows_glow(shape, **normflows)
 ours = {"model.levels": 2, "model.steps": 4, "model.hidden": 15}  # our Glow at about the same size
 lambdas = [100.0, 300.0, 1000.0, 3000.0, 10000.0]  # candidates for FPI, chosen on validation
-seeds = [0, 1, 2]
+seeds = [0, 1, 2, 3, 4, 5]  # of the head to head
+lam_seeds = [0, 1, 2]  # of the lambda sweep on validation
 check_seed = 0
 runs = "../runs/any_flow"
 results = "../results/08_any_flow.csv"
@@ -86,7 +87,7 @@ recorded = repro.read_recorded(results)
 print(
     f"{base.dataset}: {base.per_class} images per class ({base.val_fraction:.0%} validation), "
     f"{base.test_per_class} test images per class, {base.epochs} epochs, batch {base.batch_size}; "
-    f"normflows Glow {normflows}; seeds {seeds}"
+    f"normflows Glow {normflows}; seeds {seeds} (lambda sweep: {lam_seeds})"
 )
 
 # %% [markdown]
@@ -102,7 +103,7 @@ sweep = compare_arms(
         f"fpi_lam{lam:g}": ("nfpi", nf_glow.replace(**{"gaussians.prior": "fpi", "gaussians.lam": lam}))
         for lam in lambdas
     },
-    seeds,
+    lam_seeds,
     runs,
     results,
     progress,
@@ -203,4 +204,19 @@ for baseline, diff in paired.items():
 # %% [markdown]
 # ## Reading
 #
-# (written after the first full run; numbers from `results/08_any_flow.csv`)
+# MNIST subset, 6 epochs, 6 seeds per arm (mean ± std; paired differences with their 95 %
+# intervals). Numbers from `results/08_any_flow.csv`.
+#
+# * **FPI does not beat normflows' own class-conditional base in top-1 on the same flow at
+#   this budget**: +2.82 ± 6.63 points (69.03 ± 3.75 against 66.21 ± 7.83), an interval that
+#   covers 0. It does in **top-5**: +2.21 ± 1.29 (98.25 against 96.04). The jointly learned
+#   base has the better likelihood: FPI costs +0.05 ± 0.02 bits/dim (1.71 against 1.66), the
+#   price of the KL repulsion.
+# * FPI's top-1 varies half as much over seeds: normflows' base ranges from 53.7 to 73.7 %, FPI
+#   from 64.4 to 73.7 %.
+# * **FPI beats data init on the same flow**: +8.65 ± 4.03 points top-1 and 0.56 ± 0.06
+#   bits/dim less, as with our own Glow (notebook 07).
+# * Our Glow with FPI at about the same size (28,912 against 30,272 parameters) ties FPI on
+#   normflows' Glow in NF accuracy and has the best bits/dim of the four arms (1.57).
+# * Every arm is far from converged (6 epochs on 2,700 images; top-1 60-74 %), and a top-1 seed
+#   spread of 4-8 points needs many more seeds to resolve a 3-point difference.

@@ -162,7 +162,9 @@ def compare_arms(
     """Every arm (name -> (trainer in :data:`TRAINERS`, config)) at every seed (``seed``
     overridden), as rows ``<arm>_seed<s>`` of ``results_csv`` (eval tag ``"final"``): ``setting``
     (the arm), ``seed``, ``trainer``, ``prior``, ``lam``, ``flow`` (the factory), ``params``
-    (:func:`flow_size`), ``seconds`` (training time when it was trained), ``code``, ``config_hash``
+    (:func:`flow_size`), ``seconds`` (wall time of the call that made the row: its training, or
+    about 0 when its run folder was already trained by another arm of the same config), ``code``,
+    ``config_hash``
     and the final metrics. A row of the same config and code (``config_hash``) is reused; any
     other is trained in ``runs_dir`` and appended at once. Returns the rows in arm, seed order."""
     for arm, (trainer, _) in arms.items():

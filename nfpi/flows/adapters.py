@@ -112,6 +112,9 @@ def normflows_glow(
 def _glow(
     nf: Any, shape: Sequence[int], levels: int, steps: int, hidden: int, num_classes: int
 ) -> NormflowsFlow:
+    """The levels of :func:`normflows_glow`, with the channel and size bookkeeping of normflows'
+    Glow example: level i (0 = the coarsest) runs at c 2^(levels + 1 - i) channels, and its
+    base covers the part split off there (all of it at level 0)."""
     c, h, w = shape
     q0, flows, merges = [], [], []
     for i in range(levels):
