@@ -36,7 +36,8 @@ $(VENV)/.installed: pyproject.toml
 
 # The unit tests first (they read the committed results, which the notebooks rewrite), then the
 # notebooks in two lanes side by side on the 2 cores: notebook 06 (about 13 of nbval's 19
-# minutes) alone, the others one after another; the lane beside prints when both are done.
+# minutes) alone, the others one after another (01-05, 07, 08: 08 retrains two ~1-minute runs
+# for its check, which keeps that lane shorter than 06's); the lane beside prints when both are done.
 test: lint unit
 	@mkdir -p runs; \
 	$(MAKE) --no-print-directory nbval-long > runs/nbval-long.log 2>&1 & long=$$!; \

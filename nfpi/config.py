@@ -87,6 +87,8 @@ class ModelConfig:
     ``matexp_rank``, ``matexp_low_rank_above``: with ``coupling: matexp``, W = A B of rank
     ``matexp_rank`` when the transformed half has more channels than ``matexp_low_rank_above``.
     ``memory``: ``"standard"`` or ``"reversible"`` (activations rebuilt by inverses in backward).
+    ``factory``: another flow instead, ``"package.module:callable"`` called as
+    ``callable((C, H, W), **kwargs)`` (the Glow keys are then unused; docs/flows.md).
     """
 
     levels: int = 3
@@ -98,6 +100,8 @@ class ModelConfig:
     matexp_rank: int = 3
     matexp_low_rank_above: int = 24
     memory: str = "standard"
+    factory: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_choice("model.memory", self.memory, MEMORY_MODES)
@@ -432,6 +436,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     YAML 1.1 reads ``1e-2`` as a string, so numeric strings are accepted for float fields.
     """
     args = typing.get_args(hint)
+    if typing.get_origin(hint) is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ValueError(f"{name} must be a mapping, got {value!r}")
     if value is None:
         if type(None) in args:
             return None

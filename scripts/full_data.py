@@ -29,7 +29,7 @@ import pandas as pd
 import yaml
 
 from nfpi import repro
-from nfpi.config import NOT_KEYED, TrainConfig
+from nfpi.config import NOT_KEYED, TrainConfig, upgrade
 from nfpi.experiments import solve_info
 from nfpi.train import keyed_run_dir, train
 
@@ -178,8 +178,16 @@ def candidates(dataset: str, only: list[str] | None = None, collect: bool = Fals
 
 def config_key(cfg: TrainConfig) -> str:
     """A run's configuration alone (no code fingerprint): the key under which a finished table
-    run is reused by later code, which records the fingerprint that made it beside the key."""
-    return repro.run_key(cfg.to_dict(), ignore=NOT_KEYED, with_code=False)
+    run is reused by later code, which records the fingerprint that made it beside the key.
+    Unset settings (None, empty) are left out, so that a setting added to the config later
+    with such a default keeps the keys of the runs made before it."""
+    return repro.run_key(_set(cfg.to_dict()), ignore=NOT_KEYED, with_code=False)
+
+
+def _set(values: dict) -> dict:
+    """``values`` without its None and empty entries, at every level."""
+    nested = {k: _set(v) if isinstance(v, dict) else v for k, v in values.items()}
+    return {k: v for k, v in nested.items() if v is not None and v != {} and v != []}
 
 
 @dataclass
@@ -226,16 +234,20 @@ def _epochs_file(out: Path) -> Path:
     return out.with_name(out.stem + "_epochs.csv")
 
 
-def _run_folder(cfg: TrainConfig) -> Path:
-    """The run folder of ``cfg``: one made by any code version (a run started by the CLI, or by
-    the code before a change; finished, or resumed by :func:`nfpi.train.train`), else the folder
-    this code trains in."""
+def _finished_run(cfg: TrainConfig) -> tuple[Path, dict] | None:
+    """A finished run folder of ``cfg`` made by any code version (a run started by the CLI, or
+    by the code before a change) and its final metrics row; None when there is none. An
+    unfinished one of other code cannot be resumed (its checkpoint is another code's)."""
     key = config_key(cfg)
-    for summary in sorted(RUNS.glob("*/metrics.json")):
-        config = json.loads(summary.read_text()).get("config")
-        if config is not None and config_key(TrainConfig.from_dict(config)) == key:
-            return summary.parent
-    return keyed_run_dir(RUNS, f"{cfg.dataset}_full", cfg)
+    for path in sorted(RUNS.glob("*/metrics.json")):
+        summary = json.loads(path.read_text())
+        try:
+            same = config_key(TrainConfig.from_dict(upgrade(summary["config"]))) == key
+        except (KeyError, TypeError, ValueError):  # not a run summary this code can read
+            continue
+        if same and summary["metrics"]["epoch"] == cfg.epochs - 1:
+            return path.parent, summary["metrics"]
+    return None
 
 
 def table_run(study: Study, campaign: Campaign, group: str, setting: str, seed: int) -> pd.Series:
@@ -250,8 +262,11 @@ def table_run(study: Study, campaign: Campaign, group: str, setting: str, seed: 
     if campaign.row(key) is not None:  # named as the study names it now
         campaign.relabel(key, head)
         return campaign.row(key)
-    run_dir = _run_folder(cfg)
-    final = train(cfg, run_dir, progress=True)
+    if (found := _finished_run(cfg)) is not None:
+        run_dir, final = found
+    else:
+        run_dir = keyed_run_dir(RUNS, f"{cfg.dataset}_full", cfg)
+        final = train(cfg, run_dir, progress=True)
     epochs = _epochs(run_dir)
     row = {**head, "run_dir": str(run_dir), "code": epochs["code"].iloc[0], "config_key": key}
     row |= final | solve_info(run_dir)  # the last solve's report (the final epoch has none)

@@ -204,7 +204,7 @@ def _time_variant(cfg: TrainConfig, device: torch.device, smoke: bool, run_dir: 
     if smoke and cfg.compile:  # CPU code generation takes minutes; Dynamo's graph capture is checked
         torch.compile = lambda module, **kw: compile_fn(module, backend="eager")  # type: ignore[assignment]
     try:
-        run = _Run(cfg, run_dir, setup_distributed(cfg.device), progress=False)
+        run = _Run(cfg, run_dir, setup_distributed(cfg.device), progress=False, model=None)
         run.initialise()
         net = run.network()
         start = time.perf_counter()

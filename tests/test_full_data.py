@@ -15,7 +15,7 @@ import pytest
 from conftest import script
 
 from nfpi.config import TrainConfig
-from nfpi.train import check_config, keyed_run_dir
+from nfpi.train import check_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "full"
@@ -106,15 +106,20 @@ def test_a_campaign_reuses_committed_and_run_folders(tmp_path, monkeypatch) -> N
     row = full_data.table_run(study, campaign, "data", "data", int(committed.loc[0, "seed"]))
     assert row["setting"] == "data" and row["command"] == campaign.rows.loc[0, "command"] != "an old command"
     assert row["acc_top1"] == committed.loc[0, "acc_top1"]
-    # a finished run made by other code (another folder name) is found by its config alone
+    # a finished run made by other code (another folder name) is found by its config alone,
+    # and not retrained; an unfinished one is not taken (its checkpoint is another code's)
     base = TrainConfig.from_yaml(REPO / study.config, **full_data._overrides(study.table_budget))
     cfg = base.replace(gaussians={"prior": "data"}, seed=7)
     monkeypatch.setattr(full_data, "RUNS", tmp_path / "runs")
-    (tmp_path / "runs" / "by-the-cli").mkdir(parents=True)
-    (tmp_path / "runs" / "by-the-cli" / "metrics.json").write_text(json.dumps({"config": cfg.to_dict()}))
-    assert full_data._run_folder(cfg) == tmp_path / "runs" / "by-the-cli"
-    other = cfg.replace(seed=8)
-    assert full_data._run_folder(other) == keyed_run_dir(tmp_path / "runs", "cifar10_full", other)
+    final = {"epoch": cfg.epochs - 1, "acc_top1": 33.0}
+    for name, last in (("by-the-cli", final), ("unfinished", {**final, "epoch": 0})):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        summary = {"config": cfg.to_dict(), "metrics": last}
+        (tmp_path / "runs" / name / "metrics.json").write_text(json.dumps(summary))
+    assert full_data._finished_run(cfg) == (tmp_path / "runs" / "by-the-cli", final)
+    (tmp_path / "runs" / "by-the-cli" / "metrics.json").unlink()
+    assert full_data._finished_run(cfg) is None
+    assert full_data._finished_run(cfg.replace(seed=8)) is None
 
 
 def test_unknown_group_is_refused_before_training(monkeypatch, capsys) -> None:

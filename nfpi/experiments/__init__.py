@@ -5,6 +5,7 @@ and the NF-augmentation studies (docs/method.md §6-§8).
 - :mod:`nfpi.experiments.grid`: grids of runs trained and evaluated into results CSVs;
 - :mod:`nfpi.experiments.tables`: the results CSVs (read, atomic append by (run, eval) key);
 - :mod:`nfpi.experiments.references`: the papers' published tables;
+- :mod:`nfpi.experiments.peers`: a peer's own class-conditional base on the same flow (notebook 08);
 - :mod:`nfpi.experiments.downstream`: the paired NF-augmentation study (``downstream.study``);
 - :mod:`nfpi.experiments.finetune`: transformer fine-tuning for paper Tables 5-6.
 
@@ -15,6 +16,7 @@ Example:
 
 from . import downstream, finetune
 from .grid import choose_lambda, run_grid, train_settings
+from .peers import TRAINERS, compare_arms, flow_size, train_native
 from .references import paper_table
 from .rows import (
     EvalConfig,
@@ -31,16 +33,19 @@ from .tables import KEY, append_row, find_row, read_rows
 
 __all__ = [
     "KEY",
+    "TRAINERS",
     "EvalConfig",
     "Oracle",
     "append_row",
     "check_compatible",
     "choose_lambda",
+    "compare_arms",
     "config_hash",
     "downstream",
     "evaluate_run",
     "find_row",
     "finetune",
+    "flow_size",
     "generate",
     "load_oracle",
     "paper_table",
@@ -48,5 +53,6 @@ __all__ = [
     "rfcm",
     "run_grid",
     "solve_info",
+    "train_native",
     "train_settings",
 ]

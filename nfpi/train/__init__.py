@@ -4,6 +4,7 @@
   evaluation every epoch) and ``python -m nfpi.train`` (:func:`main`);
 - :mod:`nfpi.train.schedule`: when and how the class Gaussians are fitted (data init, FPI /
   GD / data solves, lambda decay, GLEM's EM preset);
+- :mod:`nfpi.train.optim`: the learning rate with warm-up and the EMA of the weights;
 - :mod:`nfpi.train.images`: the train / validation / test images of a config;
 - :mod:`nfpi.train.runs`: run directories, their lock, checkpoints with checksum, metric files.
 
@@ -19,8 +20,9 @@ Example:
     True
 """
 
-from .images import load_data, load_validation
-from .loop import check_config, get_lr, main, train
+from .images import epoch_loader, init_images, load_data, load_validation, splits
+from .loop import check_config, main, train
+from .optim import ema_avg_fn, get_lr, make_ema
 from .runs import (
     CHECKPOINT_FORMAT,
     LOCK_FILE,
@@ -45,17 +47,22 @@ __all__ = [
     "check_config",
     "checksum",
     "em_overrides",
+    "epoch_loader",
+    "ema_avg_fn",
     "fit",
     "get_lr",
+    "init_images",
     "initial_gaussians",
     "keyed_run_dir",
     "load_checkpoint",
     "load_data",
     "load_validation",
     "lock_run_dir",
+    "make_ema",
     "main",
     "read_checkpoint",
     "solves_after",
+    "splits",
     "train",
     "unlock_run_dir",
 ]

@@ -11,20 +11,60 @@ Example:
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler
 
+from .._util import derive_seed
 from ..config import TrainConfig
 from ..data import (
     ClassCodes,
     DatasetFormatError,
+    FlowDataset,
     ImageArrays,
     class_balanced_indices,
     class_subset,
+    dequantize,
     load,
+    quantize,
     split_arrays,
 )
 
-__all__ = ["load_data", "load_validation", "splits"]
+__all__ = ["epoch_loader", "init_images", "load_data", "load_validation", "splits"]
+
+
+def init_images(cfg: TrainConfig, arrays: ImageArrays) -> Tensor:
+    """The ``cfg.init_images`` training images (N, C, H, W), dequantised with seeded noise, that a
+    data-dependent init (ActNorm) sees before training."""
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 1))
+    idx = torch.randperm(len(arrays), generator=gen)[: min(cfg.init_images, len(arrays))]
+    return dequantize(quantize(arrays.x[idx], cfg.bits), cfg.bits, noise=True, generator=gen)
+
+
+def epoch_loader(
+    cfg: TrainConfig, arrays: ImageArrays, epoch: int, rank: int = 0, world: int = 1, pin: bool = False
+) -> DataLoader:
+    """The training batches of ``epoch``: (x (B, C, H, W) dequantised with uniform noise, y (B,)),
+    B = ``cfg.batch_size / world`` per process, shuffled and noised from seeds of ``cfg.seed``,
+    ``epoch`` and ``rank``, so that a resumed run and every trainer of the same config see the
+    same images in the same order."""
+    noise = torch.Generator().manual_seed(derive_seed(cfg.seed, 2, epoch, rank))
+    dataset = FlowDataset(arrays, cfg.bits, train=True, generator=noise)
+    sampler = DistributedSampler(
+        dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    sampler.set_epoch(epoch)
+    workers = torch.Generator().manual_seed(derive_seed(cfg.seed, 3, epoch, rank))
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size // world,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        generator=workers,
+        pin_memory=pin,
+    )
 
 
 def load_data(cfg: TrainConfig) -> tuple[ImageArrays, ImageArrays]:

@@ -1,8 +1,9 @@
 """Training of the class-conditional flow with FPI class Gaussians (docs/method.md §4-§5; paper Sec. 4.2
 "a single fixed point iteration at early training stages", Sec. 5.2 implementation details).
 
-The flow f (:class:`nfpi.flows.Glow`) is trained by minimising the mean class-conditional
-negative log-likelihood of paper Eq. 2,
+The flow f (any :class:`nfpi.flows.Flow` passed as ``train(model=...)``; by default the
+:class:`nfpi.flows.Glow` of ``cfg.model``, or its ``model.factory``) is trained by minimising the
+mean class-conditional negative log-likelihood of paper Eq. 2,
 
     NLL(x, y) = -log N(f(x); mu_y, s_y) - log|det J_f(x)|          (nats per image),
 
@@ -40,17 +41,14 @@ Conditional encoding (GLEM's CE / CEGLEM, :mod:`nfpi.data.codes`): with ``codes.
 training image gets its class's code image appended below (noisy by ``codes.noise``) and every
 test image random code rows; the flow then models (C, H + 2 pad + rows, W).
 
-Optimisation (method §4.6): Adamax, linear learning-rate warm-up (:func:`get_lr`), optional gradient-norm
-clipping, and an EMA of the weights (``torch.optim.swa_utils.AveragedModel``) whose decay is
-min(beta, (1 + n) / (10 + n)) after n updates, so that short runs are not dominated by the
-initial weights; the EMA restarts from the current weights whenever the Gaussians change,
-because an average of weights fitted to different priors fits neither. Evaluation (every
-epoch, EMA weights, deterministic): test bits/dim under the true class Gaussian as the standard
-uniform-dequantisation bound (``test_bpd``, noise from the fixed seed
-:data:`nfpi.evaluation.EVAL_NOISE_SEED`;
-what published bits/dim report), the density at the bin centres (``test_bpd_centres``, not
-a bound), and NF accuracy top-1/top-5 at the bin centres (argmax_y log N(f(x); mu_y, s_y),
-docs/method.md §6).
+Optimisation (method §4.6, :mod:`nfpi.train.optim`): Adamax, linear learning-rate warm-up,
+optional gradient-norm clipping, and an EMA of the weights that restarts from the current weights
+whenever the Gaussians change, because an average of weights fitted to different priors fits
+neither. Evaluation (every epoch, EMA weights, deterministic): test bits/dim under the true class
+Gaussian as the standard uniform-dequantisation bound (``test_bpd``, noise from the fixed seed
+:data:`nfpi.evaluation.EVAL_NOISE_SEED`; what published bits/dim report), the density at the bin
+centres (``test_bpd_centres``, not a bound), and NF accuracy top-1/top-5 at the bin centres
+(argmax_y log N(f(x); mu_y, s_y), docs/method.md §6).
 
 Runs write (:mod:`nfpi.train.runs`) ``metrics.csv`` (one row per epoch), ``metrics.json`` (final row,
 solves, config) and an atomically replaced ``checkpoint.pt`` every epoch, carrying a SHA-256 of its contents
@@ -62,10 +60,7 @@ Under ``torchrun`` (RANK / WORLD_SIZE set, even for one process) training uses
 DistributedDataParallel (NCCL on GPU, gloo on CPU); ``batch_size`` is the global batch; only
 rank 0 writes files.
 
-Command line::
-
-    python -m nfpi.train --config configs/digits_cpu.yaml [--run-dir DIR] [key=value ...]
-    torchrun --nproc_per_node 2 -m nfpi.train --config configs/cifar10.yaml
+Command line: ``python -m nfpi.train --config configs/digits_cpu.yaml [--run-dir DIR] [key=value ...]``.
 """
 
 from __future__ import annotations
@@ -83,43 +78,42 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from .. import repro
 from .._ddp import Layout, setup_distributed
 from .._progress import tqdm
 from .._util import derive_seed, threads
-from ..config import OptimConfig, TrainConfig, parse_overrides
-from ..data import FlowDataset, bits_per_dim, dequantize, quantize, split_arrays
+from ..config import TrainConfig, parse_overrides
+from ..data import bits_per_dim, dequantize, quantize, split_arrays
 from ..evaluation import evaluate_flow
+from ..flows import class_path, flow_signature, import_object
 from ..latents import NonFiniteLossError, class_stats
 from ..prior import ClassGaussians, ClassStats, FPIDivergenceError
-from .images import splits
+from .images import epoch_loader, init_images, splits
+from .optim import get_lr, make_ema
 from .runs import (
     CHECKPOINT_FORMAT,
     COLUMNS,
     CheckpointError,
     RunDirError,
-    build_flow,
+    prepare_flow,
     resumable_checkpoint,
+    same_flow,
     take_run_dir,
     unlock_run_dir,
     write_run,
 )
 from .schedule import fit, initial_gaussians, solve_lam, solves_after
 
-__all__ = ["check_config", "get_lr", "main", "train"]
-
-
-def get_lr(it: int, optim: OptimConfig) -> float:
-    """Learning rate of optimizer step ``it`` (0-based, global): linear warm-up over
-    ``optim.warmup`` steps to ``optim.lr``, then constant."""
-    return optim.lr * min(1.0, (it + 1) / optim.warmup) if optim.warmup else optim.lr
+__all__ = ["check_config", "main", "train"]
 
 
 def check_config(cfg: TrainConfig) -> None:
     """Cross-field rules :func:`train` checks before it touches data or files (the per-field
     types and ranges are checked when the config is built); one-line ValueErrors."""
+    if cfg.model.factory is not None:
+        import_object(cfg.model.factory)  # a ValueError saying how to name it
     prior, solve_epoch = cfg.gaussians.prior, cfg.schedule.solve_epoch
     if prior in ("fpi", "gd", "data") and solve_epoch >= cfg.epochs:
         raise ValueError(
@@ -144,22 +138,12 @@ def _check_levels(cfg: TrainConfig, shape: tuple[int, int, int]) -> None:
         )
 
 
-def _ema_avg_fn(beta: float):
-    """EMA update for AveragedModel(multi_avg_fn=...): decay min(beta, (1+n)/(10+n))."""
-
-    @torch.no_grad()
-    def update(ema_params: list[Tensor], params: list[Tensor], n_averaged: Tensor) -> None:
-        n = float(n_averaged)
-        decay = min(beta, (1.0 + n) / (10.0 + n))
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-
-    return update
-
-
 class _Run:
     """State of one training run (see :func:`train`): data, flow, EMA, class Gaussians, optimiser."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, layout: Layout, progress: bool):
+    def __init__(
+        self, cfg: TrainConfig, run_dir: Path, layout: Layout, progress: bool, model: nn.Module | None
+    ):
         self.cfg, self.run_dir, self.layout = cfg, run_dir, layout
         self.device = layout.device
         self.progress = progress and layout.rank == 0
@@ -180,10 +164,14 @@ class _Run:
             )
         self.shape = self.train_set.shape
         self.dim = math.prod(self.shape)
-        _check_levels(cfg, self.shape)
+        if model is None and cfg.model.factory is None:
+            _check_levels(cfg, self.shape)
 
         torch.manual_seed(cfg.seed)
-        self.model = build_flow(cfg.model, self.shape).to(self.device)
+        # The protocol checked on a few training images, before any training step.
+        probe = dequantize(quantize(self.nf_set.x[:4], cfg.bits), cfg.bits, noise=False)
+        flow, self.flow_info = prepare_flow(cfg, self.shape, probe, model)
+        self.model = flow.to(self.device)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
         self.model.to(memory_format=self.memory_format)
         k = self.train_set.num_classes
@@ -199,12 +187,8 @@ class _Run:
     def initialise(self) -> None:
         """Fresh run: ActNorm init, data-init (or random) Gaussians, optional solve at -1."""
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, 1))
-        n = min(cfg.init_images, len(self.nf_set))
-        idx = torch.randperm(len(self.nf_set), generator=gen)[:n]
-        xq = quantize(self.nf_set.x[idx], cfg.bits)
         with torch.no_grad():
-            self.model(dequantize(xq, cfg.bits, noise=True, generator=gen).to(self.device))
+            self.model(init_images(cfg, self.nf_set).to(self.device))
         self._make_ema()
         stats, seed = self._stats(-1)
         initial = initial_gaussians(cfg, stats)
@@ -213,6 +197,7 @@ class _Run:
             self._solve(-1, stats, seed)
 
     def resume(self, ckpt: dict[str, Any]) -> None:
+        same_flow(ckpt.get("flow"), self.flow_info, self.run_dir / "checkpoint.pt")
         self.model.load_state_dict(ckpt["model"])
         self._make_ema()
         self.ema.load_state_dict(ckpt["ema"])
@@ -225,7 +210,7 @@ class _Run:
         self.rows, self.solves = ckpt["metrics"], ckpt["solves"]
 
     def _make_ema(self) -> None:
-        self.ema = AveragedModel(self.model, multi_avg_fn=_ema_avg_fn(self.cfg.optim.ema), use_buffers=False)
+        self.ema = make_ema(self.model, self.cfg.optim.ema)
 
     def _restart_ema(self) -> None:
         """Restart the average from the current weights: an average of weights fitted to
@@ -238,22 +223,7 @@ class _Run:
         cfg, layout = self.cfg, self.layout
         merged = cfg.schedule.merge_epoch is not None and epoch > cfg.schedule.merge_epoch
         arrays = self.train_set if merged else self.nf_set
-        noise = torch.Generator().manual_seed(derive_seed(cfg.seed, 2, epoch, layout.rank))
-        dataset = FlowDataset(arrays, cfg.bits, train=True, generator=noise)
-        sampler = DistributedSampler(
-            dataset, num_replicas=layout.world, rank=layout.rank, shuffle=True, seed=cfg.seed, drop_last=True
-        )
-        sampler.set_epoch(epoch)
-        workers = torch.Generator().manual_seed(derive_seed(cfg.seed, 3, epoch, layout.rank))
-        return DataLoader(
-            dataset,
-            batch_size=cfg.batch_size // layout.world,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=cfg.num_workers,
-            generator=workers,
-            pin_memory=self.device.type == "cuda",
-        )
+        return epoch_loader(cfg, arrays, epoch, layout.rank, layout.world, self.device.type == "cuda")
 
     def _train_epoch(self, net: nn.Module, epoch: int) -> dict[str, float]:
         """One pass over the training images; the mean loss and gradient norm over processes."""
@@ -371,6 +341,7 @@ class _Run:
             "metrics": self.rows,
             "solves": self.solves,
             "shape": list(self.shape),
+            "flow": self.flow_info,
         }
         summary = {
             "metrics": self.rows[-1],
@@ -426,9 +397,18 @@ class _Run:
 
 
 def train(
-    cfg: TrainConfig, run_dir: str | os.PathLike[str], resume: bool = True, progress: bool = True
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike[str],
+    resume: bool = True,
+    progress: bool = True,
+    model: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Train (or resume, or just reload) the run of ``cfg`` in ``run_dir``.
+
+    ``model``: the flow to train, any module following :class:`nfpi.flows.Flow` (untrained, or
+    the same untrained flow again to resume); default: the flow of ``cfg.model`` (a Glow, or
+    ``model.factory``). It is checked on a few training images before training
+    (:func:`nfpi.flows.check_flow`: a FlowError saying what is wrong).
 
     With ``resume`` an existing ``run_dir/checkpoint.pt`` of the same run (same config up to
     :data:`nfpi.config.RESUME_FREE` keys) is continued up to ``cfg.epochs``; a finished run
@@ -451,6 +431,8 @@ def train(
         (0, 'fpi', True)
     """
     check_config(cfg)
+    if model is not None and cfg.model.factory is not None:
+        raise ValueError(f"pass model= or set model.factory ({cfg.model.factory}), not both")
     run_dir = Path(run_dir)
     layout = setup_distributed(cfg.device)
     lock = None
@@ -458,9 +440,12 @@ def train(
         with threads(cfg.threads):
             lock = take_run_dir(run_dir, layout)
             ckpt = resumable_checkpoint(cfg, run_dir) if resume else None
+            if ckpt is not None and model is not None:  # the config does not name a passed flow
+                given = {"class": class_path(model), "signature": flow_signature(model)}
+                same_flow(ckpt.get("flow"), given, run_dir / "checkpoint.pt")
             if ckpt is not None and ckpt["epoch"] >= cfg.epochs:
                 return ckpt["metrics"][cfg.epochs - 1]
-            run = _Run(cfg, run_dir, layout, progress)
+            run = _Run(cfg, run_dir, layout, progress, model)
             if ckpt is None:
                 run.initialise()
             else:

@@ -32,14 +32,14 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import repro
 from .._ddp import Layout
 from .._util import atomic_write
 from ..config import NOT_KEYED, RESUME_FREE, ModelConfig, TrainConfig, upgrade
 from ..data import DATASETS
-from ..flows import Glow
+from ..flows import Glow, as_flow, check_flow, class_path, flow_signature, import_object
 from ..prior import ClassGaussians
 
 __all__ = [
@@ -54,8 +54,10 @@ __all__ = [
     "keyed_run_dir",
     "load_checkpoint",
     "lock_run_dir",
+    "prepare_flow",
     "read_checkpoint",
     "resumable_checkpoint",
+    "same_flow",
     "take_run_dir",
     "unlock_run_dir",
     "write_run",
@@ -102,11 +104,16 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
-def keyed_run_dir(root: str | os.PathLike[str], name: str, cfg: TrainConfig) -> Path:
+def keyed_run_dir(
+    root: str | os.PathLike[str], name: str, cfg: TrainConfig, model: nn.Module | None = None
+) -> Path:
     """``root / "<name>-<key>"``: the run folder of ``cfg`` made by this code, keyed by the
     full config (less :data:`NOT_KEYED`) and the code fingerprint (:func:`nfpi.repro.run_key`):
-    a changed parameter or library gets its own run, an identical one is reused."""
-    return repro.run_dir(root, name, cfg.to_dict(), ignore=NOT_KEYED)
+    a changed parameter or library gets its own run, an identical one is reused. A flow passed
+    to ``train(model=...)`` is keyed too, by its class and parameter shapes
+    (:func:`nfpi.flows.flow_signature`)."""
+    keyed = cfg.to_dict() if model is None else {**cfg.to_dict(), "flow": flow_signature(model)}
+    return repro.run_dir(root, name, keyed, ignore=NOT_KEYED)
 
 
 def lock_run_dir(run_dir: Path) -> typing.IO[str]:
@@ -302,8 +309,12 @@ def config_differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -
     return out
 
 
-def build_flow(cfg: ModelConfig, shape: tuple[int, int, int]) -> Glow:
-    """The untrained :class:`nfpi.flows.Glow` of ``cfg`` for images (C, H, W)."""
+def build_flow(cfg: ModelConfig, shape: tuple[int, int, int]) -> nn.Module:
+    """The untrained flow of ``cfg`` for images (C, H, W): ``cfg.factory(shape, **cfg.kwargs)``
+    when a factory is named (:func:`nfpi.flows.import_object`), else the :class:`nfpi.flows.Glow`
+    of the Glow keys."""
+    if cfg.factory is not None:
+        return import_object(cfg.factory)(tuple(shape), **cfg.kwargs)
     return Glow(
         shape,
         levels=cfg.levels,
@@ -316,6 +327,30 @@ def build_flow(cfg: ModelConfig, shape: tuple[int, int, int]) -> Glow:
         matexp_low_rank_above=cfg.matexp_low_rank_above,
         memory=cfg.memory,
     )
+
+
+def prepare_flow(
+    cfg: TrainConfig, shape: tuple[int, int, int], probe: Tensor, model: nn.Module | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The flow a run trains (``model``, else :func:`build_flow` of ``cfg.model``) checked on the
+    images ``probe`` (B, C, H, W) (:func:`nfpi.flows.check_flow`) and with flat latents
+    (:func:`nfpi.flows.as_flow`), and what its checkpoint records of it: its class
+    (``module:qualname``), :func:`nfpi.flows.flow_signature` and latent shape."""
+    flow = build_flow(cfg.model, shape) if model is None else model
+    latent_shape = check_flow(flow, probe)
+    info = {"class": class_path(flow), "signature": flow_signature(flow), "latent_shape": list(latent_shape)}
+    return as_flow(flow, latent_shape), info
+
+
+def same_flow(held: dict[str, Any] | None, given: dict[str, Any], path: Path) -> None:
+    """CheckpointError unless the flow recorded in checkpoint ``path`` (``held``; None for a
+    checkpoint before the flow protocol, always a Glow) has the ``given`` flow's signature."""
+    if held is not None and held["signature"] != given["signature"]:
+        raise CheckpointError(
+            f"{path} holds another flow ({held['class']}, signature {held['signature']}) than the given "
+            f"{given['class']} ({given['signature']}). Pass model= an untrained flow built as for that run, "
+            "or use another run directory (keyed_run_dir(..., model=...) names one per flow) or resume=False."
+        )
 
 
 def write_run(
@@ -336,12 +371,43 @@ def write_run(
     atomic_write(run_dir / "metrics.json", json.dumps(summary, indent=2).encode())
 
 
+def _flow_of(
+    info: dict[str, Any] | None,
+    cfg: TrainConfig,
+    shape: tuple[int, int, int],
+    path: Path,
+    model: nn.Module | None,
+) -> nn.Module:
+    """The untrained flow a checkpoint's weights load into: ``model`` when given (it must have
+    the recorded signature), else rebuilt from the config; flattened as in training."""
+    if info is None:  # written before the flow protocol: always a Glow
+        return build_flow(cfg.model, shape) if model is None else model
+    if model is None and cfg.model.factory is None and info["class"] != class_path(Glow):
+        raise CheckpointError(
+            f"{path} holds a flow of class {info['class']} passed to train(model=...), which nfpi cannot "
+            "rebuild on its own: pass an untrained instance, load_checkpoint(path, model=...) (the same "
+            "for train), or train it with model.factory naming a function that builds it"
+        )
+    if model is None:
+        try:
+            model = build_flow(cfg.model, shape)
+        except ValueError as err:
+            raise CheckpointError(f"{path}: its flow cannot be rebuilt ({err}); pass model=...") from None
+    same_flow(info, {"class": class_path(model), "signature": flow_signature(model)}, path)
+    return as_flow(model, info["latent_shape"])
+
+
 def load_checkpoint(
-    path: str | os.PathLike[str], ema: bool = True, device: str | torch.device = "cpu"
-) -> tuple[Glow, ClassGaussians, TrainConfig]:
+    path: str | os.PathLike[str],
+    ema: bool = True,
+    device: str | torch.device = "cpu",
+    model: nn.Module | None = None,
+) -> tuple[nn.Module, ClassGaussians, TrainConfig]:
     """The flow (EMA weights by default, eval mode), its class Gaussians (K, D) and the config of a
     ``checkpoint.pt`` (or of the run directory holding it). A config stored by older code is
-    upgraded to the current layout (:func:`nfpi.config.upgrade`)."""
+    upgraded to the current layout (:func:`nfpi.config.upgrade`). The flow is rebuilt from the
+    config (a Glow or ``model.factory``); a flow that was passed to ``train(model=...)`` is
+    rebuilt by passing an untrained one as ``model`` (CheckpointError otherwise, saying so)."""
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
@@ -357,7 +423,7 @@ def load_checkpoint(
     else:  # checkpoints before datasets were read from the data: registered datasets only
         c, h, w = DATASETS[cfg.dataset].shape
         h, w = h + 2 * cfg.pad + cfg.codes.rows, w + 2 * cfg.pad
-    model = build_flow(cfg.model, (c, h, w))
+    model = _flow_of(ckpt.get("flow"), cfg, (c, h, w), path, model)
     if ema:
         state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items() if k.startswith("module.")}
     else:
