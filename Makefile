@@ -80,9 +80,11 @@ tables: venv
 
 # nbval re-executes the committed notebooks and compares the cells marked NBVAL_CHECK_OUTPUT.
 # Progress as one line per epoch, as `make reproduce` ran them (widget bars would flood nbval's
-# message loop, which gives up after 5 s without a message).
+# message loop, which gives up after 5 s without a message). A cell may take up to an hour:
+# notebook 06's study (13 minutes alone) outgrew nbval's default 2,000 s on 2 cores shared by
+# two test runs.
 NBVAL := NFPI_PROGRESS=log ../$(BIN)/python -m pytest --nbval-lax --nbval-sanitize-with sanitize.cfg \
-	-p no:cacheprovider -q
+	--nbval-cell-timeout 3600 -p no:cacheprovider -q
 LONG_NB := 06_nf_augmentation.ipynb
 nbval: venv
 	cd notebooks && $(NBVAL) $(notdir $(EXECUTED))
