@@ -99,6 +99,13 @@ MNIST = Study(
 # A campaign of hours: runs are recorded as they finish (results/full/cifar10_tables.csv), and
 # the table is complete when every group has its candidates and 3 seeds of its choice.
 _RELEASED = (3.0e4, 3.0e5, 3.0e6)
+
+
+def _lambdas(label: str, overrides: dict, lams: tuple[float, ...]) -> dict[str, dict]:
+    """One candidate per lambda: ``"<label>, lambda=<lam>"`` -> ``overrides`` with that lambda."""
+    return {f"{label}, lambda={lam:g}": {**overrides, "gaussians.lam": lam} for lam in lams}
+
+
 _PAPER = (10.0, 20.0, 50.0)
 CIFAR10 = Study(
     config="configs/cifar10_full.yaml",
@@ -108,30 +115,13 @@ CIFAR10 = Study(
     },
     groups={
         "data": {"data": {"gaussians.prior": "data"}},
-        "fpi both": {f"fpi both, released rule, lambda={lam:g}": {"gaussians.lam": lam} for lam in _RELEASED},
-        "fpi paper": {
-            f"fpi both, paper rule, lambda={lam:g}": {"solver.rule": "paper", "gaussians.lam": lam}
-            for lam in _PAPER
-        },
-        "gd": {
-            f"gd, paper J, lambda={lam:g}": {
-                "gaussians.prior": "gd",
-                "solver.rule": "paper",
-                "gaussians.lam": lam,
-            }
-            for lam in _PAPER
-        },
-        "fpi means": {
-            f"fpi means, released rule, lambda={lam:g}": {"gaussians.learn": "means", "gaussians.lam": lam}
-            for lam in _RELEASED
-        },
-        "fpi variances": {
-            f"fpi variances, released rule, lambda={lam:g}": {
-                "gaussians.learn": "variances",
-                "gaussians.lam": lam,
-            }
-            for lam in _RELEASED
-        },
+        "fpi both": _lambdas("fpi both, released rule", {}, _RELEASED),
+        "fpi paper": _lambdas("fpi both, paper rule", {"solver.rule": "paper"}, _PAPER),
+        "gd": _lambdas("gd, paper J", {"gaussians.prior": "gd", "solver.rule": "paper"}, _PAPER),
+        "fpi means": _lambdas("fpi means, released rule", {"gaussians.learn": "means"}, _RELEASED),
+        "fpi variances": _lambdas(
+            "fpi variances, released rule", {"gaussians.learn": "variances"}, _RELEASED
+        ),
     },
     complete=False,
 )
