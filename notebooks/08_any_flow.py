@@ -44,9 +44,11 @@
 # **CPU default**: 300 MNIST training images per class (10 % of them the validation split),
 # 300 test images per class, 5 bits, 6 epochs, a 2-level x 4-step normflows Glow with 32 hidden
 # channels (30k parameters); 30-65 s per run on a shared core, 33 runs. Rows of
-# `../results/08_any_flow.csv` made by the same config and code are reused, so a re-execution
-# with unchanged code recomputes only the check: seed 0 of `fpi` and `normflows_base`, trained
-# afresh and compared with the recorded seeds.
+# `../results/08_any_flow.csv` recorded for the same trainer and config are reused whatever code
+# made them (their `code` column names it; `nfpi.train.config_key`), so a re-execution trains
+# only the check that ties them to the current code: seed 0 of `fpi` and `normflows_base`,
+# trained afresh and compared with the recorded seeds. To re-record after a change that is
+# meant to move the numbers, delete the file's rows (or the file) and execute the notebook.
 
 # %% tags=["parameters"]
 config = "../configs/mnist_cpu.yaml"

@@ -28,10 +28,9 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from nfpi import repro
-from nfpi.config import NOT_KEYED, TrainConfig, upgrade
+from nfpi.config import TrainConfig, upgrade
 from nfpi.experiments import solve_info
-from nfpi.train import keyed_run_dir, train
+from nfpi.train import config_key, keyed_run_dir, train
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "full"
@@ -164,20 +163,6 @@ def candidates(dataset: str, only: list[str] | None = None, collect: bool = Fals
         table.insert(1, "command", _command(study, items))
         tables.append(table)
     return pd.concat(tables, ignore_index=True)
-
-
-def config_key(cfg: TrainConfig) -> str:
-    """A run's configuration alone (no code fingerprint): the key under which a finished table
-    run is reused by later code, which records the fingerprint that made it beside the key.
-    Unset settings (None, empty) are left out, so that a setting added to the config later
-    with such a default keeps the keys of the runs made before it."""
-    return repro.run_key(_set(cfg.to_dict()), ignore=NOT_KEYED, with_code=False)
-
-
-def _set(values: dict) -> dict:
-    """``values`` without its None and empty entries, at every level."""
-    nested = {k: _set(v) if isinstance(v, dict) else v for k, v in values.items()}
-    return {k: v for k, v in nested.items() if v is not None and v != {} and v != []}
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_config
 from torch import nn
 
-from nfpi import cli
+from nfpi import cli, repro
 from nfpi.data import bin_centres
 from nfpi.experiments import compare_arms, peers, train_native
 from nfpi.flows import FlowError, Glow, check_flow
@@ -206,10 +206,26 @@ def test_normflows_own_base_trains_like_nfpi_and_rows_are_reused(tmp_path, monke
     native = rows[rows["setting"] == "native"]
     assert (native["acc_top1"] > 30).all() and native["val_acc_top1"].notna().all(), native
     assert native["acc_top1"].iloc[0] != native["acc_top1"].iloc[1]  # the seed reaches the native run
-    # Same config and code: every row is read back, nothing is trained.
+    # Same config, other code: every row is read back (its `code` names the maker), nothing is
+    # trained; notebook 08 checks the current code by a fresh seed against such rows.
     monkeypatch.setattr(peers, "_arm_row", lambda *a: pytest.fail("a finished row was recomputed"))
+    monkeypatch.setattr(repro, "code_fingerprint", lambda: "0" * 16)
     again = compare_arms(arms, [1, 2], tmp_path / "runs", tmp_path / "h2h.csv")
     assert again["acc_top1"].tolist() == rows["acc_top1"].tolist()
+    assert (again["code"] == rows["code"]).all() and (rows["code"] != "0" * 16).all()
+    # Another config, or the same config under another trainer, is another row: trained.
+    for changed in ({"native": ("native", cfg.replace(epochs=3))}, {"native": ("nfpi", cfg)}):
+        monkeypatch.setattr(peers, "_arm_row", _trained)
+        with pytest.raises(_Trained):
+            compare_arms(changed, [1], tmp_path / "runs", tmp_path / "h2h.csv")
+
+
+class _Trained(Exception):
+    """Raised in place of training an arm: the row was not reused."""
+
+
+def _trained(*args):
+    raise _Trained
 
 
 @_needs("normflows")

@@ -9,7 +9,8 @@ flow trained by nfpi with FPI or data-init class Gaussians.
   the EMA of the weights, and the same held-out metrics (:func:`nfpi.evaluation.evaluate_flow`
   under the learned base, read as nfpi class Gaussians);
 - :func:`compare_arms`: arms (an nfpi run or a native run, one config each) over seeds into one
-  results CSV of tidy rows, reusing a row made by the same config and code.
+  results CSV of tidy rows, reusing a row recorded for the same config (by any code: the
+  ``code`` column names the maker; notebook 08 retrains a check seed against them).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..evaluation import evaluate_flow
 from ..latents import NonFiniteLossError
 from ..train import (
     build_flow,
+    config_key,
     epoch_loader,
     get_lr,
     init_images,
@@ -163,10 +165,13 @@ def compare_arms(
     overridden), as rows ``<arm>_seed<s>`` of ``results_csv`` (eval tag ``"final"``): ``setting``
     (the arm), ``seed``, ``trainer``, ``prior``, ``lam``, ``flow`` (the factory), ``params``
     (:func:`flow_size`), ``seconds`` (wall time of the call that made the row: its training, or
-    about 0 when its run folder was already trained by another arm of the same config), ``code``,
-    ``config_hash``
-    and the final metrics. A row of the same config and code (``config_hash``) is reused; any
-    other is trained in ``runs_dir`` and appended at once. Returns the rows in arm, seed order."""
+    about 0 when its run folder was already trained by another arm of the same config), ``code``
+    (the fingerprint of the code that made the row), ``config_hash`` (the trainer and config,
+    :func:`nfpi.train.config_key`) and the final metrics. A row of the same ``config_hash`` is
+    reused whatever code made it, so that a results table outlives library edits: check the
+    current code by a fresh run against it (a ``runs_dir`` and ``results_csv`` of their own, then
+    :func:`nfpi.repro.expect_recorded`). Any other row is trained in ``runs_dir`` and appended at
+    once. Returns the rows in arm, seed order."""
     for arm, (trainer, _) in arms.items():
         if trainer not in TRAINERS:
             raise ValueError(f"arm {arm!r}: trainer must be one of {TRAINERS}, got {trainer!r}")
@@ -174,7 +179,7 @@ def compare_arms(
     for arm, (trainer, base) in arms.items():
         for seed in seeds:
             cfg, run = base.replace(seed=seed), f"{arm}_seed{seed}"
-            digest = repro.run_key({"trainer": trainer, **cfg.to_dict()}, ignore=("threads", "device"))
+            digest = config_key(cfg, trainer=trainer)
             keys.append(run)
             done = find_row(table, run, "final")
             if done is not None and done.get("config_hash") == digest:

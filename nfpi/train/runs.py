@@ -51,6 +51,7 @@ __all__ = [
     "build_flow",
     "checksum",
     "config_differences",
+    "config_key",
     "keyed_run_dir",
     "load_checkpoint",
     "lock_run_dir",
@@ -114,6 +115,28 @@ def keyed_run_dir(
     (:func:`nfpi.flows.flow_signature`)."""
     keyed = cfg.to_dict() if model is None else {**cfg.to_dict(), "flow": flow_signature(model)}
     return repro.run_dir(root, name, keyed, ignore=NOT_KEYED)
+
+
+def config_key(cfg: TrainConfig, **extra: Any) -> str:
+    """12 hex digits naming a run by its configuration alone (less :data:`NOT_KEYED`; no code
+    fingerprint), with ``extra`` entries (e.g. ``trainer="native"``) keyed beside it: the key of
+    a recorded result that later code reuses, the fingerprint that made it recorded beside the
+    key, and a fresh run of the current code checked against it (:func:`nfpi.repro.expect_recorded`).
+    Unset settings (None, empty) are left out, so that a setting added to the config later with
+    such a default keeps the keys of the results recorded before it.
+
+    Example:
+        >>> cfg = TrainConfig(dataset="digits")
+        >>> config_key(cfg) == config_key(cfg.replace(threads=1)) != config_key(cfg.replace(seed=1))
+        True
+    """
+    return repro.run_key(_set({**extra, **cfg.to_dict()}), ignore=NOT_KEYED, with_code=False)
+
+
+def _set(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` without its None and empty entries, at every level."""
+    nested = {k: _set(v) if isinstance(v, dict) else v for k, v in values.items()}
+    return {k: v for k, v in nested.items() if v is not None and v != {} and v != []}
 
 
 def lock_run_dir(run_dir: Path) -> typing.IO[str]:
