@@ -114,12 +114,14 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """Adamax with linear warm-up over ``warmup`` steps, clipping, EMA decay ``ema`` (beta)."""
+    """Adamax; learning rate by :func:`nfpi.train.get_lr` (warm-up, cosine decay); clipping; EMA."""
 
     lr: float = 1e-2
     warmup: int = 1000
     grad_clip: float | None = None
     ema: float = 0.9999
+    decay_steps: int | None = None
+    min_lr: float | None = None  # the end of the decay (null: 0)
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -128,6 +130,10 @@ class OptimConfig:
             raise ValueError(f"optim.warmup must be >= 0 steps, got {self.warmup}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise ValueError(f"optim.grad_clip must be > 0 or null (no clipping), got {self.grad_clip}")
+        if self.decay_steps is not None and not self.warmup < self.decay_steps:
+            raise ValueError(f"optim.decay_steps must be > warmup ({self.warmup}), got {self.decay_steps}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optim.min_lr must lie in [0, lr = {self.lr}], got {self.min_lr}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"optim.ema (EMA beta) must lie in [0, 1), got {self.ema}")
 
@@ -226,13 +232,9 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.lam_decay <= 1:
-            raise ValueError(
-                f"schedule.lam_decay must lie in (0, 1] (1: constant lambda), got {self.lam_decay}"
-            )
+            raise ValueError(f"schedule.lam_decay must lie in (0, 1] (1: constant), got {self.lam_decay}")
         if self.solve_epoch < -1:
-            raise ValueError(
-                f"schedule.solve_epoch must be >= -1 (-1: before training), got {self.solve_epoch}"
-            )
+            raise ValueError(f"schedule.solve_epoch must be >= -1 (-1: before training): {self.solve_epoch}")
         if self.resolve_every is not None and self.resolve_every < 1:
             raise ValueError(f"schedule.resolve_every must be >= 1 or null, got {self.resolve_every}")
         if (self.dg_fraction is None) != (self.merge_epoch is None):
@@ -324,9 +326,7 @@ class TrainConfig:
         """Rules across the gaussians / solver / schedule groups."""
         gs, sched = self.gaussians, self.schedule
         if not 0 <= sched.lam_min <= gs.lam:
-            raise ValueError(
-                f"schedule.lam_min must lie in [0, gaussians.lam={gs.lam:g}], got {sched.lam_min}"
-            )
+            raise ValueError(f"schedule.lam_min must lie in [0, gaussians.lam={gs.lam:g}]: {sched.lam_min}")
         try:  # the solver's own checks, run now instead of after the first epoch
             fpi.check_solver_args(
                 lam=gs.lam,

@@ -229,6 +229,8 @@ CONFIG_CASES = [  # (override, message naming the key)
     ({"epoch": 3}, r"unknown config key.*'epoch'.*valid keys.*'epochs'"),  # held before
     ({"epochs": "three"}, r"epochs must be of type int"),  # held before
     ({"optim.lr": 0}, r"optim\.lr must be > 0"),  # held before
+    ({"optim.warmup": 100, "optim.decay_steps": 100}, r"optim\.decay_steps must be > warmup \(100\)"),
+    ({"optim.min_lr": 0.5}, r"optim\.min_lr must lie in \[0, lr"),
 ]
 
 

@@ -25,17 +25,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from conftest import tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.optim.swa_utils import AveragedModel
 
 from nfpi import data, repro
-from nfpi.config import TrainConfig
+from nfpi.config import OptimConfig, TrainConfig
 from nfpi.evaluation import evaluate_flow
 from nfpi.flows import Glow
 from nfpi.latents import NonFiniteLossError, class_stats
 from nfpi.prior import ClassGaussians, ClassStats, fpi
 from nfpi.train import (
     CheckpointError,
+    config_key,
     fit,
+    get_lr,
     keyed_run_dir,
     load_checkpoint,
     load_data,
@@ -211,6 +215,38 @@ def test_keyed_run_dirs_follow_the_config(tmp_path):
     assert here != keyed_run_dir(tmp_path, "fpi", tiny(epochs=2)) and here.name.startswith("fpi-")
 
 
+def test_config_keys_name_the_config_alone_and_outlive_new_unset_settings(monkeypatch):
+    key = config_key(tiny())
+    assert key == config_key(tiny(threads=2, device="cpu"))  # same computation
+    assert key != config_key(tiny(seed=1)) and key != config_key(tiny(), trainer="native")
+    monkeypatch.setattr(repro, "code_fingerprint", lambda: "0" * 16)
+    assert config_key(tiny()) == key  # no code in the key: the maker is recorded beside it
+    # A setting added later with an unset default (None) keeps the keys recorded before it.
+    assert config_key(tiny(**{"optim.decay_steps": None, "optim.min_lr": None})) == key
+    assert config_key(tiny(**{"optim.decay_steps": 5000})) != key
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lr=st.floats(1e-4, 1.0),
+    warmup=st.integers(0, 50),
+    length=st.integers(1, 500),
+    low=st.floats(0.0, 1.0),
+    it=st.integers(0, 1000),
+)
+def test_get_lr_warms_up_then_decays_by_cosine_to_min_lr(lr, warmup, length, low, it):
+    optim = OptimConfig(lr=lr, warmup=warmup, decay_steps=warmup + length, min_lr=low * lr)
+    value, after = get_lr(it, optim), get_lr(it + 1, optim)
+    assert 0 <= value <= lr + 1e-12
+    if it < warmup:
+        assert value == pytest.approx(lr * (it + 1) / warmup) and after >= value
+    else:
+        assert low * lr - 1e-12 <= value and after <= value + 1e-12  # never rises after the warm-up
+        assert get_lr(it, dataclasses.replace(optim, decay_steps=None)) == lr  # constant without decay
+    assert get_lr(max(warmup, 1) - 1, optim) == pytest.approx(lr)  # lr once warmed up
+    assert get_lr(warmup + length + it, optim) == pytest.approx(low * lr)  # min_lr from decay_steps on
+
+
 def test_finished_run_is_reused(finished):
     run_dir, final = finished
     before = (run_dir / "checkpoint.pt").stat().st_mtime_ns
@@ -246,7 +282,7 @@ def test_resume_gives_the_uninterrupted_result(two_epochs, tmp_path, monkeypatch
 _STALL_IN_EPOCH_1 = """
 import sys, time
 from pathlib import Path
-from nfpi.config import TrainConfig
+from nfpi.config import OptimConfig, TrainConfig
 from nfpi.train import loop as T
 cfg, run_dir = TrainConfig.from_yaml(sys.argv[1]), Path(sys.argv[2])
 check = T._Run._check_finite

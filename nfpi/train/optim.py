@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -23,8 +24,23 @@ __all__ = ["ema_avg_fn", "get_lr", "make_ema"]
 
 def get_lr(it: int, optim: OptimConfig) -> float:
     """Learning rate of optimizer step ``it`` (0-based, global): linear warm-up over
-    ``optim.warmup`` steps to ``optim.lr``, then constant."""
-    return optim.lr * min(1.0, (it + 1) / optim.warmup) if optim.warmup else optim.lr
+    ``optim.warmup`` steps to ``optim.lr``, then constant; with ``optim.decay_steps`` a cosine
+    decay from ``lr`` at the end of the warm-up to ``optim.min_lr`` (null: 0) at step
+    ``decay_steps``, and ``min_lr`` after it (nanoGPT's schedule; set ``decay_steps`` to epochs x
+    steps per epoch).
+
+    Example:
+        >>> from nfpi.config import OptimConfig
+        >>> optim = OptimConfig(lr=1.0, warmup=10, decay_steps=110, min_lr=0.1)
+        >>> [round(get_lr(it, optim), 3) for it in (0, 9, 60, 110, 500)]
+        [0.1, 1.0, 0.55, 0.1, 0.1]
+    """
+    if it < optim.warmup:
+        return optim.lr * (it + 1) / optim.warmup
+    if optim.decay_steps is None:
+        return optim.lr
+    low, progress = optim.min_lr or 0.0, min(1.0, (it - optim.warmup) / (optim.decay_steps - optim.warmup))
+    return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - low)
 
 
 def ema_avg_fn(beta: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
