@@ -12,7 +12,8 @@ per-epoch metrics of the table runs in results/full/<dataset>_tables_epochs.csv)
 
 Every run trains in its own folder under ``runs/full/`` and resumes there when interrupted
 (run the same command again); a folder is locked while a run trains in it, so several of these
-commands may run side by side (``--only`` picks candidates). The committed CSVs hold each
+commands may run side by side (``--only`` picks candidates and keeps the other candidates' rows
+of the CSV). The committed CSVs hold each
 run's per-epoch metrics (the candidates, for learning curves against wall time) or its final
 row (the tables), with the command that reproduces it; notebook 07 renders them.
 """
@@ -283,7 +284,13 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = Path(args.out) if args.out else RESULTS / f"{args.dataset}_{args.what}.csv"
     if args.what == "candidates":
-        _write(candidates(args.dataset, args.only, args.collect), out)
+        table = candidates(args.dataset, args.only, args.collect)
+        if args.only and out.is_file():  # the other candidates' committed rows stay
+            kept = pd.read_csv(out)
+            table = pd.concat([kept[~kept["candidate"].isin(args.only)], table], ignore_index=True)
+            order = {label: i for i, label in enumerate(study.candidates)}
+            table = table.sort_values("candidate", key=lambda c: c.map(order), kind="stable")
+        _write(table.reset_index(drop=True), out)
     else:  # written after each run, so that a long campaign leaves its finished runs behind
         campaign = Campaign.read(out)
         for group in args.groups or study.groups:

@@ -142,3 +142,21 @@ def test_the_cifar10_runs_underfit_as_the_docs_say() -> None:
         assert last < before, (
             f"{key}: held-out bits/dim rose over the last epoch ({before:.4f} -> {last:.4f})"
         )
+
+
+def test_candidates_only_keeps_the_other_candidates_rows(tmp_path, monkeypatch) -> None:
+    """``candidates --only X`` (run side by side with another ``--only``) rewrites X's rows of
+    the CSV and keeps every other candidate's, in the study's order."""
+    labels = list(full_data.STUDIES["mnist"].candidates)
+    out = tmp_path / "mnist_candidates.csv"
+    pd.DataFrame({"candidate": [labels[0], labels[1], labels[1]], "epoch": [0, 0, 1]}).to_csv(
+        out, index=False
+    )
+    fresh = pd.DataFrame({"candidate": [labels[0]] * 2, "epoch": [0, 1]})
+    monkeypatch.setattr(full_data, "candidates", lambda dataset, only, collect: fresh)
+    argv = ["full_data.py", "candidates", "--only", labels[0], "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    full_data.main()
+    merged = pd.read_csv(out)
+    assert list(merged["candidate"]) == [labels[0]] * 2 + [labels[1]] * 2
+    assert list(merged["epoch"]) == [0, 1, 0, 1]
