@@ -280,7 +280,8 @@ def markdown_summary(
 ) -> str:
     """A markdown table: one row per setting (``settings`` in that order, or all), the number
     of seeds and ``mean ± std`` of each metric over seeds, and with ``baseline`` the paired
-    difference of the first metric to it (mean ± 95 % interval half-width)."""
+    difference of the first metric to it (mean ± 95 % interval half-width). A setting with one
+    seed shows its value and "(one seed)"."""
     summary = seed_summary(table, metrics, by=by, baseline=baseline)
     if settings is not None:
         summary = summary.loc[list(settings)]
@@ -288,12 +289,21 @@ def markdown_summary(
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in summary.iterrows():
         cells = [str(name), str(int(row["seeds"]))]
-        cells += [f"{row[f'{m}_mean']:.2f} ± {row[f'{m}_std']:.2f}" for m in metrics]
+        cells += [_plus_minus(row[f"{m}_mean"], row[f"{m}_std"], "") for m in metrics]
         if baseline:
             diff, half = row[f"{metrics[0]}_diff_mean"], row[f"{metrics[0]}_diff_ci95"]
-            cells.append("–" if name == baseline else f"{diff:+.2f} ± {half:.2f}")
+            cells.append("–" if name == baseline else _plus_minus(diff, half, "+"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _plus_minus(value: float, spread: float, sign: str) -> str:
+    """``"value ± spread"``; one seed has no spread, and says so instead of ``± nan``; a metric
+    a setting does not produce (NaN) is ``–``."""
+    if not math.isfinite(value):
+        return "–"
+    text = f"{value:{sign}.2f}"
+    return f"{text} ± {spread:.2f}" if math.isfinite(spread) else f"{text} (one seed)"
 
 
 def orderings(

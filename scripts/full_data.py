@@ -244,7 +244,13 @@ def table_run(study: Study, campaign: Campaign, group: str, setting: str, seed: 
         run_dir = keyed_run_dir(RUNS, f"{cfg.dataset}_full", cfg)
         final = train(cfg, run_dir, progress=True)
     epochs = _epochs(run_dir)
-    row = {**head, "run_dir": str(run_dir), "code": epochs["code"].iloc[0], "config_key": key}
+    row = {
+        **head,
+        "chosen": False,
+        "run_dir": str(run_dir),
+        "code": epochs["code"].iloc[0],
+        "config_key": key,
+    }
     row |= final | solve_info(run_dir)  # the last solve's report (the final epoch has none)
     campaign.add(row, epochs.assign(group=group, setting=setting, seed=seed, config_key=key))
     return campaign.row(key)

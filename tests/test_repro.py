@@ -220,9 +220,16 @@ def test_markdown_summary_and_readme_blocks(tmp_path):
         and fresh.endswith("<!-- /results -->\nmore\n")
     )
     assert repro.render_readme(fresh, tmp_path) == fresh
-    # Further column=value options keep only the matching rows (here one seed: std is NaN).
-    one = repro.render_readme("<!-- results: r.csv metrics=acc seed=2 -->\n<!-- /results -->", tmp_path)
-    assert "| fpi | 1 | 93.00 ± nan |" in one and "| data | 1 | 92.00 ± nan |" in one
+    # Further column=value options keep only the matching rows (here one seed: no spread, and
+    # no interval for its paired difference).
+    one = repro.render_readme(
+        "<!-- results: r.csv metrics=acc seed=2 baseline=data -->\n<!-- /results -->", tmp_path
+    )
+    assert (
+        "| fpi | 1 | 93.00 (one seed) | +1.00 (one seed) |" in one
+        and "| data | 1 | 92.00 (one seed) | – |" in one
+    )
+    assert "nan" not in one
 
 
 def test_orderings_are_paired_t_tests_holm_corrected(tmp_path):
