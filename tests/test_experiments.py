@@ -305,5 +305,15 @@ def test_choose_lambda_picks_each_solvers_best_validation_candidate(tmp_path, mo
         "gd lambda=50",
     ]
     assert set(table["solver"]) == {"fpi", "gd"}
+    # Refused before any run trains: a solver without candidates, a candidate that is no number.
+    monkeypatch.setattr(experiments, "train_settings", lambda *a: pytest.fail("trained before the check"))
     with pytest.raises(ValueError, match="no candidate lambdas"):
         choose_lambda(tiny_config(), solvers, {"fpi": [10]}, [0], tmp_path, "x")
+    with pytest.raises(ValueError, match=r"lambdas\['gd'\].*not a number"):
+        choose_lambda(tiny_config(), solvers, {"fpi": [10], "gd": ["1e4x"]}, [0], tmp_path, "x")
+    # Text that is a number (PyYAML reads 1.0e4 as a string) is read as that number.
+    monkeypatch.setattr(experiments, "train_settings", fake)
+    _, chosen = choose_lambda(
+        tiny_config(), solvers, {"fpi": ["10", "5.0e1"], "gd": [10, 50]}, [0, 1], tmp_path, "x"
+    )
+    assert chosen == {"fpi": 50.0, "gd": 10.0}

@@ -136,15 +136,26 @@ def choose_lambda(
     and the chosen lambda per solver. Comparing solvers fairly means giving each as many
     candidates; a choice at an end of its grid that could go further says to extend the grid.
     """
+    candidates = {label: _lambdas(label, lambdas.get(label)) for label in solvers}  # before any training
     tables, chosen = [], {}
     for label, overrides in solvers.items():
-        if not lambdas.get(label):
-            raise ValueError(f"solver {label!r} has no candidate lambdas; give lambdas[{label!r}]")
-        grid = {
-            f"{label} lambda={lam:g}": {**overrides, "gaussians.lam": float(lam)} for lam in lambdas[label]
-        }
+        grid = {f"{label} lambda={lam:g}": {**overrides, "gaussians.lam": lam} for lam in candidates[label]}
         table = train_settings(base_cfg, grid, seeds, runs_dir, name, progress).assign(solver=label)
         means = table.groupby("setting", sort=False)[metric].mean()
         chosen[label] = float(grid[str(means.idxmax())]["gaussians.lam"])
         tables.append(table)
     return pd.concat(tables, ignore_index=True), chosen
+
+
+def _lambdas(label: str, values: Sequence[Any] | None) -> list[float]:
+    """A solver's candidate lambdas as floats; an empty list or a value that is not a number
+    (PyYAML reads ``1.0e4`` as text) is refused before any run trains."""
+    if not values:
+        raise ValueError(f"solver {label!r} has no candidate lambdas; give lambdas[{label!r}]")
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"lambdas[{label!r}] = {list(values)!r} holds a value that is not a number; in YAML "
+            "(papermill -y, configs) write numbers such as 1.0e+4 or 10000.0"
+        ) from None
