@@ -226,9 +226,12 @@ def _finished_run(cfg: TrainConfig) -> tuple[Path, dict] | None:
     return None
 
 
-def table_run(study: Study, campaign: Campaign, group: str, setting: str, seed: int) -> pd.Series:
+def table_run(
+    study: Study, campaign: Campaign, group: str, setting: str, seed: int, chosen: bool = False
+) -> pd.Series:
     """The final row of one table run: the committed one when its config was run before (by
-    any code version), else trained (or resumed) now and recorded in ``campaign``."""
+    any code version), else trained (or resumed) now and recorded in ``campaign`` (``chosen``:
+    the setting is its group's choice)."""
     settings = {name: o for g in study.groups.values() for name, o in g.items()}
     base = TrainConfig.from_yaml(REPO / study.config, **_overrides(study.table_budget))
     cfg = base.replace(**settings[setting], seed=seed)
@@ -246,7 +249,7 @@ def table_run(study: Study, campaign: Campaign, group: str, setting: str, seed: 
     epochs = _epochs(run_dir)
     row = {
         **head,
-        "chosen": False,
+        "chosen": chosen,
         "run_dir": str(run_dir),
         "code": epochs["code"].iloc[0],
         "config_key": key,
@@ -262,12 +265,12 @@ def table_group(dataset: str, group: str, seeds: list[int], campaign: Campaign) 
     study = STUDIES[dataset]
     first = {s: table_run(study, campaign, group, s, seeds[0]) for s in study.groups[group]}
     best = max(first, key=lambda s: first[s]["val_acc_top1"])
-    for seed in seeds[1:]:
-        table_run(study, campaign, group, best, seed)
-    rows = campaign.rows
-    in_group = rows["group"] == group
-    campaign.rows.loc[in_group, "chosen"] = rows.loc[in_group, "setting"] == best
+    # marked before the other seeds train, so that a commit taken meanwhile names the choice
+    in_group = campaign.rows["group"] == group
+    campaign.rows.loc[in_group, "chosen"] = campaign.rows.loc[in_group, "setting"] == best
     _write(campaign.rows, campaign.out)
+    for seed in seeds[1:]:
+        table_run(study, campaign, group, best, seed, chosen=True)
 
 
 def main() -> None:

@@ -77,7 +77,8 @@ def test_committed_tables_are_the_scripts_choices(dataset: str) -> None:
             continue
         best = first.loc[first["val_acc_top1"].idxmax(), "setting"]
         assert (rows["chosen"] == (rows["setting"] == best)).all(), f"{group}: not the validation choice"
-        assert set(rows.loc[~rows["chosen"], "seed"]) <= {study.seeds[0]}
+        # a candidate not chosen may hold more seeds (CIFAR-10's released lambda ran seed 1
+        # before the group had its other candidates); the choice above reads seed 0 alone
         chosen_seeds = sorted(rows.loc[rows["chosen"], "seed"])
         assert chosen_seeds == list(study.seeds) or (
             not study.complete and set(chosen_seeds) < set(study.seeds)

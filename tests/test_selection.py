@@ -37,15 +37,27 @@ def test_the_rule_flags_an_open_end():
     assert grid_supports(pd.Series([90.0, 93.0, 95.0], index=[10.0, 20.0, 50.0]), 55.3)
 
 
-@pytest.mark.parametrize("table", ["02_train_flow_digits_cpu.csv"])
-def test_committed_lambda_choices_are_inside_their_grids(table):
+@pytest.mark.parametrize(
+    ("table", "variances_learned"),
+    [
+        ("02_train_flow_digits_cpu.csv", True),
+        # NF accuracy still rises at 1e7 while bits/dim collapse (docs/results.md §1): an open
+        # end that a larger lambda would not close; strict, so closing it shows here
+        pytest.param(
+            "02_train_flow_mnist_cpu.csv",
+            False,
+            marks=pytest.mark.xfail(strict=True, reason="validation accuracy rises with lambda to 1e7"),
+        ),
+    ],
+)
+def test_committed_lambda_choices_are_inside_their_grids(table, variances_learned):
     rows = pd.read_csv(RESULTS / table)
     selection = rows[rows["setting"].str.contains(" lambda=")]
     assert len(selection), f"{table} holds no lambda candidates"
     for solver, runs in selection.groupby("solver"):
         lam = runs["setting"].str.split(" lambda=").str[1].astype(float)
         means = runs.groupby(lam)["val_acc_top1"].mean().sort_index()
-        paper_j = solver in ("gd", "fpi_paper")  # learned variances under the paper's J
+        paper_j = variances_learned and solver in ("gd", "fpi_paper")  # the paper's J, unbounded above 55.3
         cap = unbounded_threshold(10) if paper_j else float("inf")
         assert grid_supports(means, cap), (
             f"{table}: {solver} chose lambda at an open end of {list(means.index)}"
