@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 import torch
 from conftest import tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nfpi import repro
 from nfpi.config import TrainConfig
@@ -18,6 +20,7 @@ from nfpi.experiments import (
     EvalConfig,
     Oracle,
     append_row,
+    best_setting,
     choose_lambda,
     evaluate_run,
     generate,
@@ -274,6 +277,34 @@ def test_metric_grid_draws_one_panel_per_metric(tmp_path):
         plots.metric_grid(table, "lam", ["fid"], kind="pie")
 
 
+@given(
+    st.lists(st.tuples(st.floats(0, 100), st.floats(1, 60), st.floats(1, 60)), min_size=2, max_size=6),
+    st.floats(1, 60),
+)
+@settings(max_examples=60, deadline=None)
+def test_best_setting_is_the_best_within_the_bpd_bound(candidates, bound):
+    """Without a bound the best mean validation accuracy over the seeds; with one, the best among
+    the settings whose mean validation bits/dim are within it (none: an error that says what
+    to do); never a setting over the bound."""
+    table = pd.DataFrame(
+        [
+            {"setting": f"s{i}", "seed": seed, "val_acc_top1": acc + seed, "val_bpd": bpd}
+            for i, (acc, bpd0, bpd1) in enumerate(candidates)
+            for seed, bpd in enumerate((bpd0, bpd1))
+        ]
+    )
+    means = table.groupby("setting", sort=False)[["val_acc_top1", "val_bpd"]].mean()
+    assert best_setting(table) == means["val_acc_top1"].idxmax()
+    within = means[means["val_bpd"] <= bound]
+    if within.empty:
+        with pytest.raises(ValueError, match="raise the bound or add candidates with a smaller lambda"):
+            best_setting(table, max_val_bpd=bound)
+        return
+    chosen = best_setting(table, max_val_bpd=bound)
+    assert means.loc[chosen, "val_bpd"] <= bound
+    assert means.loc[chosen, "val_acc_top1"] == within["val_acc_top1"].max()
+
+
 def test_choose_lambda_picks_each_solvers_best_validation_candidate(tmp_path, monkeypatch):
     """Each solver is chosen among its own candidates by mean validation NF accuracy over the
     seeds; test metrics play no part (here they would choose the other way)."""
@@ -289,7 +320,10 @@ def test_choose_lambda_picks_each_solvers_best_validation_candidate(tmp_path, mo
         for label, overrides in grid.items():
             key = (overrides["gaussians.prior"], overrides["gaussians.lam"])
             for seed, v in zip(seeds, val[key]):
-                rows.append({"setting": label, "seed": seed, "val_acc_top1": v, "acc_top1": 100 - v})
+                bpd = overrides["gaussians.lam"] / 10  # bits/dim grow with lambda, as measured
+                rows.append(
+                    {"setting": label, "seed": seed, "val_acc_top1": v, "val_bpd": bpd, "acc_top1": 100 - v}
+                )
         return pd.DataFrame(rows)
 
     monkeypatch.setattr(experiments, "train_settings", fake)
@@ -305,6 +339,11 @@ def test_choose_lambda_picks_each_solvers_best_validation_candidate(tmp_path, mo
         "gd lambda=50",
     ]
     assert set(table["solver"]) == {"fpi", "gd"}
+    # A bound on validation bits/dim takes fpi's 50 (5 bits/dim) out: 10 is its best within 2.
+    _, chosen = choose_lambda(
+        tiny_config(), solvers, {"fpi": [10, 50], "gd": [10, 50]}, [0, 1], tmp_path, "x", max_val_bpd=2.0
+    )
+    assert chosen == {"fpi": 10.0, "gd": 10.0}
     # Refused before any run trains: a solver without candidates, a candidate that is no number.
     monkeypatch.setattr(experiments, "train_settings", lambda *a: pytest.fail("trained before the check"))
     with pytest.raises(ValueError, match="no candidate lambdas"):

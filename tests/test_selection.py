@@ -62,3 +62,19 @@ def test_committed_lambda_choices_are_inside_their_grids(table, variances_learne
         assert grid_supports(means, cap), (
             f"{table}: {solver} chose lambda at an open end of {list(means.index)}"
         )
+
+
+@pytest.mark.parametrize("ratio", [2.0, 3.0, 5.0])
+def test_bounded_bits_per_dim_choices_are_inside_their_grids(ratio):
+    """Within ``ratio`` times data init's validation bits/dim (the CIFAR-10 campaign's rule at
+    2, ``Study.max_bpd_ratio``), MNIST-3k's open end closes: every solver's choice lies inside
+    {1e4, ..., 1e7}, and the same for any ratio from 2 to 5 (docs/results.md §1)."""
+    rows = pd.read_csv(RESULTS / "02_train_flow_mnist_cpu.csv")
+    bound = ratio * rows.loc[rows["setting"] == "data", "val_bpd"].mean()
+    selection = rows[rows["setting"].str.contains(" lambda=")]
+    for solver, runs in selection.groupby("solver"):
+        lam = runs["setting"].str.split(" lambda=").str[1].astype(float)
+        means = runs.groupby(lam)[["val_acc_top1", "val_bpd"]].mean().sort_index()
+        allowed = means[means["val_bpd"] <= bound]
+        best = allowed["val_acc_top1"].idxmax()
+        assert means.index[0] < best < means.index[-1], f"{solver}: {best} at an end of {list(means.index)}"

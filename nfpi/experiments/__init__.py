@@ -15,7 +15,7 @@ Example:
 """
 
 from . import downstream, finetune
-from .grid import choose_lambda, run_grid, train_settings
+from .grid import best_setting, choose_lambda, run_grid, train_settings
 from .peers import TRAINERS, compare_arms, flow_size, train_native
 from .references import paper_table
 from .rows import (
@@ -38,6 +38,7 @@ __all__ = [
     "Oracle",
     "append_row",
     "check_compatible",
+    "best_setting",
     "choose_lambda",
     "compare_arms",
     "config_hash",

@@ -4,7 +4,8 @@
 missing from the CSV (:mod:`nfpi.experiments.tables`) or was computed from another
 configuration (``config_hash``); :func:`train_settings` trains settings over seeds and
 returns their final metrics rows; :func:`choose_lambda` chooses each solver's lambda on the
-validation split, from candidates of its own.
+validation split, from candidates of its own, by :func:`best_setting` (the best validation NF
+accuracy, optionally among the candidates within a bound on validation bits/dim).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ..train import keyed_run_dir, train
 from .rows import EvalConfig, Oracle, config_hash, evaluate_run, solve_info
 from .tables import append_row, find_row, read_rows
 
-__all__ = ["choose_lambda", "run_grid", "train_settings"]
+__all__ = ["best_setting", "choose_lambda", "run_grid", "train_settings"]
 
 
 def run_grid(
@@ -128,11 +129,13 @@ def choose_lambda(
     name: str,
     progress: bool = False,
     metric: str = "val_acc_top1",
+    max_val_bpd: float | None = None,
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """Train each solver (label -> config overrides of ``base_cfg``) with each of its candidate
     lambdas ``lambdas[label]`` over ``seeds`` (:func:`train_settings`), and choose for each the
-    lambda with the best mean validation ``metric`` over the seeds: the test set plays no part.
-    Returns every candidate's rows (``setting`` "<label> lambda=<lam>", ``solver`` = label)
+    lambda with the best mean validation ``metric`` over the seeds (among those with a mean
+    validation bits/dim of at most ``max_val_bpd``, :func:`best_setting`): the test set plays no
+    part. Returns every candidate's rows (``setting`` "<label> lambda=<lam>", ``solver`` = label)
     and the chosen lambda per solver. Comparing solvers fairly means giving each as many
     candidates; a choice at an end of its grid that could go further says to extend the grid.
     """
@@ -141,10 +144,42 @@ def choose_lambda(
     for label, overrides in solvers.items():
         grid = {f"{label} lambda={lam:g}": {**overrides, "gaussians.lam": lam} for lam in candidates[label]}
         table = train_settings(base_cfg, grid, seeds, runs_dir, name, progress).assign(solver=label)
-        means = table.groupby("setting", sort=False)[metric].mean()
-        chosen[label] = float(grid[str(means.idxmax())]["gaussians.lam"])
+        chosen[label] = float(grid[best_setting(table, metric, max_val_bpd)]["gaussians.lam"])
         tables.append(table)
     return pd.concat(tables, ignore_index=True), chosen
+
+
+def best_setting(
+    table: pd.DataFrame, metric: str = "val_acc_top1", max_val_bpd: float | None = None, by: str = "setting"
+) -> str:
+    """The setting (``table[by]``) with the best mean validation ``metric`` over its rows
+    (seeds), among the settings whose mean ``val_bpd`` is at most ``max_val_bpd`` (None: all);
+    a tie goes to the first in ``table``'s order.
+
+    NF accuracy alone rewards ever larger lambda: the repulsion keeps separating the classes
+    while the likelihood collapses (validation bits/dim 58 at the chosen end of MNIST-3k's grid,
+    11 on CIFAR-10; docs/results.md §1, §3). The paper sets lambda by "the convergence, the
+    discriminative and the generative properties" together; a bound on validation bits/dim
+    states the generative side as a constraint, e.g. twice data init's
+    (``scripts/full_data.py``, ``Study.max_bpd_ratio``).
+
+    Example:
+        >>> runs = pd.DataFrame({"setting": ["a", "b", "c"], "val_acc_top1": [80.0, 90.0, 95.0],
+        ...                      "val_bpd": [1.5, 2.5, 9.0]})
+        >>> best_setting(runs), best_setting(runs, max_val_bpd=3.0)
+        ('c', 'b')
+    """
+    if max_val_bpd is None:
+        return str(table.groupby(by, sort=False)[metric].mean().idxmax())
+    means = table.groupby(by, sort=False)[[metric, "val_bpd"]].mean()
+    allowed = means[means["val_bpd"] <= max_val_bpd]  # a NaN (diverged) candidate is never allowed
+    if not len(allowed):
+        raise ValueError(
+            f"no setting has a mean validation bits/dim of at most {max_val_bpd:.4g} (the lowest is "
+            f"{means['val_bpd'].min():.4g}, {means['val_bpd'].idxmin()!r}): raise the bound or add "
+            "candidates with a smaller lambda"
+        )
+    return str(allowed[metric].idxmax())
 
 
 def _lambdas(label: str, values: Sequence[Any] | None) -> list[float]:
