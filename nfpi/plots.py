@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 from torch import Tensor, nn
 
 from . import data
@@ -126,7 +127,10 @@ def solver_curves(
 
 
 def training_curves(
-    tables: Mapping[str, pd.DataFrame], against: str = "epoch", path: PathLike = None
+    tables: Mapping[str, pd.DataFrame],
+    against: str = "epoch",
+    path: PathLike = None,
+    families: Mapping[str, str] | None = None,
 ) -> Figure:
     """Train and held-out bits/dim and NF accuracy per epoch for several runs.
 
@@ -135,7 +139,9 @@ def training_curves(
     candidates with different costs per epoch, compared per CPU-minute). The held-out curves
     are the validation split's when the runs have one (the test set is then evaluated only
     after the last epoch), else the test set's. Epochs after which the Gaussians were fitted
-    are marked with a dot on the accuracy curve.
+    are marked with a dot on the accuracy curve. ``families``: run label -> its family (e.g.
+    the setting of several seeds), drawn in one colour with one legend entry; default: each
+    run its own. A bits/dim panel whose curves span more than a factor 3 has a log scale.
     """
     first = next(iter(tables.values()))
     held, bpd, acc = (
@@ -143,15 +149,27 @@ def training_curves(
         if first.get("val_bpd", pd.Series()).notna().any()
         else ("test", "test_bpd", "acc_top1")
     )
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for i, (label, t) in enumerate(tables.items()):
-        colour = f"C{i}"
+    family = {label: (families or {}).get(label, label) for label in tables}
+    colours = {f: f"C{i % 10}" for i, f in enumerate(dict.fromkeys(family.values()))}
+    styles = {f: ("-", "--", ":")[i // 10 % 3] for i, f in enumerate(colours)}  # 10 colours, then dashes
+    columns = min(len(colours), 3)
+    rows = -(-len(colours) // columns)  # of the legend, below the panels
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6 + 0.22 * rows))
+    for label, t in tables.items():
+        f = family[label]
+        line = {"color": colours[f], "linestyle": styles[f]}
         x = t["epoch"] if against == "epoch" else t["time"].cumsum() / 60
-        axes[0].plot(x, t["train_bpd"], color=colour, label=label)
-        axes[1].plot(x, t[bpd], color=colour, label=label)
-        axes[2].plot(x, t[acc], color=colour, label=label)
+        axes[0].plot(x, t["train_bpd"], **line)
+        axes[1].plot(x, t[bpd], **line)
+        axes[2].plot(x, t[acc], **line)
         solved = t["solved"].notna()
-        axes[2].scatter(x[solved], t[acc][solved], color=colour, zorder=3)
+        axes[2].scatter(x[solved], t[acc][solved], color=colours[f], zorder=3)
+    for ax, column in zip(axes[:2], ("train_bpd", bpd)):
+        values = pd.concat([t[column] for t in tables.values()]).dropna()
+        if len(values) and values.min() > 0 and values.max() > 3 * values.min():
+            ax.set_yscale("log")
+            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis(FormatStrFormatter("%g"))  # 2, 3, 10 rather than 2 x 10^0
     for ax, title in zip(
         axes,
         (
@@ -162,9 +180,12 @@ def training_curves(
     ):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch" if against == "epoch" else "training wall time (minutes)")
+        if against == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no half epochs
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colours[f], linestyle=styles[f]) for f in colours]
+    fig.legend(handles, list(colours), loc="lower center", ncol=columns, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.22 * rows / (3.6 + 0.22 * rows) + 0.01, 1, 1))
     return _finish(fig, path)
 
 

@@ -162,8 +162,10 @@ print(last.loc["cifar10"].round(3).to_string())
 
 # %%
 curves = pd.read_csv(cifar_epochs)
+runs = dict(list(curves.groupby(["setting", "seed"], sort=False)))  # (setting, seed) -> epochs
 fig = plots.training_curves(
-    {f"{s}, seed {seed}": t for (s, seed), t in curves.groupby(["setting", "seed"], sort=False)},
+    {f"{s}, seed {seed}": t for (s, seed), t in runs.items()},
+    families={f"{s}, seed {seed}": s for s, seed in runs},  # the seeds of a setting: one colour
     path=f"{figures}/07_cifar10_tables.png",
 )
 plt.show()

@@ -4,7 +4,7 @@
     python scripts/full_data.py tables                        # Tables 1 and 3 on full MNIST, 3 seeds
     python scripts/full_data.py tables --groups data gd --seeds 0 --out x.csv   # a part of them
     python scripts/full_data.py candidates --dataset cifar10  # candidates for configs/cifar10_full.yaml
-    python scripts/full_data.py tables --dataset cifar10      # data init vs FPI "both" on full CIFAR-10
+    python scripts/full_data.py tables --dataset cifar10      # Tables 1 and 3 on full CIFAR-10, 3 seeds
     python scripts/full_data.py candidates --dataset cifar10 --collect  # the CSV of the runs as they are
 
 write results/full/<dataset>_candidates.csv and results/full/<dataset>_tables.csv (with the
@@ -12,8 +12,10 @@ per-epoch metrics of the table runs in results/full/<dataset>_tables_epochs.csv)
 
 Every run trains in its own folder under ``runs/full/`` and resumes there when interrupted
 (run the same command again); a folder is locked while a run trains in it, so several of these
-commands may run side by side (``--only`` picks candidates and keeps the other candidates' rows
-of the CSV). The committed CSVs hold each
+commands may run side by side: ``--only`` picks candidates and keeps the other candidates' rows
+of the CSV, and ``tables`` commands (one per core) share one CSV, each re-reading it under a
+lock before it records a run. Their groups may overlap: each trains the runs the other is not
+training, and waits for the other's run when nothing else of its groups is left. The committed CSVs hold each
 run's per-epoch metrics (the candidates, for learning curves against wall time) or its final
 row (the tables), with the command that reproduces it; notebook 07 renders them.
 """
@@ -21,8 +23,12 @@ row (the tables), with the command that reproduces it; notebook 07 renders them.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import shlex
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +37,7 @@ import yaml
 
 from nfpi.config import TrainConfig, upgrade
 from nfpi.experiments import best_setting, solve_info
-from nfpi.train import config_key, keyed_run_dir, train
+from nfpi.train import RunDirBusy, config_key, keyed_run_dir, train
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs" / "full"
@@ -181,7 +187,9 @@ def candidates(dataset: str, only: list[str] | None = None, collect: bool = Fals
 class Campaign:
     """The table runs of one data set so far: the committed final rows and per-epoch metrics
     (``out`` and its ``_epochs`` file), extended and rewritten after every finished run, so
-    that the runs of one session outlive its (gitignored) run folders once committed."""
+    that the runs of one session outlive its (gitignored) run folders once committed. Several
+    processes may record into one ``out``: every change re-reads the files under a lock
+    (:func:`_locked`) and rewrites them with the change alone, so none drops another's rows."""
 
     out: Path
     rows: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -190,31 +198,73 @@ class Campaign:
     @classmethod
     def read(cls, out: Path) -> Campaign:
         """The campaign written so far to ``out`` (none yet: empty)."""
-        if not out.is_file():
-            return cls(out)
-        return cls(out, pd.read_csv(out), pd.read_csv(_epochs_file(out)))
+        campaign = cls(out)
+        campaign.refresh()
+        return campaign
+
+    def refresh(self) -> None:
+        """Take the files as they are now (another process may have recorded runs since)."""
+        if self.out.is_file():  # written atomically (_write), so never read half-written
+            self.rows, self.epochs = pd.read_csv(self.out), pd.read_csv(_epochs_file(self.out))
 
     def row(self, key: str) -> pd.Series | None:
-        """The committed final row of the run with config key ``key``, if any."""
+        """The recorded final row of the run with config key ``key``, if any."""
+        self.refresh()
         found = self.rows[self.rows["config_key"] == key] if len(self.rows) else self.rows
         return found.iloc[-1] if len(found) else None
 
     def relabel(self, key: str, head: dict) -> None:
         """Give the run of ``key`` the group, setting and command ``head`` names it by now."""
-        for frame in (self.rows, self.epochs):
-            names = [k for k in head if k in frame]
-            frame.loc[frame["config_key"] == key, names] = [head[k] for k in names]
+
+        def change() -> None:
+            for frame in (self.rows, self.epochs):
+                names = [k for k in head if k in frame]
+                frame.loc[frame["config_key"] == key, names] = [head[k] for k in names]
+
+        self._update(change)
 
     def add(self, row: dict, epochs: pd.DataFrame) -> None:
         """Record one finished run (replacing an earlier record of its key) and rewrite the files."""
-        if len(self.rows):
-            keep = self.rows["config_key"] != row["config_key"]
-            self.epochs = self.epochs[self.epochs["config_key"].isin(self.rows.loc[keep, "config_key"])]
-            self.rows = self.rows[keep]
-        self.rows = pd.concat([self.rows, pd.DataFrame([row])], ignore_index=True)
-        self.epochs = pd.concat([self.epochs, epochs], ignore_index=True)
-        _write(self.rows, self.out)
-        _write(self.epochs, _epochs_file(self.out))
+
+        def change() -> None:
+            if len(self.rows):
+                keep = self.rows["config_key"] != row["config_key"]
+                self.epochs = self.epochs[self.epochs["config_key"].isin(self.rows.loc[keep, "config_key"])]
+                self.rows = self.rows[keep]
+            self.rows = pd.concat([self.rows, pd.DataFrame([row])], ignore_index=True)
+            self.epochs = pd.concat([self.epochs, epochs], ignore_index=True)
+
+        self._update(change)
+
+    def choose(self, group: str, setting: str) -> None:
+        """Mark ``setting`` as ``group``'s choice (``chosen``) and its other settings as not."""
+
+        def change() -> None:
+            in_group = self.rows["group"] == group
+            self.rows.loc[in_group, "chosen"] = self.rows.loc[in_group, "setting"] == setting
+
+        self._update(change)
+
+    def _update(self, change: Callable[[], None]) -> None:
+        """Apply ``change`` to the files as they are now, under the lock; rewrite them if it
+        changed anything."""
+        with _locked(self.out):
+            self.refresh()
+            before = (self.rows.copy(), self.epochs.copy())
+            change()
+            if not (self.rows.equals(before[0]) and self.epochs.equals(before[1])):
+                _write(self.rows, self.out)
+                _write(self.epochs, _epochs_file(self.out))
+
+
+@contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Hold the lock of ``out`` (``fcntl.flock`` on ``<out>.lock``, waiting for another process
+    that holds it): one process at a time reads and rewrites a campaign's files."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+        yield
 
 
 def _epochs_file(out: Path) -> Path:
@@ -239,10 +289,10 @@ def _finished_run(cfg: TrainConfig) -> tuple[Path, dict] | None:
 
 def table_run(
     study: Study, campaign: Campaign, group: str, setting: str, seed: int, chosen: bool = False
-) -> pd.Series:
+) -> pd.Series | None:
     """The final row of one table run: the committed one when its config was run before (by
     any code version), else trained (or resumed) now and recorded in ``campaign`` (``chosen``:
-    the setting is its group's choice)."""
+    the setting is its group's choice); None when another process is training it now."""
     settings = {name: o for g in study.groups.values() for name, o in g.items()}
     base = TrainConfig.from_yaml(REPO / study.config, **_overrides(study.table_budget))
     cfg = base.replace(**settings[setting], seed=seed)
@@ -256,7 +306,11 @@ def table_run(
         run_dir, final = found
     else:
         run_dir = keyed_run_dir(RUNS, f"{cfg.dataset}_full", cfg)
-        final = train(cfg, run_dir, progress=True)
+        try:
+            final = train(cfg, run_dir, progress=True)
+        except RunDirBusy:  # another command trains it and will record it: on to the next run
+            print(f"{setting}, seed {seed}: another process is training it ({run_dir})", flush=True)
+            return None
     epochs = _epochs(run_dir)
     row = {
         **head,
@@ -279,19 +333,33 @@ def bpd_bound(study: Study, campaign: Campaign, seed: int) -> float | None:
     return study.max_bpd_ratio * float(data["val_bpd"])
 
 
-def table_group(dataset: str, group: str, seeds: list[int], campaign: Campaign) -> None:
+def table_group(dataset: str, group: str, seeds: list[int], campaign: Campaign) -> bool:
     """One group of Tables 1 / 3: its candidates with seed ``seeds[0]``, then the one with the
     best validation NF accuracy (within the study's bound on validation bits/dim) with every
-    seed (``chosen`` marks its rows)."""
+    seed (``chosen`` marks its rows). Runs another process is training are skipped: True when
+    the group is complete, False when it waits for such a run (call again later: :func:`tables`)."""
     study = STUDIES[dataset]
+    if study.max_bpd_ratio is not None and table_run(study, campaign, "data", "data", seeds[0]) is None:
+        return False
     first = {s: table_run(study, campaign, group, s, seeds[0]) for s in study.groups[group]}
+    if any(row is None for row in first.values()):
+        return False
     best = best_setting(pd.DataFrame(list(first.values())), max_val_bpd=bpd_bound(study, campaign, seeds[0]))
-    # marked before the other seeds train, so that a commit taken meanwhile names the choice
-    in_group = campaign.rows["group"] == group
-    campaign.rows.loc[in_group, "chosen"] = campaign.rows.loc[in_group, "setting"] == best
-    _write(campaign.rows, campaign.out)
-    for seed in seeds[1:]:
-        table_run(study, campaign, group, best, seed, chosen=True)
+    campaign.choose(group, best)  # before the other seeds train: a commit taken meanwhile names it
+    rest = [table_run(study, campaign, group, best, seed, chosen=True) for seed in seeds[1:]]
+    return all(row is not None for row in rest)
+
+
+def tables(dataset: str, groups: list[str], seeds: list[int], campaign: Campaign, poll: float = 60.0) -> None:
+    """Every group of ``groups`` until complete: a pass trains each group's runs that no other
+    process is training; while some group waits for such a run, wait ``poll`` seconds and pass
+    again (the other process records it meanwhile)."""
+    waiting, told = list(groups), None
+    while waiting := [g for g in waiting if not table_group(dataset, g, seeds, campaign)]:
+        if waiting != told:  # once, not every poll
+            print(f"waiting for runs other processes train in {waiting}", flush=True)
+            told = waiting
+        time.sleep(poll)
 
 
 def main() -> None:
@@ -323,13 +391,12 @@ def main() -> None:
         _write(table.reset_index(drop=True), out)
     else:  # written after each run, so that a long campaign leaves its finished runs behind
         campaign = Campaign.read(out)
-        for group in args.groups or study.groups:
-            table_group(args.dataset, group, args.seeds or list(study.seeds), campaign)
+        tables(args.dataset, args.groups or list(study.groups), args.seeds or list(study.seeds), campaign)
 
 
 def _write(table: pd.DataFrame, out: Path) -> None:
-    if "run_dir" in table:  # committed files name runs relative to the repository
-        table["run_dir"] = [str(Path(p).resolve().relative_to(REPO)) for p in table["run_dir"]]
+    if "run_dir" in table:  # committed files name runs relative to the repository, whatever the cwd
+        table["run_dir"] = [str((REPO / p).resolve().relative_to(REPO)) for p in table["run_dir"]]
     tmp = out.with_name(out.name + ".tmp")
     table.to_csv(tmp, index=False)
     tmp.replace(out)  # atomic: a commit taken while a campaign runs never holds half a file

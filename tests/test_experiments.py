@@ -277,6 +277,29 @@ def test_metric_grid_draws_one_panel_per_metric(tmp_path):
         plots.metric_grid(table, "lam", ["fid"], kind="pie")
 
 
+def test_training_curves_draw_a_family_in_one_colour(tmp_path):
+    """``families``: the seeds of one setting share a colour and one legend entry; bits/dim
+    spanning more than a factor 3 are drawn on a log scale."""
+    from nfpi import plots
+
+    def run(bpd: float) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"epoch": [0, 1], "train_bpd": [bpd, bpd], "test_bpd": [bpd, bpd], "acc_top1": [40.0, 50.0]}
+        ).assign(solved=[1.0, math.nan])
+
+    tables = {"a, seed 0": run(2.0), "a, seed 1": run(2.1), "b, seed 0": run(12.0)}
+    fig = plots.training_curves(
+        tables, families={"a, seed 0": "a", "a, seed 1": "a"}, path=tmp_path / "c.png"
+    )
+    colours = [line.get_color() for line in fig.axes[0].lines]
+    assert colours[0] == colours[1] != colours[2]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["a", "b, seed 0"]
+    assert fig.axes[0].get_yscale() == "log" and fig.axes[2].get_yscale() == "linear"
+    alone = plots.training_curves({k: v for k, v in tables.items() if k.startswith("a")})
+    assert alone.axes[0].get_yscale() == "linear"
+    assert len({line.get_color() for line in alone.axes[0].lines}) == 2  # default: one colour a run
+
+
 @given(
     st.lists(st.tuples(st.floats(0, 100), st.floats(1, 60), st.floats(1, 60)), min_size=2, max_size=6),
     st.floats(1, 60),

@@ -8,6 +8,7 @@ re-evaluated by tests/test_pretrained.py."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -165,3 +166,95 @@ def test_candidates_only_keeps_the_other_candidates_rows(tmp_path, monkeypatch) 
     merged = pd.read_csv(out)
     assert list(merged["candidate"]) == [labels[0]] * 2 + [labels[1]] * 2
     assert list(merged["epoch"]) == [0, 1, 0, 1]
+
+
+def test_campaigns_side_by_side_share_one_csv(tmp_path) -> None:
+    """Two ``tables`` commands with different ``--groups`` write one CSV: each records its runs
+    and its choice into the file as it is then, so neither drops the rows of the other."""
+    out = tmp_path / "cifar10_tables.csv"
+    committed = pd.read_csv(RESULTS / "cifar10_tables.csv")
+    epochs = pd.read_csv(RESULTS / "cifar10_tables_epochs.csv")
+    first = committed.iloc[[0]]
+    second = committed[committed["group"] != first["group"].iloc[0]].iloc[[0]]
+    pd.DataFrame(columns=committed.columns).to_csv(out, index=False)
+    pd.DataFrame(columns=epochs.columns).to_csv(full_data._epochs_file(out), index=False)
+    a, b = full_data.Campaign.read(out), full_data.Campaign.read(out)  # both started on the empty file
+    for campaign, row in ((a, first), (b, second)):
+        key = row["config_key"].iloc[0]
+        campaign.add(row.iloc[0].to_dict(), epochs[epochs["config_key"] == key])
+    b.choose(first["group"].iloc[0], "another setting")  # b marks a's group: a's row stays
+    written = pd.read_csv(out)
+    assert list(written["config_key"]) == [*first["config_key"], *second["config_key"]]
+    assert list(written["chosen"]) == [False, bool(second["chosen"].iloc[0])]
+    assert set(pd.read_csv(full_data._epochs_file(out))["config_key"]) == set(written["config_key"])
+    assert a.row(second["config_key"].iloc[0]) is not None, "a sees the run b recorded"
+
+
+def test_the_lock_keeps_every_row_of_concurrent_writers(tmp_path) -> None:
+    """Two processes recording runs into one CSV at the same moments lose none of them."""
+    out = tmp_path / "t.csv"
+    writer = (
+        "import sys, pandas as pd; sys.path.insert(0, sys.argv[1]); import full_data\n"
+        "c = full_data.Campaign.read(full_data.Path(sys.argv[2]))\n"
+        "for i in range(40):\n"
+        "    key = f'{sys.argv[3]}{i}'\n"
+        "    c.add({'group': 'g', 'config_key': key}, pd.DataFrame({'config_key': [key]}))\n"
+    )
+    command = [sys.executable, "-c", writer, str(REPO / "scripts"), str(out)]
+    procs = [subprocess.Popen([*command, name], stdout=subprocess.DEVNULL) for name in ("a", "b")]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert sorted(pd.read_csv(out)["config_key"]) == sorted(f"{n}{i}" for n in "ab" for i in range(40))
+
+
+def test_campaigns_with_one_group_share_its_runs(tmp_path, monkeypatch, capsys) -> None:
+    """Two ``tables`` commands with the same group: a run the other is training (its folder
+    locked: RunDirBusy) is skipped, not trained twice; the group waits for it, then chooses
+    and trains the seeds the other is not training."""
+    study = full_data.Study(
+        config=str(REPO / "configs" / "digits_cpu.yaml"),
+        candidates={},
+        groups={"g": {"low": {"gaussians.lam": 1.0}, "high": {"gaussians.lam": 2.0}}},
+    )
+    monkeypatch.setitem(full_data.STUDIES, "toy", study)
+    monkeypatch.setattr(full_data, "REPO", tmp_path)  # the CSV names run folders relative to it
+    monkeypatch.setattr(full_data, "RUNS", tmp_path / "runs")
+    names = {1.0: "low", 2.0: "high"}
+    busy, trained = {("high", 0)}, []  # the other command is training high with seed 0
+    then = [("high", 1)]  # and next (once it has chosen high) seed 1
+    whose = [()]  # () while ours trains, ("other",) while the other does
+
+    def train(cfg, run_dir, progress):
+        run = (names[cfg.gaussians.lam], cfg.seed)
+        if run in busy:
+            raise full_data.RunDirBusy(f"run directory {run_dir} is in use")
+        trained.append((*whose[0], *run))
+        final = {"epoch": cfg.epochs - 1, "val_acc_top1": 50.0 * cfg.gaussians.lam, "val_bpd": 2.0}
+        run_dir.mkdir(parents=True)
+        pd.DataFrame([final]).to_csv(run_dir / "metrics.csv", index=False)
+        (run_dir / "metrics.json").write_text(json.dumps({"code": "c", "solves": []}))
+        return final
+
+    out = tmp_path / "toy_tables.csv"
+    other = full_data.Campaign.read(out)
+
+    def sleep(seconds):  # meanwhile the other command records its run and starts the next
+        run = busy.pop()
+        busy.update(then[:1])
+        del then[:1]
+        whose[0] = ("other",)
+        full_data.table_run(study, other, "g", *run, chosen=run[1] > 0)
+        whose[0] = ()
+
+    monkeypatch.setattr(full_data, "train", train)
+    monkeypatch.setattr(full_data.time, "sleep", sleep)
+    full_data.tables("toy", ["g"], [0, 1, 2], full_data.Campaign.read(out))
+    # ours: low and (once high is chosen) seed 2; the other's: high with seeds 0 and 1
+    assert trained == [("low", 0), ("other", "high", 0), ("high", 2), ("other", "high", 1)]
+    rows = pd.read_csv(out).sort_values(["setting", "seed"])
+    assert list(zip(rows["setting"], rows["seed"], rows["chosen"])) == [
+        ("high", 0, True),
+        ("high", 1, True),
+        ("high", 2, True),
+        ("low", 0, False),
+    ]
+    assert capsys.readouterr().out.count("waiting for runs other processes train in ['g']") == 1

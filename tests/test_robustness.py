@@ -34,6 +34,7 @@ from nfpi.prior import ClassGaussians, ClassStats, FullGaussians, fpi, gd
 from nfpi.train import (
     LOCK_FILE,
     CheckpointError,
+    RunDirBusy,
     RunDirError,
     load_checkpoint,
     lock_run_dir,
@@ -294,7 +295,8 @@ def test_a_locked_run_directory_is_refused_with_the_holder_pid(finished, tmp_pat
     handle = lock_run_dir(run_dir)  # another holder (flock locks are per open file)
     try:
         for cfg in (tiny(), tiny(**{"gaussians.lam": 99.0})):  # same run or another config
-            with pytest.raises(RunDirError, match=rf"in use by another training process \(pid {os.getpid()}"):
+            # RunDirBusy (a RunDirError): scripts/full_data.py then trains another run meanwhile
+            with pytest.raises(RunDirBusy, match=rf"in use by another training process \(pid {os.getpid()}"):
                 train(cfg, run_dir, resume=False, progress=False)
         assert {k: v for k, v in snapshot(run_dir).items() if k != LOCK_FILE} == before
     finally:

@@ -34,11 +34,12 @@ from .protocol import (
 )
 
 __all__ = [
+    "CONVS",
+    "COUPLINGS",
+    "MEMORY_MODES",
     "ActNorm",
     "AdditiveCoupling",
     "AffineCoupling",
-    "CONVS",
-    "COUPLINGS",
     "CouplingNet",
     "Flattened",
     "Flow",
@@ -49,7 +50,6 @@ __all__ = [
     "Glow",
     "InvConv1x1LU",
     "InvConv1x1MatExp",
-    "MEMORY_MODES",
     "MatExpCoupling",
     "NormflowsFlow",
     "Squeeze",

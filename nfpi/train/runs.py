@@ -47,6 +47,7 @@ __all__ = [
     "COLUMNS",
     "LOCK_FILE",
     "CheckpointError",
+    "RunDirBusy",
     "RunDirError",
     "build_flow",
     "checksum",
@@ -98,6 +99,10 @@ class CheckpointError(RuntimeError):
 
 class RunDirError(RuntimeError):
     """The run directory cannot be created or written, or another process is training in it."""
+
+
+class RunDirBusy(RunDirError):
+    """Another process holds the run directory's lock: it is training that run now."""
 
 
 def _first_line(err: BaseException) -> str:
@@ -161,7 +166,7 @@ def lock_run_dir(run_dir: Path) -> typing.IO[str]:
         except BlockingIOError:
             holder = handle.read().strip() or "PID not yet written"
             handle.close()
-            raise RunDirError(
+            raise RunDirBusy(
                 f"run directory {run_dir} is in use by another training process ({holder}); "
                 "wait for it to finish or use another run directory"
             ) from None
