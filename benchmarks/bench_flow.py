@@ -27,7 +27,8 @@ GPU is estimated (no GPU here: CPU-measured activations, plus weights, gradients
 two Adamax states and the EMA copy; cuDNN workspaces not counted).
 
 ``--report coupling`` times a training step with the matrix-exponential coupling
-(``coupling="matexp"``) against the affine one, and the batched matrix
+(``coupling="matexp"``) and with the whole Matrix Exponential Flow (its matexp 1x1 conv too)
+against the affine coupling, and the batched matrix
 exponential of bounded c2 x c2 matrices by ``torch.linalg.matrix_exp`` against a
 scaling-and-squaring Taylor series (accuracy against float64, forward+backward time).
 
@@ -380,24 +381,30 @@ def report_throughput(args: argparse.Namespace) -> None:
 
 
 def report_coupling_cost(args: argparse.Namespace) -> None:
-    """Step time matexp vs affine coupling, and matrix_exp vs series on bounded W."""
+    """Step time of the matexp coupling and of the whole MEF vs the affine coupling, and
+    matrix_exp vs series on bounded W."""
     torch.manual_seed(0)
     x = torch.rand(args.batch, *args.shape) * 2 - 1
     steps_fn = {}
-    for coupling in ("affine", "matexp"):
+    # the MEF coupling on the given conv, and the whole MEF (its matexp 1x1 conv too)
+    for name, conv, coupling in (
+        ("affine", args.conv, "affine"),
+        ("matexp", args.conv, "matexp"),
+        ("mef", "matexp", "matexp"),
+    ):
         model = Glow(
             tuple(args.shape),
             args.levels,
             args.steps,
             args.hidden,
-            conv=args.conv,
+            conv=conv,
             coupling=coupling,
             blocks=args.blocks,
         )
         with torch.no_grad():
             model(x)
-        steps_fn[coupling] = make_step(model, x, lr=1e-3)
-        steps_fn[coupling]()
+        steps_fn[name] = make_step(model, x, lr=1e-3)
+        steps_fn[name]()
     times: dict[str, list[float]] = {name: [] for name in steps_fn}
     for _ in range(args.iters):
         for name, step in steps_fn.items():
@@ -408,6 +415,10 @@ def report_coupling_cost(args: argparse.Namespace) -> None:
     print(
         f"training step, coupling matexp vs affine: {median['matexp'] * 1e3:.1f} ms vs "
         f"{median['affine'] * 1e3:.1f} ms = {median['matexp'] / median['affine']:.2f}x"
+    )
+    print(
+        f"training step, MEF (matexp conv and coupling) vs affine on {args.conv}: "
+        f"{median['mef'] * 1e3:.1f} ms = {median['mef'] / median['affine']:.2f}x"
     )
 
     print(

@@ -31,7 +31,7 @@
 #    training wall time (how the architecture and the Gaussians' rule were chosen).
 # 2. NFPI Tables 1 and 3 on full MNIST: data init, GD, FPI on means / variances / both, 3 seeds.
 # 3. Candidates for `configs/cifar10_full.yaml`, the same way.
-# 4. NFPI Tables 1 and 3 on full CIFAR-10: the same groups, a campaign still running.
+# 4. NFPI Tables 1 and 3 on full CIFAR-10: the same groups, 3 seeds (30 runs over sessions).
 # 5. The shipped flows, re-evaluated.
 
 # %% tags=["parameters"]
@@ -133,9 +133,12 @@ print(repro.orderings(chosen, "acc_top1", mnist_claims, by="group").round(3).to_
 # The config's model (3 levels x 4 steps, 64 channels, 0.8M parameters, 5 epochs) against a
 # model twice as deep (3 x 8 steps), both with FPI on means and variances (the released
 # CIFAR-10 lambda, 3e5, rule and isotropic mean step). The deeper one was stopped after its
-# first epoch (one point: the dot), which took 1.75 times as long as the config's. The first
-# epochs ran four processes to the 2 cores, the config's later ones two, so minutes here are up
-# to twice those of a run alone (about 5.5 minutes an epoch for the config).
+# first epoch (one point: the dot), which took 1.75 times as long as the config's. The paper's
+# backbone, the Matrix Exponential Flow (matexp 1x1 convolutions and couplings), at about the
+# config's CPU time: 3 x 2 steps for 3 epochs (a MEF step costs about twice a 3 x 4-step Glow
+# step here). The first epochs ran four processes to the 2 cores, the config's later ones two
+# (the MEF's three), so minutes here are up to twice those of a run alone (about 5.5 minutes an
+# epoch for the config).
 
 # %%
 fig = plots.training_curves(
@@ -149,7 +152,7 @@ plt.show()
 print(last.loc["cifar10"].round(3).to_string())
 
 # %% [markdown]
-# ## 4. NFPI Tables 1 and 3 on full CIFAR-10 (a campaign in progress)
+# ## 4. NFPI Tables 1 and 3 on full CIFAR-10
 #
 # `configs/cifar10_full.yaml`'s budget for every run (about 30 minutes alone on one core), the
 # groups of `scripts/full_data.py` (`python scripts/full_data.py tables --dataset cifar10`):
@@ -157,8 +160,8 @@ print(last.loc["cifar10"].round(3).to_string())
 # 3e4, 3e5, 3e6; and Table 1 on one objective, the fixed point of the paper's J (`fpi paper`)
 # against GD on that J (`gd`), in the same variance box, lambda among 10, 20, 50 (J is unbounded
 # above 55.3). Each group's candidates train with seed 0, the best on validation with seeds 1
-# and 2. Runs are recorded as they finish and reused across sessions; a group is reported once
-# its candidates have all run (`chosen`), and a claim once both its groups are.
+# and 2. Runs were recorded as they finished and reused across sessions; a group is reported
+# once its candidates have all run (`chosen`), and a claim once both its groups are.
 
 # %%
 curves = pd.read_csv(cifar_epochs)
