@@ -5,9 +5,9 @@ The parts, one subpackage each (its ``__init__`` is its public face): :mod:`nfpi
 flow), :mod:`nfpi.prior` (the class Gaussians and their solvers), :mod:`nfpi.data` (images,
 subsets and splits, preprocessing), :mod:`nfpi.train` (training runs), :mod:`nfpi.evaluation`
 (every metric), :mod:`nfpi.augment` (NF augmentation and its alternatives) and
-:mod:`nfpi.experiments` (result rows, grids, the papers' tables, the NFA studies); cross-cutting
-modules at the top: :mod:`nfpi.config`, :mod:`nfpi.latents`, :mod:`nfpi.repro`,
-:mod:`nfpi.pretrained`, :mod:`nfpi.plots`, :mod:`nfpi.cli`.
+:mod:`nfpi.experiments` (result rows, grids, the papers' tables, the NFA studies) and
+:mod:`nfpi.plots` (every figure); cross-cutting modules at the top: :mod:`nfpi.config`,
+:mod:`nfpi.latents`, :mod:`nfpi.repro`, :mod:`nfpi.pretrained`, :mod:`nfpi.cli`.
 """
 
 __version__ = "0.1.0"
