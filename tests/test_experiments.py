@@ -299,6 +299,14 @@ def test_training_curves_draw_a_family_in_one_colour(tmp_path):
     assert alone.axes[0].get_yscale() == "linear"
     assert len({line.get_color() for line in alone.axes[0].lines}) == 2  # default: one colour a run
 
+    def minor_labels(fig) -> list[str]:
+        fig.canvas.draw()
+        return [t.get_text() for t in fig.axes[0].yaxis.get_minorticklabels() if t.get_text()]
+
+    assert minor_labels(fig)  # 2 to 12: within a decade, 3, 4, ... labelled
+    spike = plots.training_curves({**tables, "c, seed 0": run(2e6)})  # a loss spike: 6 decades
+    assert spike.axes[0].get_yscale() == "log" and not minor_labels(spike)
+
 
 @given(
     st.lists(st.tuples(st.floats(0, 100), st.floats(1, 60), st.floats(1, 60)), min_size=2, max_size=6),

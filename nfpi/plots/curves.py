@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+from matplotlib.ticker import FormatStrFormatter, MaxNLocator, NullFormatter
 from torch import Tensor
 
 from ..prior import FPIResult
@@ -142,8 +142,10 @@ def training_curves(
         values = pd.concat([t[column] for t in tables.values()]).dropna()
         if len(values) and values.min() > 0 and values.max() > 3 * values.min():
             ax.set_yscale("log")
-            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-                axis(FormatStrFormatter("%g"))  # 2, 3, 10 rather than 2 x 10^0
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 10 rather than 10^1
+            # 2, 3, ... 9 labelled within a decade; over several, one label per decade is legible
+            within = values.max() < 10 * values.min()
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%g") if within else NullFormatter())
     for ax, title in zip(
         axes,
         (
